@@ -1,0 +1,103 @@
+"""CLIP text encoders on open-clip-torch: SD1's OpenAI ViT-L/14 tower (last layer) and SD2's OpenCLIP ViT-H/14
+tower (penultimate layer), both followed by ln_final, plus the bundled BPE tokenizer (works offline)."""
+import functools
+
+import torch
+import torch.nn as nn
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import LayerNorm, QuickGELU, ResidualAttentionBlock
+
+from .config import TextConfig
+
+SOT, EOT = 49406, 49407
+
+
+@functools.lru_cache(maxsize=1)
+def bpe() -> SimpleTokenizer:
+    return SimpleTokenizer()
+
+
+def token_count(prompt: str) -> int:
+    """BPE tokens of a prompt, not counting the start and end tokens."""
+    return len(bpe().encode(prompt))
+
+
+def tokenize(prompts, cfg: TextConfig) -> torch.Tensor:
+    """(B, context_length) ids: SOT, the BPE tokens (truncated to fit), EOT, then cfg.pad_id up to the length."""
+    n = cfg.context_length
+    rows = []
+    for prompt in prompts:
+        ids = [SOT] + bpe().encode(prompt)[: n - 2] + [EOT]
+        rows.append(ids + [cfg.pad_id] * (n - len(ids)))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+class TextEncoder(nn.Module):
+    """Tokens (B, 77) -> context (B, 77, width). Module names are open_clip's, i.e. SD2's keys after
+    `cond_stage_model.model.`; SD1's HF-layout keys go through `from_hf` / `to_hf` below."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        act = QuickGELU if cfg.activation == "quick_gelu" else nn.GELU
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.randn(cfg.context_length, cfg.width) * 0.01)
+        self.transformer = nn.Module()
+        self.transformer.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(cfg.width, cfg.heads, act_layer=act) for _ in range(cfg.layers))
+        self.ln_final = LayerNorm(cfg.width)
+        if cfg.layout == "open_clip":   # kept only so SD2 files load strictly; the conditioning never uses them
+            self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.width).normal_(std=cfg.width ** -0.5))
+            self.logit_scale = nn.Parameter(torch.tensor(4.6052))
+        causal = torch.full((cfg.context_length, cfg.context_length), float("-inf")).triu(1)
+        self.register_buffer("attn_mask", causal, persistent=False)
+
+    def forward(self, tokens):
+        x = self.token_embedding(tokens) + self.positional_embedding
+        depth = self.config.layers - (1 if self.config.layer == "penultimate" else 0)
+        for block in self.transformer.resblocks[:depth]:
+            x = block(x, attn_mask=self.attn_mask)
+        return self.ln_final(x)
+
+    def encode(self, prompts):
+        return self(tokenize(prompts, self.config).to(self.positional_embedding.device))
+
+
+# HF CLIPTextModel (text_model.*) <-> open_clip names; per layer i. q, k, v are packed into in_proj in that order.
+HF_NAMES = {
+    "layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+
+
+def from_hf(sd: dict, layers: int) -> dict:
+    """SD1 checkpoint keys (after `cond_stage_model.transformer.text_model.`) -> TextEncoder state dict."""
+    out = {"token_embedding.weight": sd["embeddings.token_embedding.weight"],
+           "positional_embedding": sd["embeddings.position_embedding.weight"],
+           "ln_final.weight": sd["final_layer_norm.weight"], "ln_final.bias": sd["final_layer_norm.bias"]}
+    for i in range(layers):
+        hf, oc = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for a, b in HF_NAMES.items():
+            for p in ("weight", "bias"):
+                out[f"{oc}{b}.{p}"] = sd[f"{hf}{a}.{p}"]
+        for p in ("weight", "bias"):
+            out[f"{oc}attn.in_proj_{p}"] = torch.cat([sd[f"{hf}self_attn.{x}_proj.{p}"] for x in "qkv"])
+    return out
+
+
+def to_hf(sd: dict, layers: int) -> dict:
+    """The inverse of from_hf, adding the `embeddings.position_ids` buffer the released SD1 files carry."""
+    n = sd["positional_embedding"].shape[0]
+    out = {"embeddings.token_embedding.weight": sd["token_embedding.weight"],
+           "embeddings.position_embedding.weight": sd["positional_embedding"],
+           "embeddings.position_ids": torch.arange(n)[None],
+           "final_layer_norm.weight": sd["ln_final.weight"], "final_layer_norm.bias": sd["ln_final.bias"]}
+    for i in range(layers):
+        hf, oc = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for a, b in HF_NAMES.items():
+            for p in ("weight", "bias"):
+                out[f"{hf}{a}.{p}"] = sd[f"{oc}{b}.{p}"]
+        for p in ("weight", "bias"):
+            for x, part in zip("qkv", sd[f"{oc}attn.in_proj_{p}"].chunk(3)):
+                out[f"{hf}self_attn.{x}_proj.{p}"] = part
+    return out

@@ -1,0 +1,237 @@
+"""The Stable Diffusion UNet (LDM arXiv:2112.10752), with parameter names equal to the official
+`model.diffusion_model.*` keys, so a checkpoint loads with a plain strict `load_state_dict`."""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.checkpoint import checkpoint
+
+from .attention import attention
+from .config import UNetConfig
+
+
+def timestep_embedding(t, dim: int, max_period: int = 10000):
+    """Sinusoidal embedding of integer timesteps, [cos, sin] order as in the official code; t: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm(32, eps 1e-5) computed in float32 whatever the input dtype, as the official ResBlocks do."""
+    def __init__(self, channels: int):
+        super().__init__(32, channels)
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int, emb_channels: int, out_channels: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        # index 2 is the official (inactive) Dropout, kept so the last conv is out_layers.3
+        self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Identity(),
+                                        zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x, emb):
+        h = self.in_layers(x) + self.emb_layers(emb).type(x.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim))  # official: Linear then Dropout, hence to_out.0
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        q, k, v = (rearrange(f(a), "b n (h d) -> b h n d", h=self.heads)
+                   for f, a in ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
+        return self.to_out(rearrange(attention(q, k, v), "b h n d -> b n (h d)"))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x):
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads, dim_head)
+        self.ff = nn.Module()
+        self.ff.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))  # 1: Dropout slot
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff.net(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, linear: bool):
+        super().__init__()
+        inner = heads * dim_head
+        self.linear = linear
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner) if linear else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth))
+        self.proj_out = zero_module(nn.Linear(inner, channels) if linear else nn.Conv2d(inner, channels, 1))
+
+    def forward(self, x, context):
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        if not self.linear:                                       # SD1: 1x1 conv before the flatten
+            y = self.proj_in(y)
+        y = rearrange(y, "b c h w -> b (h w) c")
+        if self.linear:                                           # SD2: Linear after the flatten
+            y = self.proj_in(y)
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        if self.linear:
+            y = self.proj_out(y)
+        y = rearrange(y, "b (h w) c -> b c h w", h=h, w=w)
+        if not self.linear:
+            y = self.proj_out(y)
+        return x + y
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Block(nn.Sequential):
+    """A row of layers, each fed what it needs: ResBlocks the time embedding, transformers the text context."""
+    grad_checkpoint = False
+
+    def forward(self, x, emb, context):
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            return checkpoint(self.run, x, emb, context, use_reentrant=False)
+        return self.run(x, emb, context)
+
+    def run(self, x, emb, context):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+def set_grad_checkpointing(model: nn.Module, on: bool = True):
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.grad_checkpoint = on
+
+
+def transformer(cfg: UNetConfig, channels: int) -> SpatialTransformer:
+    heads = cfg.heads(channels)
+    return SpatialTransformer(channels, heads, channels // heads, cfg.transformer_depth, cfg.context_dim,
+                              cfg.use_linear_in_transformer)
+
+
+def build_encoder(cfg: UNetConfig):
+    """time_embed, input_blocks and middle_block: the half that ControlNet copies. Also returns each input
+    block's output channels (the skip widths)."""
+    mc, emb_ch = cfg.model_channels, cfg.model_channels * 4
+    time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+    blocks, chans, ch, ds = [Block(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))], [mc], mc, 1
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            layers = [ResBlock(ch, emb_ch, mult * mc)]
+            ch = mult * mc
+            if ds in cfg.attention_resolutions:
+                layers.append(transformer(cfg, ch))
+            blocks.append(Block(*layers))
+            chans.append(ch)
+        if level != len(cfg.channel_mult) - 1:
+            blocks.append(Block(Downsample(ch)))
+            chans.append(ch)
+            ds *= 2
+    middle = Block(ResBlock(ch, emb_ch, ch), transformer(cfg, ch), ResBlock(ch, emb_ch, ch))
+    return time_embed, nn.ModuleList(blocks), middle, chans
+
+
+class UNet(nn.Module):
+    """eps (or v) = UNet(x_t, t, text context), optionally joined by ControlNet residuals (arXiv:2302.05543)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.config = cfg
+        self.time_embed, self.input_blocks, self.middle_block, chans = build_encoder(cfg)
+        mc, emb_ch = cfg.model_channels, cfg.model_channels * 4
+        ch, ds, blocks = chans[-1], 2 ** (len(cfg.channel_mult) - 1), []
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + chans.pop(), emb_ch, mc * mult)]
+                ch = mc * mult
+                if ds in cfg.attention_resolutions:
+                    layers.append(transformer(cfg, ch))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                blocks.append(Block(*layers))
+        self.output_blocks = nn.ModuleList(blocks)
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), zero_module(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)))
+
+    def forward(self, x, timesteps, context, control=None, only_mid_control=False):
+        """x: (B, 4, h, w) latent; timesteps: (B,); context: (B, 77, context_dim); control: None or one residual
+        per input block plus one for the middle (13 for SD), already scaled, as ControlNet returns them."""
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
+        h, skips = x, []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        if control is not None:
+            control = list(control)
+            h = h + control.pop()                       # the middle residual is added even with only_mid_control
+        for block in self.output_blocks:
+            skip = skips.pop()
+            if control is not None:
+                residual = control.pop()
+                if not only_mid_control:
+                    skip = skip + residual
+            h = block(torch.cat([h, skip], dim=1), emb, context)
+        return self.out(h)

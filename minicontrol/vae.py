@@ -1,0 +1,149 @@
+"""The KL autoencoder of latent diffusion (LDM arXiv:2112.10752), named as the official `first_stage_model.*` keys."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from .attention import attention
+from .config import VAEConfig
+
+
+def norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        if c_in != c_out:
+            self.nin_shortcut = nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class AttnBlock(nn.Module):
+    """One head over all H*W positions; q, k, v and proj_out are 1x1 convs in the released files."""
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm = norm(c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        h = self.norm(x)
+        q, k, v = (rearrange(f(h), "b c h w -> b 1 (h w) c") for f in (self.q, self.k, self.v))
+        out = rearrange(attention(q, k, v), "b 1 (h w) c -> b c h w", h=x.shape[2])
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))        # asymmetric zero pad, then an unpadded stride-2 conv
+
+
+class Upsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def mid_block(c: int) -> nn.Module:
+    mid = nn.Module()
+    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
+    return mid
+
+
+def level(blocks, resample=None) -> nn.Module:
+    lvl = nn.Module()
+    lvl.block = nn.ModuleList(blocks)
+    if resample is not None:
+        lvl.add_module("downsample" if isinstance(resample, Downsample) else "upsample", resample)
+    return lvl
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down, c = nn.ModuleList(), cfg.ch
+        for i, w in enumerate(widths):
+            blocks = [ResnetBlock(c if j == 0 else w, w) for j in range(cfg.num_res_blocks)]
+            self.down.append(level(blocks, Downsample(w) if i != len(widths) - 1 else None))
+            c = w
+        self.mid = mid_block(c)
+        self.norm_out = norm(c)
+        self.conv_out = nn.Conv2d(c, 2 * cfg.z_channels, 3, padding=1)   # mean and log-variance
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for lvl in self.down:
+            for block in lvl.block:
+                h = block(h)
+            if hasattr(lvl, "downsample"):
+                h = lvl.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        c = widths[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
+        self.mid = mid_block(c)
+        levels = []
+        for i in reversed(range(len(widths))):            # built deepest first, stored shallowest first (up.0 ...)
+            blocks = [ResnetBlock(c if j == 0 else widths[i], widths[i]) for j in range(cfg.num_res_blocks + 1)]
+            c = widths[i]
+            levels.insert(0, level(blocks, Upsample(c) if i != 0 else None))
+        self.up = nn.ModuleList(levels)
+        self.norm_out = norm(c)
+        self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        for lvl in reversed(self.up):
+            for block in lvl.block:
+                h = block(h)
+            if hasattr(lvl, "upsample"):
+                h = lvl.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoencoderKL(nn.Module):
+    """Images in [-1, 1], (B, 3, H, W) <-> latents (B, 4, H/8, W/8) already multiplied by scale_factor."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+
+    def moments(self, x):
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def encode(self, x, generator=None, sample=True):
+        """Scaled latent: a sample of the posterior, as LDM training uses, or its mean with sample=False."""
+        mean, logvar = self.moments(x)
+        if sample:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            mean = mean + torch.exp(0.5 * logvar) * noise
+        return mean * self.config.scale_factor
+
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(z / self.config.scale_factor))
