@@ -49,14 +49,14 @@ class TextEncoder(nn.Module):
         if cfg.layout == "open_clip":   # kept only so SD2 files load strictly; the conditioning never uses them
             self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.width).normal_(std=cfg.width ** -0.5))
             self.logit_scale = nn.Parameter(torch.tensor(4.6052))
-        causal = torch.full((cfg.context_length, cfg.context_length), float("-inf")).triu(1)
-        self.register_buffer("attn_mask", causal, persistent=False)
 
     def forward(self, tokens):
         x = self.token_embedding(tokens) + self.positional_embedding
+        n = tokens.shape[1]
+        causal = torch.full((n, n), float("-inf"), device=x.device).triu(1)   # token i sees tokens 0..i
         depth = self.config.layers - (1 if self.config.layer == "penultimate" else 0)
         for block in self.transformer.resblocks[:depth]:
-            x = block(x, attn_mask=self.attn_mask)
+            x = block(x, attn_mask=causal)
         return self.ln_final(x)
 
     def encode(self, prompts):

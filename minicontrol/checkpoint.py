@@ -1,0 +1,239 @@
+"""Loading and saving the official files as they are: SD base checkpoints, ControlNet 1.0 (full model), ControlNet 1.1
+(`control_model.*` only) and extracted ControlNets (no prefix), in .ckpt, .pth or .safetensors.
+
+Pickled files are read with `torch.load(weights_only=True)`, which refuses anything but tensors and containers,
+so no code inside a file ever runs."""
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+from .config import ModelConfig, preset
+from .controlnet import ControlNet
+from .ddim import schedule_buffers
+from .text import TextEncoder, from_hf, to_hf
+from .unet import UNet
+from .vae import AutoencoderKL
+
+UNET, CONTROL, VAE = "model.diffusion_model.", "control_model.", "first_stage_model."
+TEXT_HF, TEXT_OC = "cond_stage_model.transformer.text_model.", "cond_stage_model.model."
+# entries a checkpoint may carry that no module here uses: EMA copies, the DDPM schedule (recomputed in ddim.py)
+# and the HF position_ids buffer (always 0..76)
+IGNORED_PREFIXES = ("model_ema.",)
+IGNORED_KEYS = set(schedule_buffers()) | {TEXT_HF + "embeddings.position_ids"}
+CONFIG_KEY = "minicontrol_config"       # safetensors metadata written by save(); official files have none
+
+
+class CheckpointError(ValueError):
+    """A file that is not the checkpoint it was given as; the message names the file and what to do."""
+
+
+def read(path) -> tuple:
+    """(state dict, config json or None) from a .safetensors, .ckpt or .pth file, unwrapping {"state_dict": ...}."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    meta = None
+    try:
+        if len(head) == 9 and head[8:9] == b"{":               # safetensors: 8-byte header length, then JSON
+            sd = safetensors.torch.load_file(str(path))
+            with safetensors.safe_open(str(path), "pt") as f:
+                meta = (f.metadata() or {}).get(CONFIG_KEY)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "forbidden object"
+        if "GLOBAL" in str(e) or "global" in str(e) or "Unsupported" in str(e):
+            raise CheckpointError(f"{path}: refused: the file holds pickled code or objects, not only tensors "
+                                  f"({first[:120]}); it was not run. Use a trusted file, ideally .safetensors") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first[:120]})") from None
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or not a PyTorch/safetensors file "
+                              f"({reason})") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: holds no state dict of tensors; expected an SD or ControlNet checkpoint")
+    return sd, meta
+
+
+def kind(sd: dict) -> str:
+    """'sd' (base), 'controlnet-1.0' (full model), 'controlnet-1.1' (control_model.* only) or 'controlnet' (no prefix)."""
+    has_unet, has_control = any(k.startswith(UNET) for k in sd), any(k.startswith(CONTROL) for k in sd)
+    if has_unet:
+        return "controlnet-1.0" if has_control else "sd"
+    if has_control:
+        return "controlnet-1.1"
+    if "input_hint_block.0.weight" in sd:
+        return "controlnet"
+    return "unknown"
+
+
+def family(sd: dict, prefix: str = UNET) -> str:
+    """'sd1' or 'sd2' from tensor shapes: SD2 has Linear proj_in and a 1024-wide text context."""
+    proj = sd.get(prefix + "middle_block.1.proj_in.weight")
+    return "sd2" if proj is not None and proj.dim() == 2 else "sd1"
+
+
+def context_dim(sd: dict, prefix: str) -> int:
+    return sd[prefix + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+
+
+def check_fits(path, what: str, module: nn.Module, sd: dict, hint: str):
+    """Compare keys and shapes first, so a mismatch is one clear line rather than a long load_state_dict dump."""
+    want = module.state_dict()
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    wrong = [k for k in want if k in sd and tuple(want[k].shape) != tuple(sd[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (first: {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]})")
+    if wrong:
+        k = wrong[0]
+        problems.append(f"{len(wrong)} wrong shapes (first: {k} is {list(sd[k].shape)}, expected {list(want[k].shape)})")
+    if problems:
+        raise CheckpointError(f"{path}: the {what} weights do not fit the model: {'; '.join(problems)}. {hint}")
+
+
+def fill(path, what, module, sd, hint):
+    check_fits(path, what, module, sd, hint)
+    module.load_state_dict(sd, strict=True, assign=True)
+    return module.float()
+
+
+def split(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def resolve_config(sd: dict, meta, config, prefix: str) -> ModelConfig:
+    if config is not None:
+        return config
+    if meta is not None:
+        return ModelConfig.from_json(meta)
+    return preset("sd21" if family(sd, prefix) == "sd2" else "sd15")
+
+
+class StableDiffusion(nn.Module):
+    """The three frozen parts of an SD checkpoint: UNet, VAE and text encoder."""
+
+    def __init__(self, config: ModelConfig, device="cpu"):
+        super().__init__()
+        self.config = config
+        with torch.device(device):
+            self.unet, self.vae, self.text = UNet(config.unet), AutoencoderKL(config.vae), TextEncoder(config.text)
+
+    def official_state_dict(self) -> dict:
+        sd = {UNET + k: v for k, v in self.unet.state_dict().items()}
+        sd.update({VAE + k: v for k, v in self.vae.state_dict().items()})
+        text = self.text.state_dict()
+        if self.config.text.layout == "hf":
+            sd.update({TEXT_HF + k: v for k, v in to_hf(text, self.config.text.layers).items()})
+        else:
+            sd.update({TEXT_OC + k: v for k, v in text.items()})
+        return sd
+
+
+HINT = "Is it a Stable Diffusion 1.x/2.x checkpoint? For a model of another size pass its config (--config)."
+
+
+def load_base(path, config: ModelConfig = None) -> StableDiffusion:
+    """An SD base checkpoint, or the SD part of a ControlNet 1.0 full file, loaded strictly."""
+    sd, meta = read(path)
+    k = kind(sd)
+    if k not in ("sd", "controlnet-1.0"):
+        raise CheckpointError(f"{path}: not a Stable Diffusion base checkpoint (it looks like a {k} file); "
+                              "pass it as --controlnet and give the SD file as --base")
+    config = resolve_config(sd, meta, config, UNET)
+    ignored = [k for k in sd if k.startswith(IGNORED_PREFIXES + (CONTROL,)) or k in IGNORED_KEYS]
+    parts = {p: split(sd, p) for p in (UNET, VAE, TEXT_HF, TEXT_OC)}
+    rest = set(sd) - set(ignored) - {p + k for p, d in parts.items() for k in d}
+    if rest:
+        raise CheckpointError(f"{path}: {len(rest)} unexpected keys (first: {sorted(rest)[0]}); {HINT}")
+    model = StableDiffusion(config, device="meta")
+    fill(path, "UNet", model.unet, parts[UNET], HINT)
+    fill(path, "VAE", model.vae, parts[VAE], HINT)
+    text_sd, text_prefix = (parts[TEXT_HF], TEXT_HF) if config.text.layout == "hf" else (parts[TEXT_OC], TEXT_OC)
+    if not text_sd:
+        raise CheckpointError(f"{path}: no text encoder weights under {text_prefix}*; {HINT}")
+    if config.text.layout == "hf":
+        text_sd.pop("embeddings.position_ids", None)
+        try:
+            text_sd = from_hf(text_sd, config.text.layers)
+        except KeyError as e:
+            raise CheckpointError(f"{path}: the text encoder weights lack {text_prefix}{e.args[0]}; {HINT}") from None
+        unused = set(parts[TEXT_HF]) - {"embeddings.position_ids"} - set(to_hf(text_sd, config.text.layers))
+        if unused:
+            raise CheckpointError(f"{path}: unexpected text key {TEXT_HF}{sorted(unused)[0]}; {HINT}")
+    fill(path, "text encoder", model.text, text_sd, HINT)
+    return model.eval().requires_grad_(False)
+
+
+def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) -> ControlNet:
+    """Any of the three ControlNet layouts. With `base`, a ControlNet made for another family is refused."""
+    sd, meta = read(path)
+    k = kind(sd)
+    prefix = {"controlnet-1.0": CONTROL, "controlnet-1.1": CONTROL, "controlnet": ""}.get(k)
+    if prefix is None:
+        raise CheckpointError(f"{path}: no ControlNet weights in it (it looks like a {k} checkpoint); "
+                              "expected control_model.* keys (ControlNet 1.0 or 1.1 file)")
+    if k == "controlnet-1.1":
+        other = [key for key in sd if not key.startswith(CONTROL)]
+        if other:
+            raise CheckpointError(f"{path}: unexpected key {other[0]} beside the control_model.* keys")
+    net_sd = split(sd, prefix) if prefix else sd
+    if "middle_block.1.transformer_blocks.0.attn2.to_k.weight" not in net_sd:
+        raise CheckpointError(f"{path}: the ControlNet weights lack middle_block.1 (attention); "
+                              "is this a ControlNet for Stable Diffusion 1.x/2.x?")
+    if base is not None:
+        names = {768: "SD1.x", 1024: "SD2.x"}
+        width = context_dim(net_sd, "")
+        if width != base.unet.context_dim or family(net_sd, "") != ("sd2" if base.unet.use_linear_in_transformer else "sd1"):
+            raise CheckpointError(
+                f"{path}: this ControlNet is for {names.get(width, 'another model')} (text context width {width}) but "
+                f"the base model is {names.get(base.unet.context_dim, 'another model')} (width {base.unet.context_dim}); "
+                "use a ControlNet made for this base")
+    config = config or (base if base is not None and meta is None else resolve_config(net_sd, meta, None, ""))
+    with torch.device("meta"):
+        net = ControlNet(config.unet)
+    return fill(path, "ControlNet", net, net_sd, HINT).eval()
+
+
+def save(path, state_dict: dict, config: ModelConfig = None):
+    """Write atomically (temporary file, then rename): safetensors for .safetensors, else a plain torch.save."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+        if path.suffix == ".safetensors":
+            safetensors.torch.save_file(tensors, tmp, metadata={CONFIG_KEY: config.to_json()} if config else None)
+        else:
+            torch.save(tensors, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def controlnet_state_dict(net: ControlNet, layout: str = "1.1") -> dict:
+    """`control_model.*` keys (1.1 layout, what the official 1.1 scripts and other tools load) or bare ("extracted")."""
+    prefix = CONTROL if layout == "1.1" else ""
+    return {prefix + k: v for k, v in net.state_dict().items()}
+
+
+def full_state_dict(model: StableDiffusion, net: ControlNet = None) -> dict:
+    """The official ControlLDM layout: SD parts, control_model.* (1.0 full file) and the 13 schedule buffers."""
+    sd = model.official_state_dict()
+    if net is not None:
+        sd.update(controlnet_state_dict(net))
+    sd.update(schedule_buffers())
+    return sd

@@ -1,0 +1,63 @@
+"""The LDM noise schedule and the DDIM sampler (Song et al., arXiv:2010.02502) as the official ControlNet code runs it."""
+import torch
+
+T = 1000
+
+
+def alphas_cumprod(start: float = 0.00085, end: float = 0.012) -> torch.Tensor:
+    """alpha-bar_t for t = 0..999: LDM's "linear" schedule, linear in sqrt(beta), computed in float64."""
+    betas = torch.linspace(start ** 0.5, end ** 0.5, T, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def schedule_buffers() -> dict:
+    """The 13 top-level buffers that the official checkpoints carry, in float32 as stored."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, T, dtype=torch.float64) ** 2
+    ac = torch.cumprod(1 - betas, dim=0)
+    ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    post_var = betas * (1 - ac_prev) / (1 - ac)
+    bufs = {
+        "betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": ac_prev,
+        "sqrt_alphas_cumprod": ac.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - ac).log(), "sqrt_recip_alphas_cumprod": (1 / ac).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1 / ac - 1).sqrt(), "posterior_variance": post_var,
+        "posterior_log_variance_clipped": post_var.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * ac_prev.sqrt() / (1 - ac),
+        "posterior_mean_coef2": (1 - ac_prev) * (1 - betas).sqrt() / (1 - ac),
+        "logvar": torch.zeros(T, dtype=torch.float64),
+    }
+    return {k: v.float() for k, v in bufs.items()}
+
+
+def timesteps(steps: int) -> list:
+    """Official "uniform" DDIM timesteps, ascending: range(0, 1000, 1000 // steps) + 1 (S=20: 1, 51, ..., 951)."""
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be between 1 and {T}, got {steps}")
+    return [t + 1 for t in range(0, T, T // steps)]
+
+
+def ddim_sample(model, x, steps: int, eta: float = 0.0, parameterization: str = "eps", generator=None):
+    """Yields (i, x_prev, x0) after each step, from t = ts[-1] down to ts[0] = 1.
+
+    model(x, t, i) -> the (guided) model output for all rows of x at integer timestep t and step index i.
+    x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z   (arXiv:2010.02502, eq. 12), where
+    sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev) and a_prev of the last step is alpha-bar[0].
+    """
+    ac = alphas_cumprod().float().double()          # the official buffers are float32
+    ts = timesteps(steps)
+    a_ts = [ac[t].item() for t in ts]
+    a_prevs = [ac[0].item()] + a_ts[:-1]
+    for i in reversed(range(len(ts))):
+        a_t, a_prev = a_ts[i], a_prevs[i]
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        out = model(x, ts[i], i)
+        if parameterization == "v":
+            e_t = a_t ** 0.5 * out + (1 - a_t) ** 0.5 * x
+            x0 = a_t ** 0.5 * x - (1 - a_t) ** 0.5 * out
+        else:
+            e_t = out
+            x0 = (x - (1 - a_t) ** 0.5 * e_t) / a_t ** 0.5
+        x = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * e_t
+        if sigma > 0:
+            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        yield i, x, x0

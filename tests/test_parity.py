@@ -1,0 +1,47 @@
+"""Numerical parity with diffusers, filled by diffusers' own converters for original LDM checkpoints."""
+import pytest
+import torch
+
+from helpers import diffusers_models, rel_err, tiny_models
+
+
+@pytest.fixture(scope="module", params=["tiny-sd1", "tiny-sd2"])
+def pair(request):
+    cfg, model, net = tiny_models(request.param)
+    return cfg, model, net, diffusers_models(cfg, model, net)
+
+
+def inputs(cfg, b=2, h=16):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, 4, h, h, generator=g)
+    t = torch.tensor([13, 781])[:b]
+    ctx = torch.randn(b, 77, cfg.unet.context_dim, generator=g)
+    hint = torch.rand(b, 3, 8 * h, 8 * h, generator=g)
+    return x, t, ctx, hint
+
+
+@torch.no_grad()
+def test_controlnet_and_unet_match_diffusers(pair):
+    cfg, model, net, (d_unet, d_net, _) = pair
+    x, t, ctx, hint = inputs(cfg)
+    ours = net(x, hint, t, ctx)
+    down, mid = d_net(x, t, ctx, hint, return_dict=False)
+    assert len(ours) == len(down) + 1
+    for a, b in zip(ours, list(down) + [mid]):
+        assert rel_err(a, b) <= 1e-4
+    plain, controlled = model.unet(x, t, ctx), model.unet(x, t, ctx, control=ours)
+    assert rel_err(plain, d_unet(x, t, ctx).sample) <= 1e-4
+    ref = d_unet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+    assert rel_err(controlled, ref) <= 1e-4
+    assert rel_err(controlled, plain) > 1e-2            # the residuals really changed the output
+
+
+@torch.no_grad()
+def test_vae_matches_diffusers(pair):
+    cfg, model, _, (_, _, d_vae) = pair
+    img = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    mean, logvar = model.vae.moments(img)
+    dist = d_vae.encode(img).latent_dist
+    assert rel_err(mean, dist.mean) <= 1e-4 and rel_err(logvar, dist.logvar) <= 1e-4
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    assert rel_err(model.vae.decode(z), d_vae.decode(z / cfg.vae.scale_factor).sample) <= 1e-4
