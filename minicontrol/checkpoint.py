@@ -5,7 +5,9 @@ Pickled files are read with `torch.load(weights_only=True)`, which refuses anyth
 so no code inside a file ever runs."""
 import os
 import pickle
+import pickletools
 import tempfile
+import zipfile
 from pathlib import Path
 
 import safetensors.torch
@@ -48,11 +50,11 @@ def read(path) -> tuple:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "forbidden object"
-        if "GLOBAL" in str(e) or "global" in str(e) or "Unsupported" in str(e):
-            raise CheckpointError(f"{path}: refused: the file holds pickled code or objects, not only tensors "
-                                  f"({first[:120]}); it was not run. Use a trusted file, ideally .safetensors") from None
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first[:120]})") from None
+        code = [name for name in pickle_imports(path) if not name.startswith(("torch.", "collections."))]
+        if code:    # weights_only refused it: loading it the unsafe way would have called these
+            raise CheckpointError(f"{path}: refused: the pickle would call {code[0]}, not only build tensors; nothing "
+                                  "in it was run. Use a trusted file, ideally .safetensors") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({str(e).strip()[:100]})") from None
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or not a PyTorch/safetensors file "
@@ -62,6 +64,27 @@ def read(path) -> tuple:
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: holds no state dict of tensors; expected an SD or ControlNet checkpoint")
     return sd, meta
+
+
+def pickle_imports(path) -> list:
+    """The module.name pairs a pickle (plain, or data.pkl inside torch's zip format) imports, read without running it."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        else:
+            data = Path(path).read_bytes()
+        names, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST"):
+                names.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(".".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
+        return names
+    except Exception:
+        return []
 
 
 def kind(sd: dict) -> str:

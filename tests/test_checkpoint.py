@@ -1,0 +1,127 @@
+"""The loader on the four official file kinds, made here from tiny weights, and its one-line errors."""
+import pickle
+
+import pytest
+import torch
+
+from helpers import tiny_models
+from minicontrol.checkpoint import (CONTROL, CheckpointError, controlnet_state_dict, full_state_dict, kind, load_base,
+                                    load_controlnet, save)
+from minicontrol.config import preset
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_models("tiny-sd1")
+
+
+def write(path, sd, wrap=False):
+    if path.suffix == ".safetensors":
+        save(path, sd)
+    else:
+        torch.save({"state_dict": sd} if wrap else sd, path)
+    return path
+
+
+def same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+FILES = {
+    "sd": lambda m, n: full_state_dict(m) | {"model_ema.decay": torch.tensor(0.9999)},
+    "controlnet-1.0": lambda m, n: full_state_dict(m, n),
+    "controlnet-1.1": lambda m, n: controlnet_state_dict(n, "1.1"),
+    "controlnet": lambda m, n: controlnet_state_dict(n, "extracted"),
+}
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pth", ".safetensors"])
+@pytest.mark.parametrize("file_kind", list(FILES))
+def test_round_trip(tmp_path, tiny, suffix, file_kind):
+    cfg, model, net = tiny
+    path = write(tmp_path / f"m{suffix}", FILES[file_kind](model, net), wrap=suffix == ".ckpt")
+    sd = torch.load(path, weights_only=True) if suffix != ".safetensors" else None
+    assert kind(sd.get("state_dict", sd) if sd else FILES[file_kind](model, net)) == file_kind
+    if file_kind in ("sd", "controlnet-1.0"):
+        loaded = load_base(path, config=cfg)
+        assert same(loaded.unet, model.unet) and same(loaded.vae, model.vae) and same(loaded.text, model.text)
+    if file_kind != "sd":
+        assert same(load_controlnet(path, base=cfg), net)
+
+
+def test_sd2_open_clip_layout_round_trips(tmp_path):
+    cfg, model, net = tiny_models("tiny-sd2")
+    path = save(tmp_path / "sd2.safetensors", full_state_dict(model, net), cfg) or tmp_path / "sd2.safetensors"
+    loaded = load_base(path)                       # config from the file's metadata
+    assert same(loaded.text, model.text) and same(loaded.unet, model.unet)
+    assert same(load_controlnet(path, base=cfg), net)
+
+
+def error(fn, *args, **kw):
+    with pytest.raises(CheckpointError) as e:
+        fn(*args, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_missing_unexpected_and_wrong_shape(tmp_path, tiny):
+    cfg, model, net = tiny
+    sd = controlnet_state_dict(net)
+    missing = dict(sd)
+    missing.pop(CONTROL + "zero_convs.2.0.weight")
+    msg = error(load_controlnet, write(tmp_path / "a.pth", missing), base=cfg)
+    assert "a.pth" in msg and "missing" in msg and "zero_convs.2.0.weight" in msg
+    extra = dict(sd) | {CONTROL + "zero_convs.99.0.weight": torch.zeros(1)}
+    msg = error(load_controlnet, write(tmp_path / "b.pth", extra), base=cfg)
+    assert "b.pth" in msg and "unexpected" in msg and "zero_convs.99.0.weight" in msg
+    wrong = dict(sd) | {CONTROL + "middle_block_out.0.bias": torch.zeros(7)}
+    msg = error(load_controlnet, write(tmp_path / "c.pth", wrong), base=cfg)
+    assert "c.pth" in msg and "shape" in msg and "middle_block_out.0.bias" in msg
+    base = full_state_dict(model)
+    base.pop("first_stage_model.decoder.conv_out.bias")
+    msg = error(load_base, write(tmp_path / "d.ckpt", base, wrap=True), config=cfg)
+    assert "d.ckpt" in msg and "VAE" in msg and "decoder.conv_out.bias" in msg
+
+
+def test_truncated_and_foreign_files(tmp_path, tiny):
+    cfg, model, net = tiny
+    for suffix in (".pth", ".safetensors"):
+        good = write(tmp_path / f"good{suffix}", controlnet_state_dict(net))
+        cut = tmp_path / f"cut{suffix}"
+        cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+        msg = error(load_controlnet, cut)
+        assert cut.name in msg and "truncated" in msg
+    text = tmp_path / "notes.ckpt"
+    text.write_text("these are not weights")
+    assert "notes.ckpt" in error(load_base, text)
+    assert "no such file" in error(load_base, tmp_path / "absent.ckpt")
+    other = write(tmp_path / "other.pth", {"linear.weight": torch.zeros(2, 2)})
+    assert "other.pth" in error(load_controlnet, other)
+
+
+def test_sd2_controlnet_refused_with_sd1_base(tmp_path):
+    sd2_cfg, _, sd2_net = tiny_models("tiny-sd2")
+    path = write(tmp_path / "control_sd21.pth", controlnet_state_dict(sd2_net))
+    msg = error(load_controlnet, path, base=preset("tiny-sd1"))
+    assert "control_sd21.pth" in msg and "base" in msg
+
+
+class Boom:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch PWNED_MARKER",))
+
+
+def test_pickle_with_code_is_refused_and_never_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.ckpt"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": {"x": Boom()}}, f)
+    msg = error(load_base, path)
+    assert "evil.ckpt" in msg and "refused" in msg
+    assert not (tmp_path / "PWNED_MARKER").exists()
+    torch.save({"state_dict": {"x": Boom()}}, tmp_path / "evil2.pth")   # the zip format, same story
+    assert "refused" in error(load_controlnet, tmp_path / "evil2.pth")
+    assert not (tmp_path / "PWNED_MARKER").exists()

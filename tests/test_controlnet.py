@@ -1,0 +1,41 @@
+"""Zero-convolution identity at initialisation and the official tool_add_control rule."""
+import torch
+
+from minicontrol.config import preset
+from minicontrol.controlnet import clone_encoder, guess_mode_scales
+from minicontrol.unet import UNet
+
+from helpers import randomize
+
+
+def test_fresh_controlnet_leaves_unet_output_unchanged():
+    cfg = preset("tiny-sd1").unet
+    unet = randomize(UNet(cfg)).eval()
+    net = clone_encoder(unet)
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([3, 600])
+    ctx, hint = torch.randn(2, 77, cfg.context_dim), torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        residuals = net(x, hint, t, ctx)
+        assert all(torch.count_nonzero(r) == 0 for r in residuals)
+        assert torch.equal(unet(x, t, ctx, control=residuals), unet(x, t, ctx))
+
+
+def test_clone_copies_encoder_and_shares_no_storage():
+    unet = randomize(UNet(preset("tiny-sd1").unet))
+    net = clone_encoder(unet)
+    usd, csd = unet.state_dict(), net.state_dict()
+    copied = [k for k in csd if k.split(".")[0] in ("time_embed", "input_blocks", "middle_block")]
+    assert copied and all(torch.equal(csd[k], usd[k]) for k in copied)
+    ptrs = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    assert not any(p.untyped_storage().data_ptr() in ptrs for p in net.parameters())
+    # new parts: zero convs and middle_block_out all zero; hint block default init except its last conv
+    for k, v in csd.items():
+        if k.startswith(("zero_convs", "middle_block_out", "input_hint_block.14")):
+            assert torch.count_nonzero(v) == 0, k
+        elif k.startswith("input_hint_block") and k.endswith("weight"):
+            assert torch.count_nonzero(v) > 0, k
+
+
+def test_guess_mode_scales_closed_form():
+    s = guess_mode_scales(1.0)
+    assert len(s) == 13 and s[12] == 1.0 and abs(s[0] - 0.825 ** 12) < 1e-12 and abs(s[0] - 0.0995) < 1e-3
