@@ -115,7 +115,7 @@ class SpatialTransformer(nn.Module):
             y = block(y, context)
         if self.linear:
             y = self.proj_out(y)
-        y = rearrange(y, "b (h w) c -> b c h w", h=h, w=w)
+        y = rearrange(y, "b (h w) c -> b c h w", h=h, w=w).contiguous()   # channels-last strides slow CPU convs
         if not self.linear:
             y = self.proj_out(y)
         return x + y

@@ -36,7 +36,7 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         h = self.norm(x)
         q, k, v = (rearrange(f(h), "b c h w -> b 1 (h w) c") for f in (self.q, self.k, self.v))
-        out = rearrange(attention(q, k, v), "b 1 (h w) c -> b c h w", h=x.shape[2])
+        out = rearrange(attention(q, k, v), "b 1 (h w) c -> b c h w", h=x.shape[2]).contiguous()
         return x + self.proj_out(out)
 
 

@@ -1,0 +1,100 @@
+"""One SD1.5 512x512 UNet + ControlNet forward at batch 2 on CPU, minicontrol beside diffusers on the same random
+weights (converted by diffusers' own single-file converters). Each side runs in its own process so that peak
+memory is its own; the printed table gives time and the memory added by the forward, and the ratio.
+
+    python bench/unet_forward.py [--size 512] [--batch 2] [--repeats 2] [--threads N]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+
+def build(impl):
+    from helpers import diffusers_models, randomize
+    from minicontrol.checkpoint import StableDiffusion
+    from minicontrol.config import preset
+    from minicontrol.controlnet import clone_encoder
+    cfg = preset("sd15")
+    torch.manual_seed(0)
+    model = StableDiffusion(cfg)
+    with torch.no_grad():    # the zero-initialised convs get weights too, so both outputs are non-trivial
+        for name, p in model.unet.named_parameters():
+            if name.startswith("out.2") or ".out_layers.3." in name or ".proj_out." in name:
+                p.normal_(std=0.01)
+    net = randomize(clone_encoder(model.unet), seed=1, std=0.01)
+    if impl == "minicontrol":
+        return cfg, model.unet.eval(), net.eval()
+    unet, controlnet, _ = diffusers_models(cfg, model, net)
+    return cfg, unet, controlnet
+
+
+def side(args):
+    from common import PeakRSS
+    torch.set_num_threads(args.threads)
+    cfg, unet, net = build(args.impl)
+    g = torch.Generator().manual_seed(0)
+    h = args.size // 8
+    x = torch.randn(args.batch, 4, h, h, generator=g)
+    t = torch.full((args.batch,), 500)
+    ctx = torch.randn(args.batch, 77, 768, generator=g)
+    hint = torch.rand(args.batch, 3, args.size, args.size, generator=g)
+
+    def forward():
+        if args.impl == "minicontrol":
+            return unet(x, t, ctx, control=net(x, hint, t, ctx))
+        down, mid = net(x, t, ctx, hint, return_dict=False)
+        return unet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+
+    with torch.inference_mode():
+        with PeakRSS() as mem:                             # the first forward: what a fresh process needs
+            forward()
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            out = forward()
+            times.append(time.perf_counter() - start)
+    torch.save(out, args.out)
+    print(json.dumps({"impl": args.impl, "seconds": min(times), "peak_extra_mb": mem.extra / 2 ** 20}))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--impl")
+    p.add_argument("--out")
+    args = p.parse_args()
+    if args.impl:
+        return side(args)
+    rows = {}
+    for impl in ("minicontrol", "diffusers"):
+        out = f"/tmp/bench_unet_{impl}.pt"
+        cmd = [sys.executable, __file__, "--impl", impl, "--out", out] + [
+            f"--{k}={getattr(args, k)}" for k in ("size", "batch", "repeats", "threads")]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rows[impl] = json.loads(res.stdout.strip().splitlines()[-1])
+    a, b = torch.load("/tmp/bench_unet_minicontrol.pt"), torch.load("/tmp/bench_unet_diffusers.pt")
+    err = ((a - b).norm() / b.norm()).item()
+    print(f"SD1.5 UNet + ControlNet forward, {args.size}x{args.size}, batch {args.batch}, CPU, {args.threads} threads, "
+          f"torch {torch.__version__}; best of {args.repeats}")
+    print("| impl | time (s) | peak memory added (MiB) |")
+    print("|---|---:|---:|")
+    for impl, r in rows.items():
+        print(f"| {impl} | {r['seconds']:.2f} | {r['peak_extra_mb']:.0f} |")
+    m, d = rows["minicontrol"], rows["diffusers"]
+    print(f"ratio minicontrol/diffusers: time {m['seconds'] / d['seconds']:.3f}, memory "
+          f"{m['peak_extra_mb'] / max(d['peak_extra_mb'], 1e-9):.3f}; output relative difference {err:.2e}")
+
+
+if __name__ == "__main__":
+    main()
