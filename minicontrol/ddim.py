@@ -59,5 +59,6 @@ def ddim_sample(model, x, steps: int, eta: float = 0.0, parameterization: str = 
             x0 = (x - (1 - a_t) ** 0.5 * e_t) / a_t ** 0.5
         x = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * e_t
         if sigma > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise_device = generator.device if generator is not None else x.device
+            x = x + sigma * torch.randn(x.shape, generator=generator, device=noise_device, dtype=x.dtype).to(x.device)
         yield i, x, x0

@@ -1,0 +1,84 @@
+"""Text + control image -> image: classifier-free guidance around the DDIM loop, with one or more ControlNets joined
+to the locked UNet as the official gradio demos do (gradio_canny2image.py and the 1.1 scripts)."""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .checkpoint import StableDiffusion
+from .controlnet import ControlNet, guess_mode_scales
+from .ddim import ddim_sample
+
+
+@dataclass
+class Control:
+    net: ControlNet
+    image: torch.Tensor         # (1 or B, 3, H, W) in [0, 1], at pixel resolution
+    strength: float = 1.0
+    start: float = 0.0          # fraction of the steps before which this control is off
+    end: float = 1.0            # fraction of the steps after which it is off
+
+
+def active(c: Control, step: int, total: int) -> bool:
+    """diffusers' control_guidance_start/end rule: step k of n runs if k/n >= start and (k+1)/n <= end."""
+    return not (step / total < c.start or (step + 1) / total > c.end)
+
+
+def residuals(controls, x, t, context, n_cond, guess_mode, step, total):
+    """Sum of every active ControlNet's scaled residuals, or None. Rows [:n_cond] are the conditional pass; in guess
+    mode (and always for the 1.1 shuffle model) the unconditional rows get no control, i.e. zero residuals."""
+    total_res = None
+    for c in controls:
+        if not active(c, step, total):
+            continue
+        cond_only = guess_mode or c.net.config.global_average_pooling
+        rows = n_cond if cond_only else x.shape[0]
+        scales = guess_mode_scales(c.strength, len(c.net.zero_convs) + 1) if guess_mode else c.strength
+        hint = c.image.to(x.device, x.dtype)
+        hint = hint.expand(rows, -1, -1, -1) if hint.shape[0] == 1 else hint.repeat(rows // hint.shape[0], 1, 1, 1)
+        res = c.net(x[:rows], hint, t[:rows], context[:rows], scales)
+        if rows < x.shape[0]:
+            res = [torch.cat([r, torch.zeros_like(r).expand(x.shape[0] - rows, -1, -1, -1)]) for r in res]
+        total_res = res if total_res is None else [a + b for a, b in zip(total_res, res)]
+    return total_res
+
+
+@torch.no_grad()
+def sample(model: StableDiffusion, prompts, negative, controls=(), steps=20, cfg_scale=9.0, eta=0.0,
+           guess_mode=False, only_mid_control=False, height=512, width=512, generator=None, x_T=None):
+    """Yields (i, x, x0) at every DDIM step, i counting down to 0; the last x is the final latent.
+
+    Initial noise and DDIM noise come from `generator` on the CPU, so a seed gives the same image on any device."""
+    unet = model.unet
+    device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
+    b = len(prompts)
+    cond = model.text.encode(list(prompts)).to(dtype)
+    guided = cfg_scale != 1.0
+    context = torch.cat([cond, model.text.encode(list(negative)).to(dtype)]) if guided else cond
+    if x_T is None:
+        x_T = torch.randn(b, unet.config.in_channels, height // 8, width // 8, generator=generator)
+    x_T = x_T.to(device, torch.float32)
+    total = None
+
+    def model_fn(x, t, i):
+        nonlocal total
+        total = total or i + 1
+        xx = torch.cat([x, x]) if guided else x
+        tt = torch.full((xx.shape[0],), t, device=device, dtype=torch.long)
+        xx = xx.to(dtype)
+        control = residuals(controls, xx, tt, context, b, guess_mode, total - 1 - i, total)
+        out = unet(xx, tt, context, control, only_mid_control).float()
+        if not guided:
+            return out
+        out_cond, out_uncond = out.chunk(2)
+        return out_uncond + cfg_scale * (out_cond - out_uncond)
+
+    yield from ddim_sample(model_fn, x_T, steps, eta, model.config.parameterization, generator)
+
+
+@torch.no_grad()
+def decode(model: StableDiffusion, z: torch.Tensor) -> np.ndarray:
+    """Latents -> (B, H, W, 3) uint8. The VAE stays in float32, so fp16 overflow can never give NaN or black images."""
+    vae = model.vae
+    img = vae.decode(z.to(next(vae.parameters()).device, torch.float32))
+    return (img * 127.5 + 127.5).clamp(0, 255).permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()

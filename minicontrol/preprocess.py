@@ -1,0 +1,90 @@
+"""Control-image preprocessing as the official demos do it (annotator/util.py), with no OpenCV at run time."""
+import numpy as np
+from PIL import Image
+
+
+def hwc3(img: np.ndarray) -> np.ndarray:
+    """uint8 grey, RGB or RGBA -> HxWx3 RGB; RGBA is composited over white."""
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.shape[2] == 1:
+        return np.repeat(img, 3, axis=2)
+    if img.shape[2] == 4:
+        rgb, alpha = img[:, :, :3].astype(np.float32), img[:, :, 3:].astype(np.float32) / 255.0
+        return (rgb * alpha + 255.0 * (1.0 - alpha)).clip(0, 255).astype(np.uint8)
+    return img
+
+
+def resize_image(img: np.ndarray, resolution: int) -> np.ndarray:
+    """Short side to `resolution`, then each side rounded to the nearest multiple of 64 (halves to even)."""
+    h, w = img.shape[:2]
+    k = resolution / min(h, w)
+    size = (int(np.round(w * k / 64.0)) * 64, int(np.round(h * k / 64.0)) * 64)
+    resample = Image.LANCZOS if k > 1 else Image.BOX          # OpenCV's LANCZOS4 / INTER_AREA
+    return np.asarray(Image.fromarray(img).resize(size, resample))
+
+
+def sobel(channel: np.ndarray):
+    """3x3 Sobel derivatives with replicated borders, in integers; channel (H, W) -> dx, dy (H, W)."""
+    p = np.pad(channel.astype(np.int32), 1, mode="edge")
+    dx = (p[:-2, 2:] + 2 * p[1:-1, 2:] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[1:-1, :-2] + p[2:, :-2])
+    dy = (p[2:, :-2] + 2 * p[2:, 1:-1] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[:-2, 1:-1] + p[:-2, 2:])
+    return dx, dy
+
+
+def canny(image: np.ndarray, low: float = 100, high: float = 200) -> np.ndarray:
+    """Canny edges of an HxWx3 uint8 RGB image as OpenCV's cv2.Canny(image, low, high) computes them: per pixel the
+    channel with the largest |dx|+|dy|, L1 magnitude, non-maximum suppression, hysteresis. Returns HxW uint8 0/255."""
+    image = hwc3(np.asarray(image))
+    grads = [sobel(image[:, :, c]) for c in range(image.shape[2])]
+    dx, dy = np.stack([g[0] for g in grads]), np.stack([g[1] for g in grads])
+    mags = np.abs(dx) + np.abs(dy)
+    pick = mags.argmax(axis=0)[None]                               # first channel wins ties, as OpenCV
+    dx, dy, mag = (np.take_along_axis(a, pick, 0)[0] for a in (dx, dy, mags))
+    low, high = int(np.floor(low)), int(np.floor(high))
+    low, high = min(low, high), max(low, high)
+
+    # non-maximum suppression in OpenCV's fixed point: tan(22.5 deg) in Q15
+    m = np.pad(mag, 1)                                              # zero outside the image
+    h, w = mag.shape
+    at = lambda oy, ox: m[1 + oy:1 + oy + h, 1 + ox:1 + ox + w]    # neighbour at offset (oy, ox)
+    x, y = np.abs(dx).astype(np.int64), np.abs(dy).astype(np.int64) << 15
+    tg22 = x * int(0.4142135623730950488 * (1 << 15) + 0.5)
+    tg67 = tg22 + (x << 16)
+    s = np.where((dx ^ dy) < 0, -1, 1)
+    horizontal = (mag > at(0, -1)) & (mag >= at(0, 1))
+    vertical = (mag > at(-1, 0)) & (mag >= at(1, 0))
+    diag_pos = (mag > at(-1, -1)) & (mag > at(1, 1))               # s = +1
+    diag_neg = (mag > at(-1, 1)) & (mag > at(1, -1))               # s = -1
+    diagonal = np.where(s > 0, diag_pos, diag_neg)
+    keep = np.where(y < tg22, horizontal, np.where(y > tg67, vertical, diagonal))
+    candidate = (mag > low) & keep
+    strong = candidate & (mag > high)
+
+    # hysteresis: keep candidates 8-connected to a strong pixel
+    cand = np.pad(candidate, 1).ravel()
+    edges = np.zeros_like(cand)
+    stride = w + 2
+    stack = list(np.flatnonzero(np.pad(strong, 1).ravel()))
+    edges[stack] = True
+    offsets = (-stride - 1, -stride, -stride + 1, -1, 1, stride - 1, stride, stride + 1)
+    while stack:
+        i = stack.pop()
+        for o in offsets:
+            j = i + o
+            if cand[j] and not edges[j]:
+                edges[j] = True
+                stack.append(j)
+    return edges.reshape(h + 2, w + 2)[1:-1, 1:-1].astype(np.uint8) * 255
+
+
+def detect(image: np.ndarray, detector: str, low: float = 100, high: float = 200) -> np.ndarray:
+    """The control map (HxWx3 uint8) for a detector: canny, invert (white lines on black from dark lineart), none."""
+    image = hwc3(image)
+    if detector == "canny":
+        return hwc3(canny(image, low, high))
+    if detector == "invert":
+        return 255 - image
+    if detector == "none":
+        return image
+    raise ValueError(f"unknown detector {detector!r}; choose canny, invert or none")

@@ -1,0 +1,100 @@
+"""DDIM against diffusers' DDIMScheduler set up the official way, and whole controlled samples against diffusers'
+StableDiffusionControlNetPipeline on the same converted weights and initial noise."""
+import pytest
+import torch
+from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
+
+from helpers import diffusers_models, tiny_models
+from minicontrol.controlnet import guess_mode_scales
+from minicontrol.ddim import ddim_sample, timesteps
+from minicontrol.pipeline import Control, sample
+
+
+def official_ddim(prediction_type="epsilon"):
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+                         prediction_type=prediction_type)
+
+
+def test_timesteps_closed_form():
+    assert timesteps(20) == list(range(1, 1000, 50)) and timesteps(20)[-1] == 951
+    assert timesteps(50)[:2] == [1, 21] and timesteps(50)[-1] == 981
+    assert len(timesteps(30)) == 31 and timesteps(30)[-1] == 991      # 1000 // 30 = 33: one step more than asked
+    assert len(timesteps(7)) == 8
+
+
+@pytest.mark.parametrize("steps", [10, 20, 50])
+def test_timesteps_match_diffusers(steps):
+    s = official_ddim()
+    s.set_timesteps(steps)
+    assert s.timesteps.tolist() == list(reversed(timesteps(steps)))
+
+
+def fake_model(x, t, i=None):
+    return 0.3 * x + torch.sin(torch.tensor(t / 100.0)) * torch.linspace(-1, 1, x.numel()).reshape(x.shape)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("param", ["eps", "v"])
+def test_every_step_matches_diffusers(eta, param):
+    steps = 10
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = [x for _, x, _ in ddim_sample(fake_model, x0, steps, eta, param, torch.Generator().manual_seed(5))]
+    sched = official_ddim("v_prediction" if param == "v" else "epsilon")
+    sched.set_timesteps(steps)
+    g, x = torch.Generator().manual_seed(5), x0
+    for k, t in enumerate(sched.timesteps):
+        x = sched.step(fake_model(x, int(t)), t, x, eta=eta, generator=g).prev_sample
+        assert torch.allclose(ours[k], x, rtol=1e-5, atol=1e-5), (k, (ours[k] - x).abs().max())
+
+
+class OfficialGuessControlNet(ControlNetModel):
+    """diffusers' ControlNetModel with the official guess-mode scales strength * 0.825 ** (12 - i) instead of its
+    own logspace(-1, 0); the pipeline around it still drops control from the unconditional pass, as officially."""
+
+    def forward(self, *args, conditioning_scale=1.0, guess_mode=False, return_dict=True, **kw):
+        down, mid = super().forward(*args, conditioning_scale=1.0, guess_mode=False, return_dict=False, **kw)
+        scales = guess_mode_scales(conditioning_scale, len(down) + 1) if guess_mode else [conditioning_scale] * 13
+        return [d * s for d, s in zip(down, scales)], mid * scales[len(down)]
+
+
+def run_pair(name, guess_mode=False, strength=1.0, eta=0.0, steps=4, wrap=False):
+    cfg, model, net = tiny_models(name)
+    d_unet, d_net, d_vae = diffusers_models(cfg, model, net)
+    if wrap:
+        wrapped = OfficialGuessControlNet(**d_net.config)
+        wrapped.load_state_dict(d_net.state_dict())
+        d_net = wrapped.eval()
+    pipe = StableDiffusionControlNetPipeline(vae=d_vae, text_encoder=None, tokenizer=None, unet=d_unet,
+                                             controlnet=d_net, scheduler=official_ddim(), safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    h = w = 64
+    x_T = torch.randn(2, 4, h // 8, w // 8, generator=g)
+    hint = torch.rand(1, 3, h, w, generator=g)
+    prompts, negative = ["a red circle", "a blue square"], ["", "blurry"]
+    ours = [x for _, x, _ in sample(model, prompts, negative, [Control(net, hint, strength)], steps=steps, cfg_scale=9.0,
+                                   eta=eta, guess_mode=guess_mode, height=h, width=w, x_T=x_T,
+                                   generator=torch.Generator().manual_seed(7))][-1]
+    with torch.no_grad():
+        ref = pipe(prompt_embeds=model.text.encode(prompts), negative_prompt_embeds=model.text.encode(negative),
+                   image=hint.expand(2, -1, -1, -1), num_inference_steps=steps, guidance_scale=9.0, eta=eta,
+                   latents=x_T.clone(), output_type="latent", height=h, width=w, guess_mode=guess_mode,
+                   controlnet_conditioning_scale=strength, generator=torch.Generator().manual_seed(7)).images
+    return ours, ref
+
+
+@pytest.mark.parametrize("name", ["tiny-sd1", "tiny-sd2"])
+def test_controlled_sample_matches_diffusers_pipeline(name):
+    ours, ref = run_pair(name, strength=0.8, eta=1.0)
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_guess_mode_follows_official_rule():
+    # the official rule (no control in the unconditional pass, scales strength * 0.825 ** (12 - i)) equals diffusers'
+    # pipeline once its ControlNet applies those scales; diffusers' own guess mode (logspace scales) does not
+    ours, official = run_pair("tiny-sd1", guess_mode=True, wrap=True)
+    assert (ours - official).abs().max().item() <= 1e-4
+    _, native = run_pair("tiny-sd1", guess_mode=True)
+    assert (ours - native).abs().max().item() > 1e-3
