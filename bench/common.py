@@ -1,4 +1,6 @@
 """Helpers shared by the benchmarks: peak resident memory of a block, run in its own subprocess per side."""
+import ctypes
+import gc
 import os
 import threading
 import time
@@ -13,6 +15,8 @@ class PeakRSS:
     """Highest resident set size above the level at entry, sampled every 2 ms in a thread."""
 
     def __enter__(self):
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)          # hand freed heap back, so both sides start level
         self.base = self.peak = rss_bytes()
         self.running = True
         self.thread = threading.Thread(target=self.poll, daemon=True)

@@ -30,10 +30,11 @@ def schedule_buffers() -> dict:
 
 
 def timesteps(steps: int) -> list:
-    """Official "uniform" DDIM timesteps, ascending: range(0, 1000, 1000 // steps) + 1 (S=20: 1, 51, ..., 951)."""
+    """Official "uniform" DDIM timesteps, ascending: range(0, 1000, 1000 // steps) + 1 (S=20: 1, 51, ..., 951).
+    Where that would reach t = 1000 (S = 3, 9, ...: the official code fails with an index error) it stops at 999."""
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be between 1 and {T}, got {steps}")
-    return [t + 1 for t in range(0, T, T // steps)]
+    return [t + 1 for t in range(0, T - 1, T // steps)]
 
 
 def ddim_sample(model, x, steps: int, eta: float = 0.0, parameterization: str = "eps", generator=None):

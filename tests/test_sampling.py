@@ -98,3 +98,8 @@ def test_guess_mode_follows_official_rule():
     assert (ours - official).abs().max().item() <= 1e-4
     _, native = run_pair("tiny-sd1", guess_mode=True)
     assert (ours - native).abs().max().item() > 1e-3
+
+
+def test_timesteps_never_reach_1000():
+    # 1000 // 3 = 333: the official range(0, 1000, 333) + 1 would end at t = 1000, past the schedule
+    assert timesteps(3) == [1, 334, 667] and max(timesteps(9)) < 1000 and timesteps(1000) == list(range(1, 1000))

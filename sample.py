@@ -1,0 +1,210 @@
+"""Generate images with Stable Diffusion + ControlNet, from the official files as they are or the tiny model in weights/.
+
+    python sample.py                                         # the tiny model shipped in weights/, no downloads
+    python sample.py --base v1-5-pruned.ckpt --controlnet control_v11p_sd15_canny.pth \\
+        --control-image bird.png --detector canny --prompt "a bird" --out out/
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+TINY_BASE, TINY_CONTROL = WEIGHTS / "tiny_sd.safetensors", WEIGHTS / "tiny_controlnet.safetensors"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--base", help="SD 1.x/2.x base checkpoint (.ckpt/.safetensors) or a ControlNet 1.0 full .pth "
+                     f"(default: {TINY_BASE.relative_to(WEIGHTS.parent)})")
+    a("--controlnet", action="append", default=[], help="ControlNet file, 1.0 full or 1.1 control-only; repeat for "
+                                                        "several, each paired with the --control-image at its position")
+    a("--control-image", action="append", default=[], help="control image for the ControlNet at the same position")
+    a("--detector", choices=["canny", "invert", "none"], default=None,
+      help="turn each control image into a map: canny edges, invert (lineart drawn dark on white), or none (the image "
+           "already is a map; default for the tiny model)")
+    a("--low-threshold", type=float, default=100, help="Canny low threshold (default 100)")
+    a("--high-threshold", type=float, default=200, help="Canny high threshold (default 200)")
+    a("--prompt", default=None, help="what to draw")
+    a("--a-prompt", default=None, help="added to the prompt after a comma (official default "
+                                       "'best quality, extremely detailed'; empty for the tiny model)")
+    a("--negative-prompt", default=None, help="the unconditional prompt of classifier-free guidance")
+    a("--steps", type=int, default=20, help="DDIM steps; 1000 // steps sets the spacing (default 20)")
+    a("--cfg", type=float, default=9.0, help="classifier-free guidance scale; 1 turns guidance off (default 9.0)")
+    a("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic, 1 is DDPM-like (default 0.0)")
+    a("--strength", type=float, action="append", default=[],
+      help="control strength, one for all ControlNets or one per ControlNet (default 1.0)")
+    a("--guess-mode", action="store_true", help="no control in the unconditional pass, residual scales "
+                                                "strength * 0.825 ** (12 - i): the ControlNet guesses the content")
+    a("--start", type=float, action="append", default=[], help="fraction of the steps at which control starts "
+                                                                "(default 0.0); one for all or one per ControlNet")
+    a("--end", type=float, action="append", default=[], help="fraction of the steps at which control ends "
+                                                              "(default 1.0); one for all or one per ControlNet")
+    a("--only-mid-control", action="store_true", help="add only the middle-block residual")
+    a("--seed", type=int, default=12345, help="random seed; the same seed and flags give the same images")
+    a("--num-samples", type=int, default=1, help="images to generate (one batch)")
+    a("--resolution", type=int, default=None, help="short side of the output, rounded to a multiple of 64 "
+                                                   "(default 512; 64 for the tiny model)")
+    a("--out", default="out", help="output folder: grid.png and sample_N.png (default out/)")
+    a("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    a("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+      help="UNet and ControlNet precision; the VAE stays float32 (default: float16 on CUDA, float32 on CPU)")
+    a("--config", default=None, help="model preset (sd15, sd21, sd21-v, ...) for files whose size or "
+                                     "prediction type cannot be read from their tensors")
+    return p
+
+
+def fail(msg: str):
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def per_control(values, default, n, flag):
+    if not values:
+        return [default] * n
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        fail(f"{flag} was given {len(values)} times for {n} ControlNets; give it once or once per ControlNet")
+    return values
+
+
+def check_args(args):
+    """Everything that can be checked before any weights are read."""
+    tiny = args.base is None
+    if tiny and not args.controlnet:
+        missing = [p for p in (TINY_BASE, TINY_CONTROL) if not p.is_file()]
+        if missing:
+            fail(f"{', '.join(str(p) for p in missing)} not found. These are the tiny model's weights; retrain them "
+                 "with the recipe in weights/README.md, or pass --base and --controlnet with official files "
+                 "(weights/README.md says where to get them)")
+        args.base, args.controlnet = str(TINY_BASE), [str(TINY_CONTROL)]
+    elif tiny:
+        fail("--controlnet needs --base: the SD 1.x/2.x checkpoint the ControlNet was trained for")
+    for f in [args.base] + args.controlnet:
+        if not Path(f).is_file():
+            fail(f"{f}: no such file")
+    if len(args.control_image) != len(args.controlnet) and not (tiny and not args.control_image):
+        fail(f"{len(args.controlnet)} --controlnet but {len(args.control_image)} --control-image; "
+             "give one control image per ControlNet, in the same order")
+    for f in args.control_image:
+        if not Path(f).is_file():
+            fail(f"--control-image {f}: no such file")
+    n = len(args.controlnet)
+    args.strength = per_control(args.strength, 1.0, n, "--strength")
+    args.start = per_control(args.start, 0.0, n, "--start")
+    args.end = per_control(args.end, 1.0, n, "--end")
+    for s, e in zip(args.start, args.end):
+        if not 0 <= s < e <= 1:
+            fail(f"--start {s} and --end {e} must satisfy 0 <= start < end <= 1")
+    if not 1 <= args.steps <= 1000:
+        fail(f"--steps must be between 1 and 1000, got {args.steps}")
+    if args.num_samples < 1 or args.cfg < 0 or args.eta < 0:
+        fail("--num-samples must be at least 1, and --cfg and --eta must not be negative")
+    args.resolution = args.resolution or (64 if tiny else 512)
+    if args.resolution < 64 or args.resolution > 4096:
+        fail(f"--resolution {args.resolution} cannot be used: give 64 to 4096 (multiples of 64 are kept as they are)")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    if args.device == "cpu" and args.dtype != "float32":
+        fail(f"--dtype {args.dtype} is for CUDA; on the CPU use float32")
+    return tiny
+
+
+def read_image(path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGBA") if im.mode in ("RGBA", "LA", "P") else im.convert("RGB")
+            return np.asarray(im)
+    except Exception as e:
+        fail(f"--control-image {path}: cannot read it as an image ({type(e).__name__}: {str(e)[:80]})")
+
+
+def control_maps(args, tiny):
+    """(maps to show, one hint tensor per ControlNet). The tiny model's default draws its own outlines, one per sample."""
+    from minicontrol.preprocess import detect, hwc3, resize_image
+    if tiny and not args.control_image:
+        from minicontrol.world import demo_controls
+        prompts, maps = demo_controls(args.num_samples, args.resolution, args.seed)
+        args.prompt = args.prompt or prompts
+        return maps, [torch.from_numpy(np.stack(maps)).permute(0, 3, 1, 2).float() / 255.0]
+    maps = []
+    for f in args.control_image:
+        img = resize_image(hwc3(read_image(f)), args.resolution)
+        maps.append(detect(img, args.detector or "none", args.low_threshold, args.high_threshold))
+    size = maps[0].shape[1::-1]                      # every map at the first one's (W, H)
+    maps = [maps[0]] + [np.asarray(Image.fromarray(m).resize(size, Image.BILINEAR)) for m in maps[1:]]
+    return maps, [torch.from_numpy(m[None]).permute(0, 3, 1, 2).float() / 255.0 for m in maps]
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    tiny = check_args(args)
+    from tqdm import tqdm
+
+    from minicontrol.checkpoint import CheckpointError, load_base, load_controlnet
+    from minicontrol.config import preset
+    from minicontrol.ddim import timesteps
+    from minicontrol.pipeline import Control, decode, sample
+    from minicontrol.text import token_count
+
+    maps, hints = control_maps(args, tiny)
+    if args.prompt is None:
+        fail("--prompt is required with your own model files")
+    a_prompt = args.a_prompt if args.a_prompt is not None else ("" if tiny else "best quality, extremely detailed")
+    negative = args.negative_prompt if args.negative_prompt is not None else ("" if tiny else
+               "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, "
+               "worst quality, low quality")
+    prompts = args.prompt if isinstance(args.prompt, list) else [args.prompt] * args.num_samples
+    prompts = [p + ", " + a_prompt if a_prompt else p for p in prompts]
+    for text, flag in ((prompts[0], "--prompt + --a-prompt"), (negative, "--negative-prompt")):
+        if token_count(text) > 75:
+            print(f"warning: {flag} is {token_count(text)} tokens; it is truncated to the first 75 "
+                  "(CLIP's 77 with its start and end tokens)", file=sys.stderr)
+
+    dtype = getattr(torch, args.dtype)
+    try:
+        model = load_base(args.base, preset(args.config) if args.config else None)
+        nets = [load_controlnet(f, base=model.config) for f in args.controlnet]
+    except (CheckpointError, ValueError) as e:
+        fail(str(e))
+    model.to(args.device)
+    model.unet.to(dtype)
+    for net in nets:
+        net.to(args.device, dtype)
+
+    h, w = maps[0].shape[:2]
+    controls = [Control(*c) for c in zip(nets, hints, args.strength, args.start, args.end)]
+    steps = sample(model, prompts, [negative] * len(prompts), controls, args.steps, args.cfg, args.eta,
+                   args.guess_mode, args.only_mid_control, h, w, torch.Generator().manual_seed(args.seed))
+    for _, z, _ in tqdm(steps, total=len(timesteps(args.steps)), desc="DDIM", unit="step"):
+        pass
+    write_outputs(args, prompts, negative, maps, decode(model, z))
+
+
+def write_outputs(args, prompts, negative, maps, images):
+    """sample_N.png with the settings in a PNG text chunk named `parameters`; grid.png: control maps above samples."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", f"{prompts[i]}\nNegative prompt: {negative}\nSteps: {args.steps}, "
+                      f"CFG scale: {args.cfg}, Eta: {args.eta}, Seed: {args.seed}, Sample: {i}, "
+                      f"Size: {img.shape[1]}x{img.shape[0]}, Model: {Path(args.base).name}, "
+                      f"ControlNet: {', '.join(Path(c).name for c in args.controlnet)}, "
+                      f"Strength: {args.strength}, Guess mode: {args.guess_mode}, Start: {args.start}, End: {args.end}")
+        Image.fromarray(img).save(out / f"sample_{i}.png", pnginfo=info)
+    n = max(len(maps), len(images))
+    row = lambda tiles: np.concatenate(list(tiles) + [np.zeros_like(images[0])] * (n - len(tiles)), axis=1)
+    Image.fromarray(np.concatenate([row(maps), row(images)], axis=0)).save(out / "grid.png")
+    print(f"wrote {out / 'grid.png'} and {len(images)} sample(s) in {out}/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Canny against OpenCV on the same RGB input; HWC3 and the official resize rule against their closed forms."""
+import cv2
+import numpy as np
+import pytest
+
+from minicontrol.preprocess import canny, hwc3, resize_image
+
+
+def images():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:200, :240]
+    shapes = np.full((200, 240, 3), 30, np.uint8)
+    shapes[(yy - 100) ** 2 + (xx - 120) ** 2 < 60 ** 2] = (200, 30, 90)
+    shapes[20:60, 30:200] = (10, 180, 40)
+    # photograph-like: smooth random colour fields with fine texture and noise
+    field = cv2.resize(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8), (320, 240), interpolation=cv2.INTER_CUBIC)
+    photo = np.clip(cv2.GaussianBlur(field, (0, 0), 1.2) + rng.normal(0, 6, field.shape), 0, 255).astype(np.uint8)
+    waves = (np.sin(xx / 5.0) * 90 + np.cos(yy / 4.0) * 90 + 128).clip(0, 255).astype(np.uint8)
+    return {"shapes": shapes, "photo": photo, "waves": np.stack([waves, 255 - waves, waves // 2], 2),
+            "noise": rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)}
+
+
+@pytest.mark.parametrize("low,high", [(100, 200), (50, 100), (20, 250)])
+@pytest.mark.parametrize("name", ["shapes", "photo", "waves", "noise"])
+def test_canny_matches_opencv(name, low, high):
+    img = images()[name]
+    ours, ref = canny(img, low, high), cv2.Canny(img, low, high)
+    assert ours.dtype == np.uint8 and ours.shape == img.shape[:2] and set(np.unique(ours)) <= {0, 255}
+    assert (ref > 0).mean() > 0.005                              # the image really has edges at these thresholds
+    assert (ours == ref).mean() >= 0.99
+
+
+def test_hwc3():
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert (hwc3(grey) == grey[:, :, None]).all() and hwc3(grey).shape == (3, 4, 3)
+    rgba = np.zeros((1, 2, 4), np.uint8)
+    rgba[0, 0] = (100, 50, 0, 255)          # opaque pixel keeps its colour
+    rgba[0, 1] = (100, 50, 0, 0)            # transparent pixel becomes white
+    assert hwc3(rgba).tolist() == [[[100, 50, 0], [255, 255, 255]]]
+
+
+@pytest.mark.parametrize("h,w,res,out", [(480, 640, 512, (512, 704)), (1000, 700, 512, (704, 512)),
+                                          (512, 512, 256, (256, 256)), (300, 333, 512, (512, 576))])
+def test_resize_rule(h, w, res, out):
+    # k = res / min(h, w); each side k * side rounded to the nearest multiple of 64
+    assert resize_image(np.zeros((h, w, 3), np.uint8), res).shape[:2] == out

@@ -1,0 +1,82 @@
+"""`python sample.py` as a user runs it, on tiny weights written here in the official layout."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import tiny_models
+from minicontrol.checkpoint import controlnet_state_dict, full_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    cfg, model, net = tiny_models("tiny-sd1")
+    torch.save({"state_dict": full_state_dict(model)}, d / "tiny-v1.ckpt")
+    torch.save(controlnet_state_dict(net), d / "control_tiny.pth")
+    _, _, net2 = tiny_models("tiny-sd2")
+    torch.save(controlnet_state_dict(net2), d / "control_sd2.pth")
+    yy, xx = np.mgrid[:80, :96]
+    img = np.full((80, 96, 3), 240, np.uint8)
+    img[(yy - 40) ** 2 + (xx - 50) ** 2 < 25 ** 2] = (200, 20, 20)
+    Image.fromarray(img).save(d / "circle.png")
+    (d / "broken.png").write_bytes(b"\x89PNG not really")
+    return d
+
+
+def run(*args):
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def base_args(d, out):
+    return ["--base", d / "tiny-v1.ckpt", "--config", "tiny-sd1", "--controlnet", d / "control_tiny.pth",
+            "--control-image", d / "circle.png", "--detector", "canny", "--prompt", "a red circle",
+            "--steps", 3, "--num-samples", 2, "--seed", 42, "--resolution", 64, "--out", out]
+
+
+def test_sample_writes_pngs_with_metadata_and_is_reproducible(files, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for out in (first, second):
+        res = run(*base_args(files, out))
+        assert res.returncode == 0, res.stderr
+    grid = Image.open(first / "grid.png")
+    samples = [Image.open(first / f"sample_{i}.png") for i in range(2)]
+    assert all(s.size == (64, 64) for s in samples)                 # 80x96 -> short side 64, sides multiples of 64
+    assert grid.size == (128, 128)                                  # control map row above two samples
+    params = samples[1].text["parameters"]
+    for expected in ("a red circle", "Steps: 3", "CFG scale: 9.0", "Seed: 42", "tiny-v1.ckpt", "control_tiny.pth"):
+        assert expected in params
+    for i in range(2):
+        assert np.array_equal(np.asarray(samples[i]), np.asarray(Image.open(second / f"sample_{i}.png")))
+    assert not np.array_equal(np.asarray(samples[0]), np.asarray(samples[1]))   # two different draws
+
+
+def one_line_error(res, *words):
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("error:") and all(w in line for w in words), res.stderr
+
+
+def test_user_mistakes_get_clear_errors(files, tmp_path):
+    args = base_args(files, tmp_path / "o")
+    one_line_error(run(*[a if a != files / "circle.png" else files / "missing.png" for a in args]), "missing.png")
+    one_line_error(run(*[a if a != files / "circle.png" else files / "broken.png" for a in args]), "broken.png")
+    sd2 = [a if a != files / "control_tiny.pth" else files / "control_sd2.pth" for a in args]
+    one_line_error(run(*sd2), "control_sd2.pth", "base")
+    one_line_error(run(*args[:-4], "--resolution", 8, "--out", tmp_path / "o"), "--resolution")
+    one_line_error(run(*args, "--strength", 1, "--strength", 2), "--strength")
+
+
+def test_long_prompt_says_it_is_truncated(files, tmp_path):
+    args = base_args(files, tmp_path / "o")
+    args[args.index("--prompt") + 1] = "circle " * 90
+    res = run(*args)
+    assert res.returncode == 0 and "truncated" in res.stderr
