@@ -80,6 +80,7 @@ TINY_TEXT = TextConfig(width=64, layers=2, heads=2)
 PRESETS = {
     "sd15": ModelConfig(),
     "sd21": ModelConfig(unet=SD2_UNET, text=SD2_TEXT),
+    "sd15-shuffle": ModelConfig(unet=UNetConfig(global_average_pooling=True)),   # ControlNet 1.1 shuffle
     "sd21-v": ModelConfig(unet=SD2_UNET, text=SD2_TEXT, parameterization="v"),
     "tiny-sd1": ModelConfig(unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT),
     "tiny-sd2": ModelConfig(
