@@ -1,21 +1,130 @@
-"""The one attention entry point used by the UNet, the ControlNet, the VAE and the text encoder."""
+"""The one attention entry point used by the UNet, the ControlNet and the VAE, and our fused Triton kernel for CUDA."""
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:                     # CPU-only installs: PyTorch's kernels do everything
+    triton = None
 
-def attention_math(q, k, v, mask=None):
-    """softmax(q k^T / sqrt(d) + mask) v, written out for readers; q: (B, H, Nq, d), k, v: (B, H, Nk, d)."""
+
+def attention_math(q, k, v):
+    """softmax(q k^T / sqrt(d)) v, written out for readers; q: (B, H, Nq, d), k, v: (B, H, Nk, d)."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])       # (B, H, Nq, Nk)
-    if mask is not None:
-        scores = scores + mask
     return scores.softmax(dim=-1) @ v                                # (B, H, Nq, d)
 
 
-def attention(q, k, v, mask=None):
-    """Scaled dot-product attention over (B, H, N, d) tensors; mask is additive and broadcast to (Nq, Nk).
+def split_width(d: int):
+    """Head width as two power-of-two pieces (D0, D1), D1 padded to at least 16 for tl.dot: 40 -> 32 + 16 (8 used),
+    64 -> 64 + 0, 80 -> 64 + 16, 160 -> 128 + 32. None when the pieces would waste too much or not fit (VAE: 512)."""
+    d0 = 1 << (d.bit_length() - 1)
+    rest = d - d0
+    d1 = 0 if rest == 0 else max(16, 1 << (rest - 1).bit_length())
+    if d0 < 16 or d0 > 128 or d1 > d0 or (d0 + d1) > 1.25 * d:
+        return None
+    return d0, d1
 
-    PyTorch's fused kernels never hold the whole (Nq, Nk) score matrix, so a 512x512 SD step stays small in memory.
-    """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+def attention(q, k, v):
+    """Scaled dot-product attention over (B, H, N, d) tensors.
+
+    On CUDA, with Triton, our FlashAttention-2 kernel below; elsewhere PyTorch's scaled_dot_product_attention, whose CPU
+    kernel is blocked too, so a 512x512 SD step never holds a whole (Nq, Nk) score matrix. The VAE's single 512-wide
+    head goes to PyTorch's kernel (split_width refuses it)."""
+    if triton is not None and q.is_cuda and split_width(q.shape[-1]) is not None:
+        return FlashAttention.apply(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+if triton is not None:
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        # fp32 inputs use full-precision products (not TF32). UPCAST: Triton's CPU interpreter misreads bf16/fp16
+        # operands of tl.dot, so there they are widened first; products of 16-bit floats are exact in fp32 anyway.
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        return tl.dot(a, b, input_precision="ieee" if IEEE else "tf32")
+
+    @triton.jit
+    def _flash_fwd(Q, K, V, O, sq, sk, sv, so, H, NQ, NK, qk_scale, D: tl.constexpr, D0: tl.constexpr,
+                   D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                   UPCAST: tl.constexpr):
+        """One program: BLOCK_M queries of one (batch, head) against all keys, FlashAttention-2 (arXiv:2307.08691,
+        Algorithm 1): running row max m_i, running sum l_i, unnormalised output acc, rescaled as new keys arrive.
+        The head width D is computed as two pieces D0 + D1 so no lane does padding work beyond the last piece."""
+        start_m, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d0 = tl.arange(0, D0)
+        q_base, k_base, v_base = Q + b * sq[0] + h * sq[1], K + b * sk[0] + h * sk[1], V + b * sv[0] + h * sv[1]
+        row_ok = offs_m[:, None] < NQ
+        q0 = tl.load(q_base + offs_m[:, None] * sq[2] + offs_d0[None, :] * sq[3], mask=row_ok, other=0.0)
+        acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+        if D1 > 0:
+            offs_d1 = D0 + tl.arange(0, D1)
+            col_ok = offs_d1[None, :] < D
+            q1 = tl.load(q_base + offs_m[:, None] * sq[2] + offs_d1[None, :] * sq[3], mask=row_ok & col_ok, other=0.0)
+            acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start_n in range(0, NK, BLOCK_N):
+            cols = start_n + offs_n
+            key_ok = cols[:, None] < NK
+            k0 = tl.load(k_base + cols[:, None] * sk[2] + offs_d0[None, :] * sk[3], mask=key_ok, other=0.0)
+            s = _dot(q0, tl.trans(k0), IEEE, UPCAST)                                         # (BLOCK_M, BLOCK_N)
+            if D1 > 0:
+                k1 = tl.load(k_base + cols[:, None] * sk[2] + offs_d1[None, :] * sk[3], mask=key_ok & col_ok, other=0.0)
+                s += _dot(q1, tl.trans(k1), IEEE, UPCAST)
+            s = tl.where(cols[None, :] < NK, s * qk_scale, float("-inf"))          # masked tail (77 text tokens)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])                                   # qk_scale holds log2(e)
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            p = p.to(V.dtype.element_ty)
+            v0 = tl.load(v_base + cols[:, None] * sv[2] + offs_d0[None, :] * sv[3], mask=key_ok, other=0.0)
+            acc0 = acc0 * alpha[:, None] + _dot(p, v0, IEEE, UPCAST)
+            if D1 > 0:
+                v1 = tl.load(v_base + cols[:, None] * sv[2] + offs_d1[None, :] * sv[3], mask=key_ok & col_ok, other=0.0)
+                acc1 = acc1 * alpha[:, None] + _dot(p, v1, IEEE, UPCAST)
+            m_i = m_new
+        o_base = O + b * so[0] + h * so[1] + offs_m[:, None] * so[2]
+        tl.store(o_base + offs_d0[None, :] * so[3], (acc0 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok)
+        if D1 > 0:
+            tl.store(o_base + offs_d1[None, :] * so[3], (acc1 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok & col_ok)
+
+
+def flash_attention(q, k, v, out=None, block_m=None, block_n=64, num_warps=None, num_stages=2):
+    """Launch the forward kernel; q: (B, H, Nq, d), k, v: (B, H, Nk, d), any strides; writes into `out` if given."""
+    B, H, NQ, D = q.shape
+    d0, d1 = split_width(D)
+    block_m = block_m or (128 if d0 + d1 <= 64 else 64)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
+    grid = (triton.cdiv(NQ, block_m), B * H)
+    _flash_fwd[grid](q, k, v, out, q.stride(), k.stride(), v.stride(), out.stride(), H, NQ, k.shape[2],
+                     D ** -0.5 * 1.4426950408889634, D=D, D0=d0, D1=d1, BLOCK_M=block_m, BLOCK_N=block_n,
+                     IEEE=q.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
+                     num_warps=num_warps or (4 if d0 + d1 <= 64 else 8), num_stages=num_stages)
+    return out
+
+
+class FlashAttention(torch.autograd.Function):
+    """Our kernel forward. The backward recomputes attention with PyTorch's SDPA and differentiates that (memory
+    efficient, exact up to rounding), so training on CUDA works with our forward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.save_for_backward(q, k, v)
+        return flash_attention(q, k, v)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        with torch.enable_grad():
+            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v)
+        return torch.autograd.grad(out, (q, k, v), grad_out)
