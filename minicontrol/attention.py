@@ -29,13 +29,16 @@ def split_width(d: int):
     return d0, d1
 
 
+use_kernel = True      # set False to send CUDA tensors to PyTorch's SDPA too (benchmarks compare the two)
+
+
 def attention(q, k, v):
     """Scaled dot-product attention over (B, H, N, d) tensors.
 
     On CUDA, with Triton, our FlashAttention-2 kernel below; elsewhere PyTorch's scaled_dot_product_attention, whose CPU
     kernel is blocked too, so a 512x512 SD step never holds a whole (Nq, Nk) score matrix. The VAE's single 512-wide
     head goes to PyTorch's kernel (split_width refuses it)."""
-    if triton is not None and q.is_cuda and split_width(q.shape[-1]) is not None:
+    if use_kernel and triton is not None and q.is_cuda and split_width(q.shape[-1]) is not None:
         return FlashAttention.apply(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
@@ -49,6 +52,12 @@ if triton is not None:
             return tl.dot(a.to(tl.float32), b.to(tl.float32))
         return tl.dot(a, b, input_precision="ieee" if IEEE else "tf32")
 
+    # (BLOCK_M, BLOCK_N, warps, stages) tried once per shape on the GPU; the CPU interpreter takes the first
+    CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in
+               [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)]]
+
+    @triton.autotune(configs=CONFIGS[:1] if os.environ.get("TRITON_INTERPRET") == "1" else CONFIGS,
+                     key=["NQ", "NK", "D", "IEEE"])
     @triton.jit
     def _flash_fwd(Q, K, V, O, sq, sk, sv, so, H, NQ, NK, qk_scale, D: tl.constexpr, D0: tl.constexpr,
                    D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
@@ -98,17 +107,15 @@ if triton is not None:
             tl.store(o_base + offs_d1[None, :] * so[3], (acc1 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok & col_ok)
 
 
-def flash_attention(q, k, v, out=None, block_m=None, block_n=64, num_warps=None, num_stages=2):
+def flash_attention(q, k, v, out=None):
     """Launch the forward kernel; q: (B, H, Nq, d), k, v: (B, H, Nk, d), any strides; writes into `out` if given."""
     B, H, NQ, D = q.shape
     d0, d1 = split_width(D)
-    block_m = block_m or (128 if d0 + d1 <= 64 else 64)
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
-    grid = (triton.cdiv(NQ, block_m), B * H)
+    grid = lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]), B * H)
     _flash_fwd[grid](q, k, v, out, q.stride(), k.stride(), v.stride(), out.stride(), H, NQ, k.shape[2],
-                     D ** -0.5 * 1.4426950408889634, D=D, D0=d0, D1=d1, BLOCK_M=block_m, BLOCK_N=block_n,
-                     IEEE=q.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
-                     num_warps=num_warps or (4 if d0 + d1 <= 64 else 8), num_stages=num_stages)
+                     D ** -0.5 * 1.4426950408889634, D=D, D0=d0, D1=d1, IEEE=q.dtype == torch.float32,
+                     UPCAST=os.environ.get("TRITON_INTERPRET") == "1")
     return out
 
 

@@ -1,0 +1,68 @@
+"""Attention at Stable Diffusion's shapes (batch 2, 512x512 and 768x768): our Triton kernel, PyTorch's SDPA (whatever
+backend it picks) and plain math, in ms and useful TFLOP/s (4 * B * H * Nq * Nk * d), with each one's relative error
+against a float32 reference. Needs a CUDA GPU.
+
+    python bench/attention.py [--dtype float16|bfloat16]
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from minicontrol.attention import _flash_fwd, attention_math, flash_attention  # noqa: E402
+
+
+def sd_shapes(model, size):
+    """(heads, Nq, Nk, d) of every attention layer kind in one UNet at this image size."""
+    tokens = [(size // 8 // 2 ** i) ** 2 for i in range(4)]          # levels 0..2 and the middle block
+    if model == "SD1.5":
+        heads_width = [(8, 40), (8, 80), (8, 160), (8, 160)]
+    else:                                                             # SD2.1: 64-wide heads
+        heads_width = [(5, 64), (10, 64), (20, 64), (20, 64)]
+    rows = []
+    for n, (h, d) in zip(tokens, heads_width):
+        rows += [(h, n, n, d), (h, n, 77, d)]
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    p.add_argument("--batch", type=int, default=2)
+    args = p.parse_args()
+    dtype, b = getattr(torch, args.dtype), args.batch
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}, batch {b}")
+    print("| model | size | H | Nq | Nk | d | ours ms | SDPA ms | math ms | ours TFLOP/s | SDPA TFLOP/s | ours/SDPA speed "
+          "| err ours | err SDPA | err math | config |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for model in ("SD1.5", "SD2.1"):
+        for size in (512, 768):
+            for h, nq, nk, d in sd_shapes(model, size):
+                g = torch.Generator(device="cuda").manual_seed(0)
+                # q as the UNet passes it: a (B, N, H*d) projection viewed as (B, H, N, d)
+                q = torch.randn(b, nq, h * d, device="cuda", generator=g).view(b, nq, h, d).transpose(1, 2)
+                k, v = (torch.randn(b, nk, h * d, device="cuda", generator=g).view(b, nk, h, d).transpose(1, 2)
+                        for _ in range(2))
+                ref = attention_math(q, k, v)                                          # float32
+                q16, k16, v16 = (t.to(dtype) for t in (q, k, v))
+                fns = {"ours": lambda: flash_attention(q16, k16, v16),
+                       "sdpa": lambda: F.scaled_dot_product_attention(q16, k16, v16),
+                       "math": lambda: attention_math(q16, k16, v16)}
+                ms = {name: do_bench(fn, warmup=25, rep=100) for name, fn in fns.items()}
+                err = {name: ((fn().float() - ref).norm() / ref.norm()).item() for name, fn in fns.items()}
+                flops = 4 * b * h * nq * nk * d
+                tf = {name: flops / (t * 1e-3) / 1e12 for name, t in ms.items()}
+                cfg = _flash_fwd.best_config
+                cfg = f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
+                print(f"| {model} | {size} | {h} | {nq} | {nk} | {d} | {ms['ours']:.3f} | {ms['sdpa']:.3f} | "
+                      f"{ms['math']:.3f} | {tf['ours']:.0f} | {tf['sdpa']:.0f} | {ms['sdpa'] / ms['ours']:.2f}x | "
+                      f"{err['ours']:.1e} | {err['sdpa']:.1e} | {err['math']:.1e} | {cfg} |", flush=True)
+                del q, k, v, ref, q16, k16, v16
+
+
+if __name__ == "__main__":
+    main()
