@@ -50,16 +50,22 @@ if triton is not None:
         # operands of tl.dot, so there they are widened first; products of 16-bit floats are exact in fp32 anyway.
         if UPCAST:
             return tl.dot(a.to(tl.float32), b.to(tl.float32))
-        return tl.dot(a, b, input_precision="ieee" if IEEE else "tf32")
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
 
-    # (BLOCK_M, BLOCK_N, warps, stages) tried once per shape on the GPU; the CPU interpreter takes the first
-    CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in
-               [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)]]
+    # (BLOCK_M, BLOCK_N, warps, stages) tried once per shape on the GPU; the CPU interpreter takes the first.
+    # MINICONTROL_FLASH_CONFIGS="0,2" keeps only those entries (benchmarks use it to compare configurations).
+    TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)]
+    keep = os.environ.get("MINICONTROL_FLASH_CONFIGS")
+    TILES = [TILES[int(i)] for i in keep.split(",")] if keep else TILES
+    CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in TILES]
 
     @triton.autotune(configs=CONFIGS[:1] if os.environ.get("TRITON_INTERPRET") == "1" else CONFIGS,
                      key=["NQ", "NK", "D", "IEEE"])
     @triton.jit
-    def _flash_fwd(Q, K, V, O, sq, sk, sv, so, H, NQ, NK, qk_scale, D: tl.constexpr, D0: tl.constexpr,
+    def _flash_fwd(Q, K, V, O, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+                   H, NQ, NK, qk_scale, D: tl.constexpr, D0: tl.constexpr,
                    D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
                    UPCAST: tl.constexpr):
         """One program: BLOCK_M queries of one (batch, head) against all keys, FlashAttention-2 (arXiv:2307.08691,
@@ -70,24 +76,24 @@ if triton is not None:
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d0 = tl.arange(0, D0)
-        q_base, k_base, v_base = Q + b * sq[0] + h * sq[1], K + b * sk[0] + h * sk[1], V + b * sv[0] + h * sv[1]
+        q_base, k_base, v_base = Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh
         row_ok = offs_m[:, None] < NQ
-        q0 = tl.load(q_base + offs_m[:, None] * sq[2] + offs_d0[None, :] * sq[3], mask=row_ok, other=0.0)
+        q0 = tl.load(q_base + offs_m[:, None] * sqn + offs_d0[None, :] * sqd, mask=row_ok, other=0.0)
         acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
         if D1 > 0:
             offs_d1 = D0 + tl.arange(0, D1)
             col_ok = offs_d1[None, :] < D
-            q1 = tl.load(q_base + offs_m[:, None] * sq[2] + offs_d1[None, :] * sq[3], mask=row_ok & col_ok, other=0.0)
+            q1 = tl.load(q_base + offs_m[:, None] * sqn + offs_d1[None, :] * sqd, mask=row_ok & col_ok, other=0.0)
             acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start_n in range(0, NK, BLOCK_N):
             cols = start_n + offs_n
             key_ok = cols[:, None] < NK
-            k0 = tl.load(k_base + cols[:, None] * sk[2] + offs_d0[None, :] * sk[3], mask=key_ok, other=0.0)
+            k0 = tl.load(k_base + cols[:, None] * skn + offs_d0[None, :] * skd, mask=key_ok, other=0.0)
             s = _dot(q0, tl.trans(k0), IEEE, UPCAST)                                         # (BLOCK_M, BLOCK_N)
             if D1 > 0:
-                k1 = tl.load(k_base + cols[:, None] * sk[2] + offs_d1[None, :] * sk[3], mask=key_ok & col_ok, other=0.0)
+                k1 = tl.load(k_base + cols[:, None] * skn + offs_d1[None, :] * skd, mask=key_ok & col_ok, other=0.0)
                 s += _dot(q1, tl.trans(k1), IEEE, UPCAST)
             s = tl.where(cols[None, :] < NK, s * qk_scale, float("-inf"))          # masked tail (77 text tokens)
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -95,16 +101,16 @@ if triton is not None:
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             p = p.to(V.dtype.element_ty)
-            v0 = tl.load(v_base + cols[:, None] * sv[2] + offs_d0[None, :] * sv[3], mask=key_ok, other=0.0)
+            v0 = tl.load(v_base + cols[:, None] * svn + offs_d0[None, :] * svd, mask=key_ok, other=0.0)
             acc0 = acc0 * alpha[:, None] + _dot(p, v0, IEEE, UPCAST)
             if D1 > 0:
-                v1 = tl.load(v_base + cols[:, None] * sv[2] + offs_d1[None, :] * sv[3], mask=key_ok & col_ok, other=0.0)
+                v1 = tl.load(v_base + cols[:, None] * svn + offs_d1[None, :] * svd, mask=key_ok & col_ok, other=0.0)
                 acc1 = acc1 * alpha[:, None] + _dot(p, v1, IEEE, UPCAST)
             m_i = m_new
-        o_base = O + b * so[0] + h * so[1] + offs_m[:, None] * so[2]
-        tl.store(o_base + offs_d0[None, :] * so[3], (acc0 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok)
+        o_base = O + b * sob + h * soh + offs_m[:, None] * son
+        tl.store(o_base + offs_d0[None, :] * sod, (acc0 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok)
         if D1 > 0:
-            tl.store(o_base + offs_d1[None, :] * so[3], (acc1 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok & col_ok)
+            tl.store(o_base + offs_d1[None, :] * sod, (acc1 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok & col_ok)
 
 
 def flash_attention(q, k, v, out=None):
@@ -113,7 +119,7 @@ def flash_attention(q, k, v, out=None):
     d0, d1 = split_width(D)
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     grid = lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]), B * H)
-    _flash_fwd[grid](q, k, v, out, q.stride(), k.stride(), v.stride(), out.stride(), H, NQ, k.shape[2],
+    _flash_fwd[grid](q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, NQ, k.shape[2],
                      D ** -0.5 * 1.4426950408889634, D=D, D0=d0, D1=d1, IEEE=q.dtype == torch.float32,
                      UPCAST=os.environ.get("TRITON_INTERPRET") == "1")
     return out
