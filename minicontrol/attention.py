@@ -113,15 +113,21 @@ if triton is not None:
             tl.store(o_base + offs_d1[None, :] * sod, (acc1 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok & col_ok)
 
 
-def flash_attention(q, k, v, out=None):
-    """Launch the forward kernel; q: (B, H, Nq, d), k, v: (B, H, Nk, d), any strides; writes into `out` if given."""
+def flash_attention(q, k, v, out=None, tile=None):
+    """Launch the forward kernel; q: (B, H, Nq, d), k, v: (B, H, Nk, d), any strides; writes into `out` if given.
+    tile=(BLOCK_M, BLOCK_N, warps, stages) skips the autotuner (benchmarks compare tiles with it)."""
     B, H, NQ, D = q.shape
     d0, d1 = split_width(D)
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     grid = lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]), B * H)
-    _flash_fwd[grid](q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, NQ, k.shape[2],
-                     D ** -0.5 * 1.4426950408889634, D=D, D0=d0, D1=d1, IEEE=q.dtype == torch.float32,
-                     UPCAST=os.environ.get("TRITON_INTERPRET") == "1")
+    args = (q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, NQ, k.shape[2],
+            D ** -0.5 * 1.4426950408889634)
+    meta = dict(D=D, D0=d0, D1=d1, IEEE=q.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1")
+    if tile is None:
+        _flash_fwd[grid](*args, **meta)
+    else:
+        m, n, w, st = tile
+        _flash_fwd.fn[grid(dict(BLOCK_M=m))](*args, **meta, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
     return out
 
 

@@ -31,8 +31,8 @@ class GroupNorm32(nn.GroupNorm):
     def __init__(self, channels: int):
         super().__init__(32, channels)
 
-    def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+    def forward(self, x):   # float32 statistics and affine even when the module has been cast to 16 bits
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).type(x.dtype)
 
 
 class ResBlock(nn.Module):
