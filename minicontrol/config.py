@@ -77,11 +77,16 @@ TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
 TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
 TINY_TEXT = TextConfig(width=64, layers=2, heads=2)
 
+# the tiny world's model (minicontrol/world.py): 64x64 images, 8x8 latents, trained on CPU in minutes
+WORLD_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(1, 2),
+                        num_heads=2, context_dim=32)
+
 PRESETS = {
     "sd15": ModelConfig(),
     "sd21": ModelConfig(unet=SD2_UNET, text=SD2_TEXT),
     "sd15-shuffle": ModelConfig(unet=UNetConfig(global_average_pooling=True)),   # ControlNet 1.1 shuffle
     "sd21-v": ModelConfig(unet=SD2_UNET, text=SD2_TEXT, parameterization="v"),
+    "tiny": ModelConfig(unet=WORLD_UNET, vae=TINY_VAE, text=replace(TINY_TEXT, width=32)),
     "tiny-sd1": ModelConfig(unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT),
     "tiny-sd2": ModelConfig(
         unet=replace(TINY_UNET, model_channels=64, num_heads=-1, num_head_channels=32, context_dim=64,

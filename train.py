@@ -1,0 +1,314 @@
+"""Train a ControlNet with the official recipe (and, for small models, the VAE and the base model), one CPU to many
+GPUs: `torchrun --nproc_per_node N train.py ...` runs DistributedDataParallel.
+
+    python train.py --base v1-5-pruned.ckpt --data training/fill50k --out runs/fill50k          # ControlNet
+    python train.py --stage vae --config tiny --data data/circles --out runs/vae                  # tiny world
+    python train.py ... --resume                                                                   # after a stop
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from minicontrol.checkpoint import (CheckpointError, StableDiffusion, controlnet_state_dict, full_state_dict,
+                                    load_base, load_controlnet, save)
+from minicontrol.config import preset
+from minicontrol.controlnet import clone_encoder
+from minicontrol.ddim import alphas_cumprod
+from minicontrol.pipeline import Control, decode, sample
+from minicontrol.text import tokenize
+from minicontrol.unet import set_grad_checkpointing
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--stage", choices=["controlnet", "base", "vae"], default="controlnet",
+      help="what trains: the ControlNet (base locked; official), the base UNet, or the VAE")
+    a("--base", help="SD checkpoint to start from (ControlNet: built from its UNet by the official rule)")
+    a("--config", help="preset for a model built from scratch (e.g. tiny) when there is no --base")
+    a("--controlnet", help="existing ControlNet file (1.0 or 1.1) to fine-tune instead of a fresh copy")
+    a("--data", required=True, help="folder with prompt.json (fill50k layout: source, target, prompt per line)")
+    a("--out", required=True, help="run folder: checkpoints, samples, loss.csv, loss.png, state.pt")
+    a("--steps", type=int, default=10000, help="optimizer steps")
+    a("--batch-size", type=int, default=4, help="images per step and process (official 4)")
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--lr", type=float, default=1e-5, help="AdamW learning rate (official 1e-5), torch defaults otherwise")
+    a("--sd-unlocked", action="store_true", help="also train the UNet's output_blocks and out (official sd_locked=False)")
+    a("--only-mid-control", action="store_true", help="train and use only the middle-block residual")
+    a("--drop-prompt", type=float, default=0.5, help="probability of an empty prompt (paper: 0.5)")
+    a("--resolution", type=int, default=None, help="training image size (default: the data's own)")
+    a("--save-every", type=int, default=500, help="checkpoint every N steps (atomic)")
+    a("--sample-every", type=int, default=300, help="sample grid every N steps (official 300; 0: never)")
+    a("--sample-steps", type=int, default=50, help="DDIM steps of those grids (official 50)")
+    a("--seed", type=int, default=0)
+    a("--grad-checkpointing", action="store_true", help="trade compute for memory")
+    a("--resume", action="store_true", help="continue from OUT/state.pt: weights, optimizer, step, data order, RNG")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+def read_index(folder: Path):
+    """The prompt.json lines, every file checked up front so a bad line fails before any training."""
+    index = folder / "prompt.json"
+    if not index.is_file():
+        raise SystemExit(f"error: {index}: no such file; --data must be a folder with prompt.json (fill50k layout)")
+    items = []
+    for n, line in enumerate(open(index), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            paths = [folder / item["source"], folder / item["target"]]
+            prompt = item["prompt"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"error: {index} line {n}: expected JSON with source, target and prompt ({e})")
+        for path in paths:
+            if not path.is_file():
+                raise SystemExit(f"error: {index} line {n}: {path} does not exist")
+        items.append((*paths, prompt))
+    if not items:
+        raise SystemExit(f"error: {index} lists no images")
+    return items
+
+
+def load_item(item, resolution, line):
+    """hint (3, H, W) in [0, 1], target (3, H, W) in [-1, 1], prompt."""
+    out = []
+    for path in item[:2]:
+        try:
+            img = Image.open(path).convert("RGB")
+        except Exception as e:
+            raise SystemExit(f"error: prompt.json line {line}: cannot read {path} ({type(e).__name__})")
+        if resolution and img.size != (resolution, resolution):
+            img = img.resize((resolution, resolution), Image.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float())
+    return out[0] / 255.0, out[1] / 127.5 - 1.0, item[2]
+
+
+def batch_indices(n_items, global_batch, step, seed):
+    """Items of global step `step`: epochs are seeded permutations, so data order is a function of the step alone."""
+    per_epoch = max(1, n_items // global_batch)
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return perm[pos * global_batch:(pos + 1) * global_batch].tolist()
+
+
+# --------------------------------------------------------------------------------------------------------- model
+def build(args, device):
+    """(model, trainable module, parameters to optimise)."""
+    try:
+        model = load_base(args.base, preset(args.config) if args.config else None) if args.base else None
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+    if model is None:
+        if not args.config or args.stage == "controlnet":
+            raise SystemExit("error: give --base (an SD checkpoint), or --config to build a new model for --stage vae/base")
+        torch.manual_seed(args.seed)
+        model = StableDiffusion(preset(args.config))
+    model = model.to(device).requires_grad_(False).eval()
+    if args.stage == "vae":
+        return model, model.vae, list(model.vae.parameters())
+    if args.stage == "base":
+        return model, model.unet, list(model.unet.parameters())
+    torch.manual_seed(args.seed)
+    net = load_controlnet(args.controlnet, base=model.config).to(device) if args.controlnet else clone_encoder(model.unet)
+    params = list(net.parameters())
+    if args.sd_unlocked:
+        params += list(model.unet.output_blocks.parameters()) + list(model.unet.out.parameters())
+    return model, net, params
+
+
+def export(args, model, net, path):
+    """What users load: a ControlNet 1.1 file (control_model.*), or for the vae/base stages a whole SD file."""
+    if args.stage == "controlnet":
+        save(path, controlnet_state_dict(net), model.config)
+    else:
+        save(path, full_state_dict(model), model.config)
+
+
+# ------------------------------------------------------------------------------------------------------ training
+def micro_batch_loss(args, model, trained, items, rank, world, gen):
+    """Loss of this rank's rows of one global micro-batch. Every rank draws the random numbers of the whole global
+    batch from the same generator and keeps its own rows, so N processes compute what one process would."""
+    g = len(items) * world
+    hint, target, prompts = (torch.stack(x) if i < 2 else list(x) for i, x in enumerate(zip(*items)))
+    down = 2 ** (len(model.vae.config.ch_mult) - 1)
+    zshape = (g, model.vae.config.embed_dim, target.shape[2] // down, target.shape[3] // down)
+    drop, posterior = torch.rand(g, generator=gen) < args.drop_prompt, torch.randn(zshape, generator=gen)
+    t, noise = torch.randint(0, 1000, (g,), generator=gen), torch.randn(zshape, generator=gen)
+    rows = slice(rank * len(items), (rank + 1) * len(items))
+    device = next(model.parameters()).device
+    hint, target, posterior, t, noise = (x[rows] if x.shape[0] == g else x for x in (hint, target, posterior, t, noise))
+    hint, target, posterior, t, noise = (x.to(device) for x in (hint, target, posterior, t, noise))
+    if args.stage == "vae":
+        rec, mean, logvar = trained(target, posterior)
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
+        return F.l1_loss(rec, target) + F.mse_loss(rec, target) + 1e-6 * kl   # L1 keeps flat-colour edges sharp
+    prompts = ["" if d else p for p, d in zip(prompts, drop[rows].tolist())]   # empty-prompt dropout
+    with torch.no_grad():
+        mean, logvar = model.vae.moments(target)
+        latents = (mean + torch.exp(0.5 * logvar) * posterior) * model.vae.config.scale_factor
+        context = model.text(tokenize(prompts, model.config.text).to(device))
+    a = alphas_cumprod().float().to(device)[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * latents + (1 - a).sqrt() * noise                   # q(x_t | x_0)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x_t.is_cuda):
+        if args.stage == "controlnet":
+            out = model.unet(x_t, t, context, trained(x_t, hint, t, context), args.only_mid_control)
+        else:
+            out = trained(x_t, t, context)
+    target = a.sqrt() * noise - (1 - a).sqrt() * latents if model.config.parameterization == "v" else noise
+    return F.mse_loss(out.float(), target)
+
+
+def vae_scale_factor(model, items, resolution):
+    """LDM's scale_factor: 1 / std of the latents, over up to 256 training images."""
+    with torch.no_grad():
+        target = torch.stack([load_item(it, resolution, n)[1] for n, it in enumerate(items[:256], 1)])
+        mean, _ = model.vae.moments(target.to(next(model.parameters()).device))
+    return 1.0 / mean.std().item()
+
+
+def sample_grid(args, model, net, items, path):
+    """Rows of control, target and sample (DDIM, guidance 9, control kept in the unconditional pass)."""
+    hint, target, prompts = zip(*[load_item(it, args.resolution, n) for n, it in enumerate(items[:4], 1)])
+    hint, target = torch.stack(hint), torch.stack(target)
+    device = next(model.parameters()).device
+    model.eval()
+    if args.stage == "vae":
+        with torch.no_grad():
+            out = decode(model, model.vae.encode(target.to(device), sample=False))
+    else:
+        controls = [Control(net, hint)] if args.stage == "controlnet" else []
+        steps = sample(model, prompts, [""] * len(prompts), controls, args.sample_steps, 9.0, 0.0,
+                       only_mid_control=args.only_mid_control, height=hint.shape[2], width=hint.shape[3],
+                       generator=torch.Generator().manual_seed(0))
+        for _, z, _ in steps:
+            pass
+        out = decode(model, z)
+    tiles = lambda x: np.concatenate(list(x), axis=1)
+    rows = [tiles((hint.permute(0, 2, 3, 1) * 255).byte().numpy()),
+            tiles(((target.permute(0, 2, 3, 1) + 1) * 127.5).clamp(0, 255).byte().numpy()), tiles(out)]
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+
+
+def plot_loss(csv_path, png_path, width=640, height=320):
+    """loss.csv as a line (mean over 1% windows) with PIL, so plotting needs nothing beyond the runtime deps."""
+    rows = list(csv.DictReader(open(csv_path)))
+    if len(rows) < 2:
+        return
+    loss = np.array([float(r["loss"]) for r in rows])
+    k = max(1, len(loss) // 100)
+    smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+    lo, hi = smooth.min(), smooth.max() + 1e-12
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    pts = [(40 + i * (width - 50) / max(1, len(smooth) - 1), height - 30 - (v - lo) / (hi - lo) * (height - 50))
+           for i, v in enumerate(smooth)]
+    d.line(pts, fill=(30, 70, 220), width=2)
+    d.text((5, 5), f"loss {hi:.4f}", fill="black")
+    d.text((5, height - 20), f"{lo:.4f}   steps 1..{rows[-1]['step']}", fill="black")
+    img.save(png_path)
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    items = read_index(Path(args.data))
+    args.resolution = args.resolution or Image.open(items[0][1]).size[0]
+    out = Path(args.out)
+    model, trained, params = build(args, device)
+    trained.train().requires_grad_(True)
+    extra = [p for p in params if not any(p is q for q in trained.parameters())]   # unlocked output_blocks/out
+    for p in extra:
+        p.requires_grad_(True)
+    if args.grad_checkpointing:
+        set_grad_checkpointing(model.unet)
+        set_grad_checkpointing(trained)
+    ddp = torch.nn.parallel.DistributedDataParallel(trained) if world > 1 else trained
+    opt = torch.optim.AdamW(params, lr=args.lr)
+    gen = torch.Generator().manual_seed(args.seed)
+    step = 0
+    state_path = out / "state.pt"
+    if args.resume and state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        trained.load_state_dict(state["trained"])
+        for p, v in zip(extra, state["extra"]):
+            p.data.copy_(v)
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        step = state["step"]
+        if rank == 0:
+            print(f"resumed {state_path} at step {step}")
+    if rank == 0:
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=args.stage, unit="step")
+    global_batch = args.batch_size * world
+    while step < args.steps:
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(args.grad_accum):
+            idx = batch_indices(len(items), global_batch, step * args.grad_accum + micro, args.seed)
+            own = idx[rank * args.batch_size:(rank + 1) * args.batch_size]
+            batch = [load_item(items[i], args.resolution, i + 1) for i in own]
+            loss = micro_batch_loss(args, model, ddp, batch, rank, world, gen) / args.grad_accum
+            last = micro == args.grad_accum - 1
+            if world > 1 and not last:
+                with ddp.no_sync():
+                    loss.backward()
+            else:
+                loss.backward()
+            total += loss.item()
+        if world > 1:
+            for p in extra:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+            t = torch.tensor([total], device=device)
+            dist.all_reduce(t)
+            total = t.item() / world
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.4f}")
+        if rank != 0:
+            continue
+        new = not (out / "loss.csv").exists()
+        with open(out / "loss.csv", "a") as f:
+            f.write(("step,loss,time\n" if new else "") + f"{step},{total:.6f},{time.time():.1f}\n")
+        if step % args.save_every == 0 or step == args.steps:
+            if args.stage == "vae":
+                s = vae_scale_factor(model, items, args.resolution)
+                from dataclasses import replace
+                model.config = replace(model.config, vae=replace(model.config.vae, scale_factor=s))
+                model.vae.config = model.config.vae
+            export(args, model, trained, out / f"step{step:07d}.safetensors")
+            tmp = out / "state.pt.tmp"
+            torch.save({"trained": trained.state_dict(), "extra": [p.detach() for p in extra], "step": step,
+                        "optimizer": opt.state_dict(), "generator": gen.get_state()}, tmp)
+            os.replace(tmp, state_path)                      # atomic: a kill leaves the old state or the new one
+            plot_loss(out / "loss.csv", out / "loss.png")
+        if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
+            sample_grid(args, model, trained, items, out / "samples" / f"step{step:07d}.png")
+            trained.train()
+    bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
