@@ -1,0 +1,186 @@
+"""train.py: the official recipe on a tiny model, resume after SIGKILL, and torchrun with two CPU processes."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minicontrol.checkpoint import CONTROL, UNET, full_state_dict, kind, load_base, load_controlnet, read
+from minicontrol.checkpoint import StableDiffusion
+from minicontrol.config import preset
+from minicontrol.controlnet import ControlNet, clone_encoder
+from minicontrol.world import make_dataset
+
+from test_manifest import manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    make_dataset(d / "data", 16, seed=3)
+    torch.manual_seed(0)
+    model = StableDiffusion(preset("tiny"))
+    with torch.no_grad():               # an SD whose UNet output is not zero, as a trained one
+        for p in model.unet.out.parameters():
+            p.normal_(std=0.1)
+    path = d / "base.safetensors"
+    from minicontrol.checkpoint import save
+    save(path, full_state_dict(model), model.config)
+    return d, path
+
+
+def train(*args, env=None, wait=True):
+    cmd = [sys.executable, str(ROOT / "train.py"), *map(str, args)]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res
+
+
+def common(setup, out, steps=6, batch=4, extra=()):
+    d, base = setup
+    return ["--base", base, "--data", d / "data", "--out", out, "--steps", steps, "--batch-size", batch,
+            "--lr", 1e-3, "--sample-every", 0, "--seed", 5, *extra]
+
+
+def held_out_loss(args, model, net, items):
+    """Loss on 8 fixed items with fixed t, noise and prompt dropout: comparable before and after training."""
+    from train import load_item, micro_batch_loss
+    with torch.no_grad():
+        return micro_batch_loss(args, model, net, [load_item(items[i], 64, i + 1) for i in range(8)], 0, 1,
+                                torch.Generator().manual_seed(123)).item()
+
+
+def test_training_lowers_loss_and_touches_only_the_controlnet(setup, tmp_path):
+    from train import build, load_item, micro_batch_loss, parser, read_index
+    d, base = setup
+    out = tmp_path / "run"
+    train(*common(setup, out, steps=40, extra=["--save-every", 40]))
+    ckpt = out / "step0000040.safetensors"
+    sd, _ = read(ckpt)
+    assert kind(sd) == "controlnet-1.1" and all(k.startswith(CONTROL) for k in sd)
+    args = parser().parse_args(list(map(str, common(setup, tmp_path / "x"))))
+    model, net, params = build(args, torch.device("cpu"))
+    items = read_index(d / "data")
+    before = held_out_loss(args, model, net.eval(), items)
+    trained = load_controlnet(ckpt, base=model.config)                  # the loader takes it as a 1.1 file
+    assert held_out_loss(args, model, trained, items) < 0.9 * before
+    # one step in memory: only the ControlNet gets gradients; the UNet, VAE and text stay bitwise the same
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    net.train().requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    batch = [load_item(items[i], 64, i + 1) for i in range(4)]
+    micro_batch_loss(args, model, net, batch, 0, 1, torch.Generator().manual_seed(0)).backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for p in net.parameters())
+    opt.step()
+    assert all(torch.equal(frozen[k], v) for k, v in model.state_dict().items())
+
+
+def test_unlocked_trains_output_blocks_and_out_only(setup, tmp_path):
+    from train import build, load_item, micro_batch_loss, parser, read_index
+    d, _ = setup
+    args = parser().parse_args(list(map(str, common(setup, tmp_path / "x", extra=["--sd-unlocked"]))))
+    model, net, params = build(args, torch.device("cpu"))
+    net.requires_grad_(True)
+    for p in params:
+        p.requires_grad_(True)
+    items = read_index(d / "data")
+    loss = micro_batch_loss(args, model, net, [load_item(items[i], 64, i + 1) for i in range(2)], 0, 1,
+                            torch.Generator().manual_seed(0))
+    loss.backward()
+    got = {n.split(".")[1] for n, p in model.named_parameters() if p.grad is not None}
+    assert got == {"output_blocks", "out"}
+
+
+def test_start_from_sd_follows_tool_add_control_rule():
+    # names: control_model.X is copied from model.diffusion_model.X whenever that key exists in the UNet manifest
+    for family in ("sd15", "sd21"):
+        unet_keys = {k[len(UNET):] for k in manifest(f"{family}_unet")}
+        control = {k[len(CONTROL):]: v for k, v in manifest(f"{family}_controlnet").items()}
+        copied = {k for k in control if k in unet_keys}
+        assert len(copied) == 298 and len(control) - len(copied) == 42
+        assert all(k.split(".")[0] in ("time_embed", "input_blocks", "middle_block") for k in copied)
+        assert all(k.split(".")[0] in ("input_hint_block", "zero_convs", "middle_block_out")
+                   for k in set(control) - copied)
+    # values: on a tiny model, every copied key equals its UNet twin and every new key is the fresh init
+    from helpers import randomize
+    from minicontrol.unet import UNet
+    unet = randomize(UNet(preset("tiny").unet))
+    net, usd = clone_encoder(unet), unet.state_dict()
+    for k, v in net.state_dict().items():
+        if k in usd:
+            assert torch.equal(v, usd[k]), k
+        else:
+            assert k.split(".")[0] in ("input_hint_block", "zero_convs", "middle_block_out"), k
+
+
+def weights(path):
+    sd, _ = read(path)
+    return sd
+
+
+def test_sigkill_and_resume_equals_uninterrupted(setup, tmp_path):
+    full = tmp_path / "full"
+    train(*common(setup, full, steps=8, extra=["--save-every", 2]))
+    cut = tmp_path / "cut"
+    proc = train(*common(setup, cut, steps=8, extra=["--save-every", 2]), wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (cut / "step0000004.safetensors").exists():
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (cut / "state.pt").exists() and not (cut / "step0000008.safetensors").exists()
+    train(*common(setup, cut, steps=8, extra=["--save-every", 2, "--resume"]))
+    a, b = weights(full / "step0000008.safetensors"), weights(cut / "step0000008.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_two_processes_match_one(setup, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(*common(setup, one, steps=3, batch=4, extra=["--save-every", 3]))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(ROOT / "train.py"), *map(str, common(setup, two, steps=3, batch=2, extra=["--save-every", 3]))]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    la = [float(line.split(",")[1]) for line in open(one / "loss.csv").read().splitlines()[1:]]
+    lb = [float(line.split(",")[1]) for line in open(two / "loss.csv").read().splitlines()[1:]]
+    assert len(la) == len(lb) == 3 and all(abs(x - y) < 1e-5 for x, y in zip(la, lb))
+    a, b = weights(one / "step0000003.safetensors"), weights(two / "step0000003.safetensors")
+    assert a.keys() == b.keys()
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    # gradients agree to float rounding, but Adam's update lr * m / (sqrt(v) + eps) turns rounding noise on
+    # near-zero gradients into steps of up to lr: so nearly all weights agree to 1e-5, and none by more than lr * steps
+    assert (diff <= 1e-5).float().mean() >= 0.999 and diff.max() <= 1e-3 * 3
+
+
+def test_checkpoint_runs_in_sample_py(setup, tmp_path):
+    d, base = setup
+    out = tmp_path / "run"
+    train(*common(setup, out, steps=2, extra=["--save-every", 2]))
+    args = ["--base", base, "--controlnet", out / "step0000002.safetensors", "--control-image",
+            d / "data" / "source" / "0.png", "--prompt", "red circle with blue background", "--steps", 2,
+            "--resolution", 64, "--out", tmp_path / "samples"]
+    res = subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "samples" / "grid.png").exists()
+
+
+def test_bad_data_line_is_named(setup, tmp_path):
+    d, base = setup
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "prompt.json").write_text('{"source": "source/0.png", "target": "target/0.png", "prompt": "x"}\n')
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--base", base, "--data", data, "--out",
+                          tmp_path / "o"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode != 0 and "line 1" in res.stderr and "source/0.png" in res.stderr
+    assert "Traceback" not in res.stderr
