@@ -202,7 +202,9 @@ def write_outputs(args, prompts, negative, maps, images):
         Image.fromarray(img).save(out / f"sample_{i}.png", pnginfo=info)
     n = max(len(maps), len(images))
     row = lambda tiles: np.concatenate(list(tiles) + [np.zeros_like(images[0])] * (n - len(tiles)), axis=1)
-    Image.fromarray(np.concatenate([row(maps), row(images)], axis=0)).save(out / "grid.png")
+    grid = Image.fromarray(np.concatenate([row(maps), row(images)], axis=0))
+    zoom = max(1, 256 // images.shape[1])                 # tiny-model tiles are shown at least 256 pixels wide
+    grid.resize((grid.width * zoom, grid.height * zoom), Image.NEAREST).save(out / "grid.png")
     print(f"wrote {out / 'grid.png'} and {len(images)} sample(s) in {out}/")
 
 

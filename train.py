@@ -254,6 +254,10 @@ def main(argv=None):
         step = state["step"]
         if rank == 0:
             print(f"resumed {state_path} at step {step}")
+            if (out / "loss.csv").exists():                  # drop rows logged after that checkpoint
+                rows = open(out / "loss.csv").read().splitlines()
+                keep = [r for r in rows[1:] if int(r.split(",")[0]) <= step]
+                (out / "loss.csv").write_text("\n".join(rows[:1] + keep) + "\n")
     if rank == 0:
         (out / "samples").mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm

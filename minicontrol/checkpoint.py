@@ -260,3 +260,19 @@ def full_state_dict(model: StableDiffusion, net: ControlNet = None) -> dict:
         sd.update(controlnet_state_dict(net))
     sd.update(schedule_buffers())
     return sd
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="rewrite a checkpoint as .safetensors (same keys), optionally in float16")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--half", action="store_true", help="store floating-point tensors as float16")
+    a = p.parse_args()
+    try:
+        sd, meta = read(a.src)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+    if a.half:
+        sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+    save(a.dst, sd, ModelConfig.from_json(meta) if meta else None)

@@ -51,10 +51,11 @@ def sample(model: StableDiffusion, prompts, negative, controls=(), steps=20, cfg
     Initial noise and DDIM noise come from `generator` on the CPU, so a seed gives the same image on any device."""
     unet = model.unet
     device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
+    encode = lambda p: (p if torch.is_tensor(p) else model.text.encode(list(p))).to(device, dtype)
     b = len(prompts)
-    cond = model.text.encode(list(prompts)).to(dtype)
+    cond = encode(prompts)                                   # prompts: strings, or (B, 77, C) text embeddings
     guided = cfg_scale != 1.0
-    context = torch.cat([cond, model.text.encode(list(negative)).to(dtype)]) if guided else cond
+    context = torch.cat([cond, encode(negative)]) if guided else cond
     if x_T is None:
         x_T = torch.randn(b, unet.config.in_channels, height // 8, width // 8, generator=generator)
     x_T = x_T.to(device, torch.float32)

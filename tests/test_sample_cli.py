@@ -49,7 +49,7 @@ def test_sample_writes_pngs_with_metadata_and_is_reproducible(files, tmp_path):
     grid = Image.open(first / "grid.png")
     samples = [Image.open(first / f"sample_{i}.png") for i in range(2)]
     assert all(s.size == (64, 64) for s in samples)                 # 80x96 -> short side 64, sides multiples of 64
-    assert grid.size == (128, 128)                                  # control map row above two samples
+    assert grid.size == (512, 512)              # control map row above two samples, 64-pixel tiles shown 4x
     params = samples[1].text["parameters"]
     for expected in ("a red circle", "Steps: 3", "CFG scale: 9.0", "Seed: 42", "tiny-v1.ckpt", "control_tiny.pth"):
         assert expected in params

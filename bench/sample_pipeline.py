@@ -1,0 +1,113 @@
+"""A full controlled sample, 256x256, 4 DDIM steps, guidance 9, batch 1, on CPU: minicontrol's pipeline beside
+diffusers' StableDiffusionControlNetPipeline on the same SD1.5-sized random weights, the same text embeddings and
+initial noise, the same threads; each side in its own process. Includes the VAE decode to pixels.
+
+    python bench/sample_pipeline.py [--size 256] [--steps 4] [--threads N]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+
+
+def side(args):
+    from common import PeakRSS
+    from unet_forward import build
+    torch.set_num_threads(args.threads)
+    cfg, unet, net = build(args.impl)
+    if args.impl == "minicontrol":
+        from minicontrol.checkpoint import StableDiffusion
+        from minicontrol.pipeline import Control, decode, sample
+        model = StableDiffusion.__new__(StableDiffusion)
+        torch.nn.Module.__init__(model)
+        from minicontrol.vae import AutoencoderKL
+        torch.manual_seed(2)
+        model.config, model.unet, model.vae = cfg, unet, AutoencoderKL(cfg.vae).eval()
+    else:
+        from diffusers import AutoencoderKL as DiffusersVAE, DDIMScheduler, StableDiffusionControlNetPipeline
+        from diffusers.loaders import single_file_utils as sfu
+        from helpers import ldm_original_config
+        from minicontrol.vae import AutoencoderKL
+        torch.manual_seed(2)
+        ours = AutoencoderKL(cfg.vae)
+        ckpt = {"first_stage_model." + k: v for k, v in ours.state_dict().items()}
+        vae_cfg = sfu.create_vae_diffusers_config_from_ldm(ldm_original_config(cfg), ckpt, image_size=args.size)
+        vae = DiffusersVAE(**vae_cfg)
+        vae.load_state_dict(sfu.convert_ldm_vae_checkpoint(ckpt, vae_cfg))
+        sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+        pipe = StableDiffusionControlNetPipeline(vae=vae.eval(), text_encoder=None, tokenizer=None, unet=unet,
+                                                 controlnet=net, scheduler=sched, safety_checker=None,
+                                                 feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    h = args.size // 8
+    x_T = torch.randn(1, 4, h, h, generator=g)
+    cond, uncond = torch.randn(1, 77, 768, generator=g), torch.randn(1, 77, 768, generator=g)
+    hint = torch.rand(1, 3, args.size, args.size, generator=g)
+
+    def run():
+        if args.impl == "minicontrol":
+            for _, z, _ in sample(model, cond, uncond, [Control(net, hint)], args.steps, 9.0, x_T=x_T,
+                                  height=args.size, width=args.size):
+                pass
+            return decode(model, z)
+        img = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, image=hint, num_inference_steps=args.steps,
+                   guidance_scale=9.0, latents=x_T.clone(), height=args.size, width=args.size, output_type="np").images
+        return (img * 255).round().astype("uint8")
+
+    with torch.inference_mode():
+        with PeakRSS() as mem:
+            run()
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            out = run()
+            times.append(time.perf_counter() - start)
+    torch.save(torch.from_numpy(out.copy()), args.out)
+    print(json.dumps({"impl": args.impl, "seconds": min(times), "peak_extra_mb": mem.extra / 2 ** 20}))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--impl")
+    p.add_argument("--out")
+    args = p.parse_args()
+    if args.impl:
+        return side(args)
+    rows = {}
+    for impl in ("minicontrol", "diffusers"):
+        out = f"/tmp/bench_sample_{impl}.pt"
+        cmd = [sys.executable, __file__, "--impl", impl, "--out", out] + [
+            f"--{k}={getattr(args, k)}" for k in ("size", "steps", "repeats", "threads")]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            raise SystemExit(res.stderr[-3000:])
+        rows[impl] = json.loads(res.stdout.strip().splitlines()[-1])
+    a, b = torch.load("/tmp/bench_sample_minicontrol.pt"), torch.load("/tmp/bench_sample_diffusers.pt")
+    diff = (a.int() - b.int()).abs().max().item()
+    print(f"SD1.5 ControlNet sample, {args.size}x{args.size}, {args.steps} DDIM steps, guidance 9, batch 1, CPU, "
+          f"{args.threads} threads, torch {torch.__version__}; best of {args.repeats}")
+    print("| impl | time (s) | peak memory added (MiB) |")
+    print("|---|---:|---:|")
+    for impl, r in rows.items():
+        print(f"| {impl} | {r['seconds']:.2f} | {r['peak_extra_mb']:.0f} |")
+    m, d = rows["minicontrol"], rows["diffusers"]
+    print(f"ratio minicontrol/diffusers: time {m['seconds'] / d['seconds']:.3f}, memory "
+          f"{m['peak_extra_mb'] / max(d['peak_extra_mb'], 1e-9):.3f}; largest pixel difference {diff} of 255")
+
+
+if __name__ == "__main__":
+    main()
