@@ -4,26 +4,30 @@ import torch
 T = 1000
 
 
-def alphas_cumprod(start: float = 0.00085, end: float = 0.012) -> torch.Tensor:
-    """alpha-bar_t for t = 0..999: LDM's "linear" schedule, linear in sqrt(beta), computed in float64."""
-    betas = torch.linspace(start ** 0.5, end ** 0.5, T, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, dim=0)
+def betas() -> torch.Tensor:
+    """LDM's "linear" schedule, linear in sqrt(beta) from 0.00085 to 0.012 (diffusers: scaled_linear), float64."""
+    return torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, T, dtype=torch.float64) ** 2
+
+
+def alphas_cumprod() -> torch.Tensor:
+    """alpha-bar_t for t = 0..999, float64."""
+    return torch.cumprod(1 - betas(), dim=0)
 
 
 def schedule_buffers() -> dict:
     """The 13 top-level buffers that the official checkpoints carry, in float32 as stored."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, T, dtype=torch.float64) ** 2
-    ac = torch.cumprod(1 - betas, dim=0)
+    betas_ = betas()
+    ac = alphas_cumprod()
     ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
-    post_var = betas * (1 - ac_prev) / (1 - ac)
+    post_var = betas_ * (1 - ac_prev) / (1 - ac)
     bufs = {
-        "betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": ac_prev,
+        "betas": betas_, "alphas_cumprod": ac, "alphas_cumprod_prev": ac_prev,
         "sqrt_alphas_cumprod": ac.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(),
         "log_one_minus_alphas_cumprod": (1 - ac).log(), "sqrt_recip_alphas_cumprod": (1 / ac).sqrt(),
         "sqrt_recipm1_alphas_cumprod": (1 / ac - 1).sqrt(), "posterior_variance": post_var,
         "posterior_log_variance_clipped": post_var.clamp(min=1e-20).log(),
-        "posterior_mean_coef1": betas * ac_prev.sqrt() / (1 - ac),
-        "posterior_mean_coef2": (1 - ac_prev) * (1 - betas).sqrt() / (1 - ac),
+        "posterior_mean_coef1": betas_ * ac_prev.sqrt() / (1 - ac),
+        "posterior_mean_coef2": (1 - ac_prev) * (1 - betas_).sqrt() / (1 - ac),
         "logvar": torch.zeros(T, dtype=torch.float64),
     }
     return {k: v.float() for k, v in bufs.items()}

@@ -1,0 +1,77 @@
+"""The tiny world: its dataset, the three-stage recipe shortened, and the shipped weights."""
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import minicontrol
+from minicontrol.checkpoint import kind, load_base, load_controlnet, read
+from minicontrol.world import HELD_OUT_PAIRS, held_out_position, make_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_palette_is_large_and_well_separated():
+    colors = minicontrol.COLORS
+    assert len(colors) >= 16
+    rgb = np.array(list(colors.values()), dtype=float)
+    nearest = min(np.linalg.norm(a - b) for a, b in itertools.combinations(rgb, 2))
+    assert nearest > 60                                     # out of 441 across the RGB cube
+
+
+def test_dataset_is_deterministic_and_holds_out_pairs_and_positions(tmp_path):
+    make_dataset(tmp_path / "a", 40, seed=7)
+    make_dataset(tmp_path / "b", 40, seed=7)
+    assert (tmp_path / "a" / "prompt.json").read_text() == (tmp_path / "b" / "prompt.json").read_text()
+    for line in open(tmp_path / "a" / "prompt.json"):
+        item = json.loads(line)
+        words = item["prompt"].split()
+        assert (words[0], words[3]) not in HELD_OUT_PAIRS and not held_out_position(*item["circle"][:2])
+        target = np.asarray(Image.open(tmp_path / "a" / item["target"]))
+        cx, cy, r = item["circle"]
+        assert tuple(target[int(cy), int(cx)]) == minicontrol.COLORS[words[0]]        # the centre has the circle colour
+        assert tuple(target[0, 0]) == minicontrol.COLORS[words[3]] or r > 40
+        source = np.asarray(Image.open(tmp_path / "a" / item["source"]))
+        assert source[int(cy), int(cx)].max() == 0 and source.max() == 255      # an outline, hollow inside
+
+
+def run(*args):
+    res = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_recipe_runs_every_stage_from_scratch(tmp_path):
+    data = tmp_path / "circles"
+    run("-m", "minicontrol.world", "--out", data, "--n", 16)
+    common = ["--data", data, "--batch-size", 4, "--steps", 2, "--save-every", 2, "--sample-every", 2,
+              "--sample-steps", 2]
+    run("train.py", "--stage", "vae", "--config", "tiny", "--out", tmp_path / "vae", "--lr", 5e-4, *common)
+    run("train.py", "--stage", "base", "--base", tmp_path / "vae" / "step0000002.safetensors", "--out",
+        tmp_path / "base", "--drop-prompt", 0.1, *common)
+    run("train.py", "--stage", "controlnet", "--base", tmp_path / "base" / "step0000002.safetensors", "--out",
+        tmp_path / "cn", *common)
+    net = load_controlnet(tmp_path / "cn" / "step0000002.safetensors",
+                          base=load_base(tmp_path / "base" / "step0000002.safetensors").config)
+    assert len(net.zero_convs) == 7
+    for stage in ("vae", "base", "cn"):
+        assert (tmp_path / stage / "samples" / "step0000002.png").exists() and (tmp_path / stage / "loss.png").exists()
+
+
+SHIPPED = [ROOT / "weights" / "tiny_sd.safetensors", ROOT / "weights" / "tiny_controlnet.safetensors"]
+
+
+@pytest.mark.skipif(not all(p.exists() for p in SHIPPED), reason="the tiny weights are not in weights/")
+def test_shipped_weights_load_strictly_and_fit_the_budget():
+    assert sum(p.stat().st_size for p in SHIPPED) <= 20 * 2 ** 20
+    sd, meta = read(SHIPPED[0])
+    assert kind(sd) == "sd" and meta is not None
+    model = load_base(SHIPPED[0])
+    assert kind(read(SHIPPED[1])[0]) == "controlnet-1.1"
+    net = load_controlnet(SHIPPED[1], base=model.config)
+    assert all(torch.isfinite(p).all() for p in list(model.parameters()) + list(net.parameters()))
