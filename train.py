@@ -250,6 +250,8 @@ def main(argv=None):
         for p, v in zip(extra, state["extra"]):
             p.data.copy_(v)
         opt.load_state_dict(state["optimizer"])
+        for group in opt.param_groups:                       # --lr given now wins over the saved one
+            group["lr"] = args.lr
         gen.set_state(state["generator"])
         step = state["step"]
         if rank == 0:
