@@ -241,6 +241,7 @@ def save(path, state_dict: dict, config: ModelConfig = None):
             safetensors.torch.save_file(tensors, tmp, metadata={CONFIG_KEY: config.to_json()} if config else None)
         else:
             torch.save(tensors, tmp)
+        os.chmod(tmp, 0o644)                                 # mkstemp makes it private
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
