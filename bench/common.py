@@ -33,3 +33,34 @@ class PeakRSS:
         self.thread.join()
         self.peak = max(self.peak, rss_bytes())
         self.extra = self.peak - self.base
+
+
+def run_sides(script, args, keys):
+    """Run `script --impl X` for minicontrol then diffusers, each in a fresh process; return their JSON rows and
+    outputs (saved by each side as a tensor file)."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    rows, outs = {}, {}
+    for impl in ("minicontrol", "diffusers"):
+        out = f"/tmp/bench_{os.path.basename(script)}_{impl}.pt"
+        cmd = [sys.executable, script, "--impl", impl, "--out", out] + [f"--{k}={getattr(args, k)}" for k in keys]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            raise SystemExit(res.stderr[-3000:])
+        rows[impl] = json.loads(res.stdout.strip().splitlines()[-1])
+        outs[impl] = torch.load(out, weights_only=True)
+    return rows, outs
+
+
+def print_table(title, rows, note):
+    print(title)
+    print("| impl | time (s) | peak memory added (MiB) |")
+    print("|---|---:|---:|")
+    for impl, r in rows.items():
+        print(f"| {impl} | {r['seconds']:.2f} | {r['peak_extra_mb']:.0f} |")
+    m, d = rows["minicontrol"], rows["diffusers"]
+    print(f"ratio minicontrol/diffusers: time {m['seconds'] / d['seconds']:.3f}, memory "
+          f"{m['peak_extra_mb'] / max(d['peak_extra_mb'], 1e-9):.3f}; {note}")

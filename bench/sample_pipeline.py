@@ -7,7 +7,6 @@ initial noise, the same threads; each side in its own process. Includes the VAE 
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -87,27 +86,12 @@ def main():
     args = p.parse_args()
     if args.impl:
         return side(args)
-    rows = {}
-    for impl in ("minicontrol", "diffusers"):
-        out = f"/tmp/bench_sample_{impl}.pt"
-        cmd = [sys.executable, __file__, "--impl", impl, "--out", out] + [
-            f"--{k}={getattr(args, k)}" for k in ("size", "steps", "repeats", "threads")]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode:
-            raise SystemExit(res.stderr[-3000:])
-        rows[impl] = json.loads(res.stdout.strip().splitlines()[-1])
-    a, b = torch.load("/tmp/bench_sample_minicontrol.pt"), torch.load("/tmp/bench_sample_diffusers.pt")
-    diff = (a.int() - b.int()).abs().max().item()
-    print(f"SD1.5 ControlNet sample, {args.size}x{args.size}, {args.steps} DDIM steps, guidance 9, batch 1, CPU, "
-          f"{args.threads} threads, torch {torch.__version__}; best of {args.repeats}")
-    print("| impl | time (s) | peak memory added (MiB) |")
-    print("|---|---:|---:|")
-    for impl, r in rows.items():
-        print(f"| {impl} | {r['seconds']:.2f} | {r['peak_extra_mb']:.0f} |")
-    m, d = rows["minicontrol"], rows["diffusers"]
-    print(f"ratio minicontrol/diffusers: time {m['seconds'] / d['seconds']:.3f}, memory "
-          f"{m['peak_extra_mb'] / max(d['peak_extra_mb'], 1e-9):.3f}; largest pixel difference {diff} of 255")
-
+    from common import print_table, run_sides
+    rows, outs = run_sides(__file__, args, ("size", "steps", "repeats", "threads"))
+    diff = (outs["minicontrol"].int() - outs["diffusers"].int()).abs().max().item()
+    print_table(f"SD1.5 ControlNet sample, {args.size}x{args.size}, {args.steps} DDIM steps, guidance 9, batch 1, CPU, "
+                f"{args.threads} threads, torch {torch.__version__}; best of {args.repeats}", rows,
+                f"largest pixel difference {diff} of 255")
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,6 @@ memory is its own; the printed table gives time and the memory added by the forw
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -76,25 +75,13 @@ def main():
     args = p.parse_args()
     if args.impl:
         return side(args)
-    rows = {}
-    for impl in ("minicontrol", "diffusers"):
-        out = f"/tmp/bench_unet_{impl}.pt"
-        cmd = [sys.executable, __file__, "--impl", impl, "--out", out] + [
-            f"--{k}={getattr(args, k)}" for k in ("size", "batch", "repeats", "threads")]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        rows[impl] = json.loads(res.stdout.strip().splitlines()[-1])
-    a, b = torch.load("/tmp/bench_unet_minicontrol.pt"), torch.load("/tmp/bench_unet_diffusers.pt")
+    from common import print_table, run_sides
+    rows, outs = run_sides(__file__, args, ("size", "batch", "repeats", "threads"))
+    a, b = outs["minicontrol"], outs["diffusers"]
     err = ((a - b).norm() / b.norm()).item()
-    print(f"SD1.5 UNet + ControlNet forward, {args.size}x{args.size}, batch {args.batch}, CPU, {args.threads} threads, "
-          f"torch {torch.__version__}; best of {args.repeats}")
-    print("| impl | time (s) | peak memory added (MiB) |")
-    print("|---|---:|---:|")
-    for impl, r in rows.items():
-        print(f"| {impl} | {r['seconds']:.2f} | {r['peak_extra_mb']:.0f} |")
-    m, d = rows["minicontrol"], rows["diffusers"]
-    print(f"ratio minicontrol/diffusers: time {m['seconds'] / d['seconds']:.3f}, memory "
-          f"{m['peak_extra_mb'] / max(d['peak_extra_mb'], 1e-9):.3f}; output relative difference {err:.2e}")
-
+    print_table(f"SD1.5 UNet + ControlNet forward, {args.size}x{args.size}, batch {args.batch}, CPU, {args.threads} "
+                f"threads, torch {torch.__version__}; best of {args.repeats}", rows,
+                f"output relative difference {err:.2e}")
 
 if __name__ == "__main__":
     main()
