@@ -1,0 +1,99 @@
+"""ControlNet training steps on CPU: minicontrol's UNet + ControlNet beside diffusers' UNet2DConditionModel +
+ControlNetModel on the same weights (converted by diffusers' own converters), the step train.py takes: the locked
+UNet, noisy latents at random t, MSE on eps, backward through the ControlNet only, AdamW. Each side in its own process.
+
+    python bench/train_step.py [--steps 5] [--batch 4] [--latent 32] [--threads N]
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+
+
+def config():
+    from minicontrol.config import preset
+    cfg = preset("tiny-sd1")     # tiny but not trivial: 3 levels, 2 res blocks, attention at two of them
+    unet = replace(cfg.unet, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(1, 2),
+                   num_heads=4, context_dim=128)
+    return replace(cfg, unet=unet)
+
+
+def side(args):
+    from common import PeakRSS
+    from helpers import diffusers_models, randomize
+    from minicontrol.checkpoint import StableDiffusion
+    from minicontrol.controlnet import clone_encoder
+    from minicontrol.ddim import alphas_cumprod
+    torch.set_num_threads(args.threads)
+    cfg = config()
+    torch.manual_seed(0)
+    model = StableDiffusion(cfg)
+    randomize(model.unet, seed=0, std=0.02)
+    net = clone_encoder(model.unet)
+    unet = model.unet
+    if args.impl == "diffusers":
+        unet, net, _ = diffusers_models(cfg, model, net)
+    unet.requires_grad_(False)
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    ac = alphas_cumprod().float()
+    b, h = args.batch, args.latent
+
+    def step():
+        x0, noise = torch.randn(b, 4, h, h, generator=g), torch.randn(b, 4, h, h, generator=g)
+        t = torch.randint(0, 1000, (b,), generator=g)
+        ctx, hint = torch.randn(b, 77, cfg.unet.context_dim, generator=g), torch.rand(b, 3, 8 * h, 8 * h, generator=g)
+        a = ac[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        if args.impl == "minicontrol":
+            out = unet(x_t, t, ctx, control=net(x_t, hint, t, ctx))
+        else:
+            down, mid = net(x_t, t, ctx, hint, return_dict=False)
+            out = unet(x_t, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        loss = F.mse_loss(out, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    with PeakRSS() as mem:
+        step()
+        step()
+    start = time.perf_counter()
+    losses = [step() for _ in range(args.steps)]
+    seconds = (time.perf_counter() - start) / args.steps
+    torch.save(torch.tensor(losses), args.out)
+    print(json.dumps({"impl": args.impl, "seconds": seconds, "peak_extra_mb": mem.extra / 2 ** 20}))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--latent", type=int, default=32)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--impl")
+    p.add_argument("--out")
+    args = p.parse_args()
+    if args.impl:
+        return side(args)
+    from common import print_table, run_sides
+    rows, outs = run_sides(__file__, args, ("steps", "batch", "latent", "threads"))
+    diff = (outs["minicontrol"] - outs["diffusers"]).abs().max().item()
+    print_table(f"ControlNet training step (model_channels 64, 3 levels, latents {args.latent}x{args.latent}, batch "
+                f"{args.batch}), CPU, {args.threads} threads, torch {torch.__version__}; mean of {args.steps} steps "
+                "after 2 warm-up steps; time is seconds per step", rows, f"largest loss difference {diff:.1e}")
+
+
+if __name__ == "__main__":
+    main()
