@@ -8,9 +8,9 @@ GPUs: `torchrun --nproc_per_node N train.py ...` runs DistributedDataParallel.
 import argparse
 import csv
 import json
-import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -299,7 +299,6 @@ def main(argv=None):
         if step % args.save_every == 0 or step == args.steps:
             if args.stage == "vae":
                 s = vae_scale_factor(model, items, args.resolution)
-                from dataclasses import replace
                 model.config = replace(model.config, vae=replace(model.config.vae, scale_factor=s))
                 model.vae.config = model.config.vae
             export(args, model, trained, out / f"step{step:07d}.safetensors")

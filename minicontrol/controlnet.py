@@ -1,6 +1,5 @@
 """ControlNet (Zhang & Agrawala, arXiv:2302.05543): a trainable copy of the UNet's encoder half, fed the control
 image through a small conv stack, joined back to the locked UNet by zero-initialised 1x1 convolutions."""
-import torch
 import torch.nn as nn
 
 from .config import UNetConfig
