@@ -39,3 +39,20 @@ def test_clone_copies_encoder_and_shares_no_storage():
 def test_guess_mode_scales_closed_form():
     s = guess_mode_scales(1.0)
     assert len(s) == 13 and s[12] == 1.0 and abs(s[0] - 0.825 ** 12) < 1e-12 and abs(s[0] - 0.0995) < 1e-3
+
+
+def test_scales_and_shuffle_pooling_closed_form():
+    from dataclasses import replace
+    from minicontrol.controlnet import ControlNet
+    cfg = preset("tiny-sd1").unet
+    net = randomize(ControlNet(cfg)).eval()
+    pooled = ControlNet(replace(cfg, global_average_pooling=True)).eval()
+    pooled.load_state_dict(net.state_dict())
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([10])
+    ctx, hint = torch.randn(1, 77, cfg.context_dim), torch.rand(1, 3, 128, 128)
+    scales = guess_mode_scales(0.5, 5)
+    with torch.no_grad():
+        plain, scaled, avg = net(x, hint, t, ctx), net(x, hint, t, ctx, scales), pooled(x, hint, t, ctx, scales)
+    for p, s, a, k in zip(plain, scaled, avg, scales):
+        assert torch.allclose(s, p * k, atol=1e-6)
+        assert a.shape[2:] == (1, 1) and torch.allclose(a, (p * k).mean(dim=(2, 3), keepdim=True), atol=1e-6)

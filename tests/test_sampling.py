@@ -103,3 +103,32 @@ def test_guess_mode_follows_official_rule():
 def test_timesteps_never_reach_1000():
     # 1000 // 3 = 333: the official range(0, 1000, 333) + 1 would end at t = 1000, past the schedule
     assert timesteps(3) == [1, 334, 667] and max(timesteps(9)) < 1000 and timesteps(1000) == list(range(1, 1000))
+
+
+def test_two_controlnets_with_strengths_and_ranges_match_diffusers():
+    # residuals of several ControlNets are summed, each with its own image, strength and start/end fraction
+    cfg, model, net_a = tiny_models("tiny-sd1")
+    _, _, net_b = tiny_models("tiny-sd1", seed=5)
+    d_unet, d_a, d_vae = diffusers_models(cfg, model, net_a)
+    _, d_b, _ = diffusers_models(cfg, model, net_b)
+    pipe = StableDiffusionControlNetPipeline(vae=d_vae, text_encoder=None, tokenizer=None, unet=d_unet,
+                                             controlnet=[d_a, d_b], scheduler=official_ddim(), safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(3)
+    x_T = torch.randn(1, 4, 8, 8, generator=g)
+    hints = [torch.rand(1, 3, 64, 64, generator=g) for _ in range(2)]
+    strengths, starts, ends = [0.7, 1.3], [0.0, 0.25], [0.75, 1.0]
+    controls = [Control(n, h, s, a, b) for n, h, s, a, b in zip((net_a, net_b), hints, strengths, starts, ends)]
+    prompts, negative = ["a red circle"], ["blurry"]
+    ours = [x for _, x, _ in sample(model, prompts, negative, controls, steps=4, cfg_scale=7.5, height=64, width=64,
+                                   x_T=x_T)][-1]
+    with torch.no_grad():
+        ref = pipe(prompt_embeds=model.text.encode(prompts), negative_prompt_embeds=model.text.encode(negative),
+                   image=hints, num_inference_steps=4, guidance_scale=7.5, latents=x_T.clone(), output_type="latent",
+                   height=64, width=64, controlnet_conditioning_scale=strengths, control_guidance_start=starts,
+                   control_guidance_end=ends).images
+    assert (ours - ref).abs().max().item() <= 1e-4
+    only_a = [x for _, x, _ in sample(model, prompts, negative, controls[:1], steps=4, cfg_scale=7.5, height=64,
+                                     width=64, x_T=x_T)][-1]
+    assert (ours - only_a).abs().max().item() > 1e-3          # the second ControlNet really contributes
