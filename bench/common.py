@@ -64,3 +64,18 @@ def print_table(title, rows, note):
     m, d = rows["minicontrol"], rows["diffusers"]
     print(f"ratio minicontrol/diffusers: time {m['seconds'] / d['seconds']:.3f}, memory "
           f"{m['peak_extra_mb'] / max(d['peak_extra_mb'], 1e-9):.3f}; {note}")
+
+
+def parse_args(**defaults):
+    """Integer options with these defaults, plus --threads, and --impl/--out for the side processes; returns the
+    arguments and the option names that the side processes get."""
+    import argparse
+
+    import torch
+    p = argparse.ArgumentParser()
+    for name, value in defaults.items():
+        p.add_argument(f"--{name}", type=int, default=value)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--impl")
+    p.add_argument("--out")
+    return p.parse_args(), tuple(defaults) + ("threads",)

@@ -4,7 +4,6 @@ initial noise, the same threads; each side in its own process. Includes the VAE 
 
     python bench/sample_pipeline.py [--size 256] [--steps 4] [--threads N]
 """
-import argparse
 import json
 import os
 import sys
@@ -76,18 +75,11 @@ def side(args):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--impl")
-    p.add_argument("--out")
-    args = p.parse_args()
+    from common import parse_args, print_table, run_sides
+    args, keys = parse_args(size=256, steps=4, repeats=2)
     if args.impl:
         return side(args)
-    from common import print_table, run_sides
-    rows, outs = run_sides(__file__, args, ("size", "steps", "repeats", "threads"))
+    rows, outs = run_sides(__file__, args, keys)
     diff = (outs["minicontrol"].int() - outs["diffusers"].int()).abs().max().item()
     print_table(f"SD1.5 ControlNet sample, {args.size}x{args.size}, {args.steps} DDIM steps, guidance 9, batch 1, CPU, "
                 f"{args.threads} threads, torch {torch.__version__}; best of {args.repeats}", rows,

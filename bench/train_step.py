@@ -4,7 +4,6 @@ UNet, noisy latents at random t, MSE on eps, backward through the ControlNet onl
 
     python bench/train_step.py [--steps 5] [--batch 4] [--latent 32] [--threads N]
 """
-import argparse
 import json
 import os
 import sys
@@ -77,18 +76,11 @@ def side(args):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--latent", type=int, default=32)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--impl")
-    p.add_argument("--out")
-    args = p.parse_args()
+    from common import parse_args, print_table, run_sides
+    args, keys = parse_args(steps=5, batch=4, latent=32)
     if args.impl:
         return side(args)
-    from common import print_table, run_sides
-    rows, outs = run_sides(__file__, args, ("steps", "batch", "latent", "threads"))
+    rows, outs = run_sides(__file__, args, keys)
     diff = (outs["minicontrol"] - outs["diffusers"]).abs().max().item()
     print_table(f"ControlNet training step (model_channels 64, 3 levels, latents {args.latent}x{args.latent}, batch "
                 f"{args.batch}), CPU, {args.threads} threads, torch {torch.__version__}; mean of {args.steps} steps "

@@ -4,7 +4,6 @@ memory is its own; the printed table gives time and the memory added by the forw
 
     python bench/unet_forward.py [--size 512] [--batch 2] [--repeats 2] [--threads N]
 """
-import argparse
 import json
 import os
 import sys
@@ -65,18 +64,11 @@ def side(args):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--size", type=int, default=512)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--impl")
-    p.add_argument("--out")
-    args = p.parse_args()
+    from common import parse_args, print_table, run_sides
+    args, keys = parse_args(size=512, batch=2, repeats=2)
     if args.impl:
         return side(args)
-    from common import print_table, run_sides
-    rows, outs = run_sides(__file__, args, ("size", "batch", "repeats", "threads"))
+    rows, outs = run_sides(__file__, args, keys)
     a, b = outs["minicontrol"], outs["diffusers"]
     err = ((a - b).norm() / b.norm()).item()
     print_table(f"SD1.5 UNet + ControlNet forward, {args.size}x{args.size}, batch {args.batch}, CPU, {args.threads} "
