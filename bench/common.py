@@ -79,3 +79,22 @@ def parse_args(**defaults):
     p.add_argument("--impl")
     p.add_argument("--out")
     return p.parse_args(), tuple(defaults) + ("threads",)
+
+
+def measure(impl, fn, repeats, out_path):
+    """Memory added by the first call (what a fresh process needs), then the best time of `repeats` calls; saves the
+    last output for the comparison and prints this side's JSON row."""
+    import json
+    import time
+
+    import torch
+    with torch.inference_mode():
+        with PeakRSS() as mem:
+            fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - start)
+    torch.save(out if torch.is_tensor(out) else torch.from_numpy(out.copy()), out_path)
+    print(json.dumps({"impl": impl, "seconds": min(times), "peak_extra_mb": mem.extra / 2 ** 20}))

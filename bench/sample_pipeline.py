@@ -4,10 +4,8 @@ initial noise, the same threads; each side in its own process. Includes the VAE 
 
     python bench/sample_pipeline.py [--size 256] [--steps 4] [--threads N]
 """
-import json
 import os
 import sys
-import time
 
 import torch
 
@@ -17,7 +15,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 
 def side(args):
-    from common import PeakRSS
+    from common import measure
     from unet_forward import build
     torch.set_num_threads(args.threads)
     cfg, unet, net = build(args.impl)
@@ -62,16 +60,7 @@ def side(args):
                    guidance_scale=9.0, latents=x_T.clone(), height=args.size, width=args.size, output_type="np").images
         return (img * 255).round().astype("uint8")
 
-    with torch.inference_mode():
-        with PeakRSS() as mem:
-            run()
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            out = run()
-            times.append(time.perf_counter() - start)
-    torch.save(torch.from_numpy(out.copy()), args.out)
-    print(json.dumps({"impl": args.impl, "seconds": min(times), "peak_extra_mb": mem.extra / 2 ** 20}))
+    measure(args.impl, run, args.repeats, args.out)
 
 
 def main():

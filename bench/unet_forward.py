@@ -4,10 +4,8 @@ memory is its own; the printed table gives time and the memory added by the forw
 
     python bench/unet_forward.py [--size 512] [--batch 2] [--repeats 2] [--threads N]
 """
-import json
 import os
 import sys
-import time
 
 import torch
 
@@ -35,7 +33,7 @@ def build(impl):
 
 
 def side(args):
-    from common import PeakRSS
+    from common import measure
     torch.set_num_threads(args.threads)
     cfg, unet, net = build(args.impl)
     g = torch.Generator().manual_seed(0)
@@ -51,16 +49,7 @@ def side(args):
         down, mid = net(x, t, ctx, hint, return_dict=False)
         return unet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
 
-    with torch.inference_mode():
-        with PeakRSS() as mem:                             # the first forward: what a fresh process needs
-            forward()
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            out = forward()
-            times.append(time.perf_counter() - start)
-    torch.save(out, args.out)
-    print(json.dumps({"impl": args.impl, "seconds": min(times), "peak_extra_mb": mem.extra / 2 ** 20}))
+    measure(args.impl, forward, args.repeats, args.out)
 
 
 def main():

@@ -7,7 +7,7 @@ import torch
 
 from .checkpoint import StableDiffusion
 from .controlnet import ControlNet, guess_mode_scales
-from .ddim import ddim_sample
+from .ddim import ddim_sample, timesteps
 
 
 @dataclass
@@ -59,11 +59,9 @@ def sample(model: StableDiffusion, prompts, negative, controls=(), steps=20, cfg
     if x_T is None:
         x_T = torch.randn(b, unet.config.in_channels, height // 8, width // 8, generator=generator)
     x_T = x_T.to(device, torch.float32)
-    total = None
+    total = len(timesteps(steps))
 
     def model_fn(x, t, i):
-        nonlocal total
-        total = total or i + 1
         xx = torch.cat([x, x]) if guided else x
         tt = torch.full((xx.shape[0],), t, device=device, dtype=torch.long)
         xx = xx.to(dtype)
