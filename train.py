@@ -52,6 +52,8 @@ def parser():
     a("--sample-steps", type=int, default=50, help="DDIM steps of those grids (official 50)")
     a("--seed", type=int, default=0)
     a("--grad-checkpointing", action="store_true", help="trade compute for memory")
+    a("--cache-latents", action="store_true",
+      help="encode every image once (the VAE is frozen outside its own stage); posteriors are still sampled per step")
     a("--resume", action="store_true", help="continue from OUT/state.pt: weights, optimizer, step, data order, RNG")
     return p
 
@@ -137,9 +139,10 @@ def export(args, model, net, path):
 
 
 # ------------------------------------------------------------------------------------------------------ training
-def micro_batch_loss(args, model, trained, items, rank, world, gen):
+def micro_batch_loss(args, model, trained, items, rank, world, gen, cached=None):
     """Loss of this rank's rows of one global micro-batch. Every rank draws the random numbers of the whole global
-    batch from the same generator and keeps its own rows, so N processes compute what one process would."""
+    batch from the same generator and keeps its own rows, so N processes compute what one process would. `cached`:
+    these rows' VAE moments from encode_all, else the VAE encodes the targets now."""
     g = len(items) * world
     hint, target, prompts = (torch.stack(x) if i < 2 else list(x) for i, x in enumerate(zip(*items)))
     down = 2 ** (len(model.vae.config.ch_mult) - 1)
@@ -156,7 +159,7 @@ def micro_batch_loss(args, model, trained, items, rank, world, gen):
         return F.l1_loss(rec, target) + F.mse_loss(rec, target) + 1e-6 * kl   # L1 keeps flat-colour edges sharp
     prompts = ["" if d else p for p, d in zip(prompts, drop[rows].tolist())]   # empty-prompt dropout
     with torch.no_grad():
-        mean, logvar = model.vae.moments(target)
+        mean, logvar = model.vae.moments(target) if cached is None else cached.to(device).chunk(2, dim=1)
         latents = (mean + torch.exp(0.5 * logvar) * posterior) * model.vae.config.scale_factor
         context = model.text(tokenize(prompts, model.config.text).to(device))
     a = alphas_cumprod().float().to(device)[t].view(-1, 1, 1, 1)
@@ -168,6 +171,16 @@ def micro_batch_loss(args, model, trained, items, rank, world, gen):
             out = trained(x_t, t, context)
     target = a.sqrt() * noise - (1 - a).sqrt() * latents if model.config.parameterization == "v" else noise
     return F.mse_loss(out.float(), target)
+
+
+def encode_all(model, items, resolution, batch=64):
+    """The VAE's moments (mean and logvar, stacked on channels) of every training image, kept on the CPU."""
+    device, out = next(model.parameters()).device, []
+    with torch.no_grad():
+        for i in range(0, len(items), batch):
+            x = torch.stack([load_item(items[j], resolution, j + 1)[1] for j in range(i, min(i + batch, len(items)))])
+            out.append(torch.cat(model.vae.moments(x.to(device)), dim=1).cpu())
+    return torch.cat(out)
 
 
 def vae_scale_factor(model, items, resolution):
@@ -240,6 +253,7 @@ def main(argv=None):
         set_grad_checkpointing(model.unet)
         set_grad_checkpointing(trained)
     ddp = torch.nn.parallel.DistributedDataParallel(trained) if world > 1 else trained
+    moments = encode_all(model, items, args.resolution) if args.cache_latents and args.stage != "vae" else None
     opt = torch.optim.AdamW(params, lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     step = 0
@@ -272,7 +286,8 @@ def main(argv=None):
             idx = batch_indices(len(items), global_batch, step * args.grad_accum + micro, args.seed)
             own = idx[rank * args.batch_size:(rank + 1) * args.batch_size]
             batch = [load_item(items[i], args.resolution, i + 1) for i in own]
-            loss = micro_batch_loss(args, model, ddp, batch, rank, world, gen) / args.grad_accum
+            cached = moments[own] if moments is not None else None
+            loss = micro_batch_loss(args, model, ddp, batch, rank, world, gen, cached) / args.grad_accum
             last = micro == args.grad_accum - 1
             if world > 1 and not last:
                 with ddp.no_sync():

@@ -162,6 +162,15 @@ def test_torchrun_two_processes_match_one(setup, tmp_path):
     assert (diff <= 1e-5).float().mean() >= 0.999 and diff.max() <= 1e-3 * 3
 
 
+def test_cached_latents_give_the_same_loss(setup, tmp_path):
+    """--cache-latents encodes the data once: the first step's loss equals the one from encoding at the step."""
+    losses = []
+    for name, extra in (("fresh", []), ("cached", ["--cache-latents"])):
+        train(*common(setup, tmp_path / name, steps=1, batch=8, extra=["--save-every", 1, *extra]))
+        losses.append(float(open(tmp_path / name / "loss.csv").read().splitlines()[1].split(",")[1]))
+    assert abs(losses[0] - losses[1]) <= 1e-6 * max(1.0, abs(losses[0]))
+
+
 def test_checkpoint_runs_in_sample_py(setup, tmp_path):
     d, base = setup
     out = tmp_path / "run"
