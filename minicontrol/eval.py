@@ -1,9 +1,11 @@
-"""Measure the tiny world's models on held-out colour pairs and circle positions:
+"""Measure the tiny world's models on two held-out groups, n items each: colour pairs never trained on (circles
+anywhere outside the corner), and circles centred in the top-left corner, where no training circle is centred (a
+test of extrapolation to a region the models never drew in):
 
 * control fidelity: IoU between the generated circle (pixels nearer the named circle colour than the background's)
   and the outlined disc;
 * prompt fidelity: mean absolute RGB error (in [0, 1]) of the circle and of the background against the named colours;
-* the VAE: the same IoU and colour error on reconstructions, and their mean absolute pixel error.
+* the VAE: the same IoU and colour error on its reconstructions of the targets.
 
     python -m minicontrol.eval [--base weights/tiny_sd.safetensors] [--controlnet weights/tiny_controlnet.safetensors]
 """
@@ -15,7 +17,7 @@ import torch
 
 from .checkpoint import load_base, load_controlnet
 from .pipeline import Control, decode, sample
-from .world import COLORS, SIZE, draw, prompt, random_item
+from .world import COLORS, SIZE, draw, held_out_position, prompt, random_item
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 
@@ -36,16 +38,30 @@ def scores(images, items):
     return float(np.mean(ious)), float(np.mean(errs))
 
 
-def evaluate(base, controlnet, n=64, seed=1, steps=20, cfg=9.0, batch=16):
+GROUPS = ("held-out colour pairs", "held-out corner")
+
+
+def eval_items(n, seed):
+    """n held-out items of each group, pairs first: (circle, background, cx, cy, r)."""
+    rng, groups = np.random.default_rng(seed), ([], [])
+    while min(map(len, groups)) < n:
+        item = random_item(rng, "eval")
+        group = groups[held_out_position(*item[2:4])]
+        if len(group) < n:
+            group.append(item)
+    return groups[0] + groups[1]
+
+
+def evaluate(base, controlnet, n=32, seed=1, steps=20, cfg=9.0, batch=16):
+    """{model: {group: (IoU, colour error)}} for the base alone, with the ControlNet and the VAE, and image grids."""
     model = load_base(base)
     net = load_controlnet(controlnet, base=model.config)
-    rng = np.random.default_rng(seed)
-    items = [random_item(rng, "eval") for _ in range(n)]
+    items = eval_items(n, seed)
     targets, controls = zip(*[draw(c, b, cx, cy, r) for c, b, cx, cy, r in items])
     results, grids = {}, {}
     for name, use in (("base", False), ("controlnet", True)):
         images = []
-        for i in range(0, n, batch):
+        for i in range(0, len(items), batch):
             chunk = items[i:i + batch]
             hint = torch.from_numpy(np.stack(controls[i:i + batch])).permute(0, 3, 1, 2).float() / 255.0
             g = torch.Generator().manual_seed(seed * 1000 + i)
@@ -53,13 +69,13 @@ def evaluate(base, controlnet, n=64, seed=1, steps=20, cfg=9.0, batch=16):
                                   [Control(net, hint)] if use else [], steps, cfg, height=SIZE, width=SIZE, generator=g):
                 pass
             images += list(decode(model, z))
-        results[name] = scores(images, items)
         grids[name] = images
     with torch.no_grad():
         x = torch.from_numpy(np.stack(targets)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        rec = decode(model, model.vae.encode(x, sample=False))
-    results["vae"] = scores(rec, items) + (float(np.abs(rec.astype(np.float32) - np.stack(targets)).mean() / 255),)
-    grids["vae"], grids["control"], grids["target"] = list(rec), list(controls), list(targets)
+        grids["vae"] = list(decode(model, model.vae.encode(x, sample=False)))
+    results = {name: {g: scores(grids[name][k * n:(k + 1) * n], items[k * n:(k + 1) * n]) for k, g in enumerate(GROUPS)}
+               for name in ("base", "controlnet", "vae")}
+    grids["control"], grids["target"] = list(controls), list(targets)
     return results, grids
 
 
@@ -67,7 +83,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default=str(WEIGHTS / "tiny_sd.safetensors"))
     p.add_argument("--controlnet", default=str(WEIGHTS / "tiny_controlnet.safetensors"))
-    p.add_argument("--n", type=int, default=64, help="held-out prompts and outlines")
+    p.add_argument("--n", type=int, default=32, help="held-out prompts and outlines per group")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=9.0)
@@ -75,15 +91,18 @@ def main():
     a = p.parse_args()
     torch.set_grad_enabled(False)
     res, grids = evaluate(a.base, a.controlnet, a.n, a.seed, a.steps, a.cfg)
-    print(f"held-out: {a.n} prompts and outlines, DDIM {a.steps} steps, guidance {a.cfg}, seed {a.seed}")
-    print("| model | IoU with the outlined disc | colour error (RGB in [0, 1]) |")
-    print("|---|---:|---:|")
-    print(f"| base model alone | {res['base'][0]:.3f} | {res['base'][1]:.3f} |")
-    print(f"| with the ControlNet | {res['controlnet'][0]:.3f} | {res['controlnet'][1]:.3f} |")
-    print(f"| VAE reconstruction | {res['vae'][0]:.3f} | {res['vae'][1]:.3f} (pixel error {res['vae'][2]:.3f}) |")
+    print(f"{a.n} items per group, DDIM {a.steps} steps, guidance {a.cfg}, seed {a.seed}; IoU with the outlined disc "
+          "and colour error (RGB in [0, 1])")
+    print("| model | " + " | ".join(f"{g}: IoU | colour error" for g in GROUPS) + " |")
+    print("|---" * (1 + 2 * len(GROUPS)) + "|")
+    labels = {"base": "base model alone", "controlnet": "with the ControlNet", "vae": "VAE reconstruction"}
+    for name, label in labels.items():
+        print(f"| {label} | " + " | ".join(f"{iou:.3f} | {err:.3f}" for iou, err in res[name].values()) + " |")
     if a.grid:
         from PIL import Image
-        rows = [np.concatenate(grids[k][:8], axis=1) for k in ("control", "target", "base", "controlnet", "vae")]
+        cols = [*range(4), *range(a.n, a.n + 4)]                  # four of each group
+        kinds = ("control", "target", "base", "controlnet", "vae")
+        rows = [np.concatenate([grids[k][i] for i in cols], axis=1) for k in kinds]
         Image.fromarray(np.concatenate(rows, axis=0)).save(a.grid)
 
 

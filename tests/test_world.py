@@ -11,7 +11,7 @@ from PIL import Image
 
 import minicontrol
 from minicontrol.checkpoint import kind, load_base, load_controlnet, read
-from minicontrol.world import HELD_OUT_PAIRS, held_out_position, make_dataset
+from minicontrol.world import COLORS, HELD_OUT_PAIRS, draw, held_out_position, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +40,29 @@ def test_dataset_is_deterministic_and_holds_out_pairs_and_positions(tmp_path):
         assert tuple(target[0, 0]) == minicontrol.COLORS[words[3]] or r > 40
         source = np.asarray(Image.open(tmp_path / "a" / item["source"]))
         assert source[int(cy), int(cx)].max() == 0 and source.max() == 255      # an outline, hollow inside
+
+
+def test_eval_scores_against_closed_forms():
+    """A drawn target scores IoU 1 and colour error 0; a circle moved by d scores the lens-area IoU of two discs of
+    radius r at distance d; a wrong background colour costs half its mean distance from the named one."""
+    from minicontrol.eval import eval_items, scores
+    item = ("red", "blue", 32.0, 30.0, 14.0)
+    target, _ = draw(*item)
+    iou, err = scores([target], [item])
+    assert iou == 1.0 and err < 1e-6
+    r, d = 14.0, 5.0
+    lens = 2 * r * r * np.arccos(d / (2 * r)) - d / 2 * np.sqrt(4 * r * r - d * d)
+    moved, _ = draw("red", "blue", 32.0 + d, 30.0, r)
+    assert abs(scores([moved], [item])[0] - lens / (2 * np.pi * r * r - lens)) < 0.01
+    swapped, _ = draw("blue", "red", *item[2:])
+    iou, err = scores([swapped], [item])
+    assert iou == 0.0 and err < 1e-6            # the right colours in the wrong places: only the IoU falls
+    grey, _ = draw("red", "grey", *item[2:])    # grey is nearer blue than red, so the mask stays the disc
+    iou, err = scores([grey], [item])
+    assert iou == 1.0 and abs(err - np.abs(np.subtract(COLORS["grey"], COLORS["blue"])).mean() / 255 / 2) < 1e-6
+    items = eval_items(5, seed=2)               # 5 of each group: new colour pairs outside the corner, then the corner
+    assert all(tuple(i[:2]) in HELD_OUT_PAIRS and not held_out_position(*i[2:4]) for i in items[:5])
+    assert all(held_out_position(*i[2:4]) for i in items[5:]) and len(items) == 10
 
 
 def run(*args):
