@@ -17,13 +17,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from minicontrol.checkpoint import (CheckpointError, StableDiffusion, controlnet_state_dict, full_state_dict,
                                     load_base, load_controlnet, save)
 from minicontrol.config import preset
 from minicontrol.controlnet import clone_encoder
 from minicontrol.ddim import alphas_cumprod
+from minicontrol.eval import line_plot
 from minicontrol.pipeline import Control, decode, sample
 from minicontrol.text import tokenize
 from minicontrol.unet import set_grad_checkpointing
@@ -214,23 +215,15 @@ def sample_grid(args, model, net, items, path):
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
-def plot_loss(csv_path, png_path, width=640, height=320):
-    """loss.csv as a line (mean over 1% windows) with PIL, so plotting needs nothing beyond the runtime deps."""
+def plot_loss(csv_path, png_path):
+    """loss.csv as a line (mean over 1% windows)."""
     rows = list(csv.DictReader(open(csv_path)))
     if len(rows) < 2:
         return
     loss = np.array([float(r["loss"]) for r in rows])
     k = max(1, len(loss) // 100)
     smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-    lo, hi = smooth.min(), smooth.max() + 1e-12
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    pts = [(40 + i * (width - 50) / max(1, len(smooth) - 1), height - 30 - (v - lo) / (hi - lo) * (height - 50))
-           for i, v in enumerate(smooth)]
-    d.line(pts, fill=(30, 70, 220), width=2)
-    d.text((5, 5), f"loss {hi:.4f}", fill="black")
-    d.text((5, height - 20), f"{lo:.4f}   steps 1..{rows[-1]['step']}", fill="black")
-    img.save(png_path)
+    line_plot(np.arange(len(smooth)) + k, smooth, png_path, "loss")
 
 
 def main(argv=None):

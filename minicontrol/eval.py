@@ -17,7 +17,7 @@ import torch
 
 from .checkpoint import load_base, load_controlnet
 from .pipeline import Control, decode, sample
-from .world import COLORS, SIZE, draw, held_out_position, prompt, random_item
+from .world import COLORS, SIZE, draw, eval_items, prompt
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 
@@ -41,24 +41,13 @@ def scores(images, items):
 GROUPS = ("held-out colour pairs", "held-out corner")
 
 
-def eval_items(n, seed):
-    """n held-out items of each group, pairs first: (circle, background, cx, cy, r)."""
-    rng, groups = np.random.default_rng(seed), ([], [])
-    while min(map(len, groups)) < n:
-        item = random_item(rng, "eval")
-        group = groups[held_out_position(*item[2:4])]
-        if len(group) < n:
-            group.append(item)
-    return groups[0] + groups[1]
-
-
 def evaluate(base, controlnet, n=32, seed=1, steps=20, cfg=9.0, batch=16):
     """{model: {group: (IoU, colour error)}} for the base alone, with the ControlNet and the VAE, and image grids."""
     model = load_base(base)
     net = load_controlnet(controlnet, base=model.config)
     items = eval_items(n, seed)
     targets, controls = zip(*[draw(c, b, cx, cy, r) for c, b, cx, cy, r in items])
-    results, grids = {}, {}
+    grids = {}
     for name, use in (("base", False), ("controlnet", True)):
         images = []
         for i in range(0, len(items), batch):
@@ -73,10 +62,43 @@ def evaluate(base, controlnet, n=32, seed=1, steps=20, cfg=9.0, batch=16):
     with torch.no_grad():
         x = torch.from_numpy(np.stack(targets)).permute(0, 3, 1, 2).float() / 127.5 - 1
         grids["vae"] = list(decode(model, model.vae.encode(x, sample=False)))
-    results = {name: {g: scores(grids[name][k * n:(k + 1) * n], items[k * n:(k + 1) * n]) for k, g in enumerate(GROUPS)}
-               for name in ("base", "controlnet", "vae")}
+    results = {name: {group: scores(grids[name][k * n:(k + 1) * n], items[k * n:(k + 1) * n])
+                      for k, group in enumerate(GROUPS)} for name in ("base", "controlnet", "vae")}
     grids["control"], grids["target"] = list(controls), list(targets)
     return results, grids
+
+
+def curve(run, base, n=16, seed=1, steps=20, cfg=9.0):
+    """IoU and colour error with the ControlNet on held-out colour pairs at every checkpoint (stepN.safetensors) of
+    a ControlNet training run on `base`: [(step, IoU, colour error)]."""
+    model = load_base(base)
+    items = eval_items(n, seed)[:n]
+    controls = [draw(*item)[1] for item in items]
+    hint = torch.from_numpy(np.stack(controls)).permute(0, 3, 1, 2).float() / 255.0
+    rows = []
+    for path in sorted(Path(run).glob("step*.safetensors")):
+        control = Control(load_controlnet(path, base=model.config), hint)
+        g = torch.Generator().manual_seed(seed * 1000)
+        for _, z, _ in sample(model, [prompt(c, b) for c, b, *_ in items], [""] * n, [control], steps, cfg,
+                              height=SIZE, width=SIZE, generator=g):
+            pass
+        rows.append((int(path.stem[4:]), *scores(decode(model, z), items)))
+        print(*rows[-1], sep="\t", flush=True)
+    return rows
+
+
+def line_plot(x, y, png_path, label, width=640, height=320):
+    """A line chart with PIL alone, so plots need nothing beyond the runtime dependencies."""
+    from PIL import Image, ImageDraw
+    lo, hi = float(np.min(y)), float(np.max(y)) + 1e-12
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    span = max(1e-12, float(x[-1] - x[0]))
+    d.line([(40 + (a - x[0]) / span * (width - 50), height - 30 - (b - lo) / (hi - lo) * (height - 50))
+            for a, b in zip(x, y)], fill=(30, 70, 220), width=2)
+    d.text((5, 5), f"{label} {hi:.4f}", fill="black")
+    d.text((5, height - 20), f"{lo:.4f}   steps {x[0]}..{x[-1]}", fill="black")
+    img.save(png_path)
 
 
 def main():
@@ -88,8 +110,18 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=9.0)
     p.add_argument("--grid", help="write a PNG: outline, target, base alone, with ControlNet, VAE reconstruction")
+    p.add_argument("--curve", metavar="RUN", help="instead: IoU at every checkpoint of a ControlNet run folder, "
+                   "written to RUN/iou.csv and RUN/iou.png (n held-out colour pairs)")
     a = p.parse_args()
     torch.set_grad_enabled(False)
+    if a.curve:
+        rows = curve(a.curve, a.base, a.n, a.seed, a.steps, a.cfg)
+        if not rows:
+            raise SystemExit(f"error: {a.curve}: no step*.safetensors checkpoints; give a ControlNet run folder")
+        with open(Path(a.curve) / "iou.csv", "w") as f:
+            f.write("step,iou,colour_error\n" + "".join(f"{s},{i:.4f},{e:.4f}\n" for s, i, e in rows))
+        line_plot(np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), Path(a.curve) / "iou.png", "IoU")
+        return
     res, grids = evaluate(a.base, a.controlnet, a.n, a.seed, a.steps, a.cfg)
     print(f"{a.n} items per group, DDIM {a.steps} steps, guidance {a.cfg}, seed {a.seed}; IoU with the outlined disc "
           "and colour error (RGB in [0, 1])")

@@ -45,6 +45,18 @@ def random_item(rng, split: str):
             return str(circle), str(background), float(cx), float(cy), float(r)
 
 
+def eval_items(n: int, seed: int = 1):
+    """n held-out items of each group, in this order: new colour pairs (circles outside the corner), then circles
+    centred in the held-out corner (colour pairs seen in training)."""
+    rng, groups = np.random.default_rng(seed), ([], [])
+    while min(map(len, groups)) < n:
+        item = random_item(rng, "eval")
+        group = groups[held_out_position(*item[2:4])]
+        if len(group) < n:
+            group.append(item)
+    return groups[0] + groups[1]
+
+
 def prompt(circle: str, background: str) -> str:
     return f"{circle} circle with {background} background"
 
@@ -66,9 +78,8 @@ def make_dataset(folder, n: int, seed: int = 0, split: str = "train"):
 
 
 def demo_controls(n: int, resolution: int = SIZE, seed: int = 0):
-    """Held-out prompts and outlines for `python sample.py` with the tiny model: (prompts, HxWx3 uint8 maps)."""
-    rng = np.random.default_rng(seed)
-    items = [random_item(rng, "eval") for _ in range(max(n, 4))]
+    """Held-out colour pairs with new outlines for `python sample.py` with the tiny model: (prompts, HxWx3 maps)."""
+    items = eval_items(max(n, 4), seed)[:max(n, 4)]
     scale = resolution / SIZE
     maps = [draw(c, b, cx * scale, cy * scale, r * scale, resolution)[1] for c, b, cx, cy, r in items]
     return [prompt(c, b) for c, b, *_ in items], maps

@@ -11,7 +11,7 @@ from PIL import Image
 
 import minicontrol
 from minicontrol.checkpoint import kind, load_base, load_controlnet, read
-from minicontrol.world import COLORS, HELD_OUT_PAIRS, draw, held_out_position, make_dataset
+from minicontrol.world import COLORS, HELD_OUT_PAIRS, draw, eval_items, held_out_position, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_dataset_is_deterministic_and_holds_out_pairs_and_positions(tmp_path):
 def test_eval_scores_against_closed_forms():
     """A drawn target scores IoU 1 and colour error 0; a circle moved by d scores the lens-area IoU of two discs of
     radius r at distance d; a wrong background colour costs half its mean distance from the named one."""
-    from minicontrol.eval import eval_items, scores
+    from minicontrol.eval import scores
     item = ("red", "blue", 32.0, 30.0, 14.0)
     target, _ = draw(*item)
     iou, err = scores([target], [item])
@@ -77,9 +77,9 @@ def test_recipe_runs_every_stage_from_scratch(tmp_path):
               "--sample-steps", 2]
     run("train.py", "--stage", "vae", "--config", "tiny", "--out", tmp_path / "vae", "--lr", 5e-4, *common)
     run("train.py", "--stage", "base", "--base", tmp_path / "vae" / "step0000002.safetensors", "--out",
-        tmp_path / "base", "--drop-prompt", 0.1, *common)
+        tmp_path / "base", "--drop-prompt", 0.1, "--cache-latents", *common)
     run("train.py", "--stage", "controlnet", "--base", tmp_path / "base" / "step0000002.safetensors", "--out",
-        tmp_path / "cn", *common)
+        tmp_path / "cn", "--cache-latents", *common)
     net = load_controlnet(tmp_path / "cn" / "step0000002.safetensors",
                           base=load_base(tmp_path / "base" / "step0000002.safetensors").config)
     assert len(net.zero_convs) == 6                    # tiny: conv_in, 3 res blocks, 2 downsamples
