@@ -53,8 +53,8 @@ def parser():
     a("--sample-steps", type=int, default=50, help="DDIM steps of those grids (official 50)")
     a("--seed", type=int, default=0)
     a("--grad-checkpointing", action="store_true", help="trade compute for memory")
-    a("--cache-latents", action="store_true",
-      help="encode every image once (the VAE is frozen outside its own stage); posteriors are still sampled per step")
+    a("--cache-latents", action="store_true", help="encode every image once (the VAE is frozen outside its own "
+      "stage; posteriors are still sampled per step); holds 8 floats per latent pixel per image in each process's RAM")
     a("--resume", action="store_true", help="continue from OUT/state.pt: weights, optimizer, step, data order, RNG")
     return p
 

@@ -41,6 +41,16 @@ def scores(images, items):
 GROUPS = ("held-out colour pairs", "held-out corner")
 
 
+def generate(model, net, items, controls, steps, cfg, seed):
+    """Images (uint8 HxWx3) for the items' prompts, with the ControlNet on their outlines unless net is None."""
+    hint = torch.from_numpy(np.stack(controls)).permute(0, 3, 1, 2).float() / 255.0
+    prompts = [prompt(c, b) for c, b, *_ in items]
+    for _, z, _ in sample(model, prompts, [""] * len(items), [Control(net, hint)] if net is not None else [], steps,
+                          cfg, height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(seed)):
+        pass
+    return list(decode(model, z))
+
+
 def evaluate(base, controlnet, n=32, seed=1, steps=20, cfg=9.0, batch=16):
     """{model: {group: (IoU, colour error)}} for the base alone, with the ControlNet and the VAE, and image grids."""
     model = load_base(base)
@@ -49,16 +59,9 @@ def evaluate(base, controlnet, n=32, seed=1, steps=20, cfg=9.0, batch=16):
     targets, controls = zip(*[draw(c, b, cx, cy, r) for c, b, cx, cy, r in items])
     grids = {}
     for name, use in (("base", False), ("controlnet", True)):
-        images = []
-        for i in range(0, len(items), batch):
-            chunk = items[i:i + batch]
-            hint = torch.from_numpy(np.stack(controls[i:i + batch])).permute(0, 3, 1, 2).float() / 255.0
-            g = torch.Generator().manual_seed(seed * 1000 + i)
-            for _, z, _ in sample(model, [prompt(c, b) for c, b, *_ in chunk], [""] * len(chunk),
-                                  [Control(net, hint)] if use else [], steps, cfg, height=SIZE, width=SIZE, generator=g):
-                pass
-            images += list(decode(model, z))
-        grids[name] = images
+        grids[name] = [image for i in range(0, len(items), batch) for image in
+                       generate(model, net if use else None, items[i:i + batch], controls[i:i + batch], steps, cfg,
+                                seed * 1000 + i)]
     with torch.no_grad():
         x = torch.from_numpy(np.stack(targets)).permute(0, 3, 1, 2).float() / 127.5 - 1
         grids["vae"] = list(decode(model, model.vae.encode(x, sample=False)))
@@ -74,15 +77,10 @@ def curve(run, base, n=16, seed=1, steps=20, cfg=9.0):
     model = load_base(base)
     items = eval_items(n, seed)[:n]
     controls = [draw(*item)[1] for item in items]
-    hint = torch.from_numpy(np.stack(controls)).permute(0, 3, 1, 2).float() / 255.0
     rows = []
     for path in sorted(Path(run).glob("step*.safetensors")):
-        control = Control(load_controlnet(path, base=model.config), hint)
-        g = torch.Generator().manual_seed(seed * 1000)
-        for _, z, _ in sample(model, [prompt(c, b) for c, b, *_ in items], [""] * n, [control], steps, cfg,
-                              height=SIZE, width=SIZE, generator=g):
-            pass
-        rows.append((int(path.stem[4:]), *scores(decode(model, z), items)))
+        images = generate(model, load_controlnet(path, base=model.config), items, controls, steps, cfg, seed * 1000)
+        rows.append((int(path.stem[4:]), *scores(images, items)))
         print(*rows[-1], sep="\t", flush=True)
     return rows
 
