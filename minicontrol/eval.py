@@ -130,7 +130,7 @@ def main():
         print(f"| {label} | " + " | ".join(f"{iou:.3f} | {err:.3f}" for iou, err in res[name].values()) + " |")
     if a.grid:
         from PIL import Image
-        cols = [*range(4), *range(a.n, a.n + 4)]                  # four of each group
+        cols = [*range(min(4, a.n)), *range(a.n, a.n + min(4, a.n))]      # up to four of each group
         kinds = ("control", "target", "base", "controlnet", "vae")
         rows = [np.concatenate([grids[k][i] for i in cols], axis=1) for k in kinds]
         Image.fromarray(np.concatenate(rows, axis=0)).save(a.grid)

@@ -99,3 +99,17 @@ def test_shipped_weights_load_strictly_and_fit_the_budget():
     assert kind(read(SHIPPED[1])[0]) == "controlnet-1.1"
     net = load_controlnet(SHIPPED[1], base=model.config)
     assert all(torch.isfinite(p).all() for p in list(model.parameters()) + list(net.parameters()))
+
+
+@pytest.mark.skipif(not all(p.exists() for p in SHIPPED), reason="the tiny weights are not in weights/")
+def test_eval_table_and_curve_run(tmp_path):
+    """The table and grid on the shipped weights, and a curve over two copies of one ControlNet, which must give the
+    same row twice (same weights, same seed)."""
+    run("-m", "minicontrol.eval", "--n", 2, "--steps", 2, "--grid", tmp_path / "grid.png")
+    assert Image.open(tmp_path / "grid.png").size == (4 * 64, 5 * 64)       # two of each group; five rows
+    for step in (1, 2):
+        (tmp_path / f"step{step:07d}.safetensors").write_bytes(SHIPPED[1].read_bytes())
+    run("-m", "minicontrol.eval", "--curve", tmp_path, "--n", 2, "--steps", 2)
+    rows = (tmp_path / "iou.csv").read_text().splitlines()
+    assert rows[0] == "step,iou,colour_error" and [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+    assert rows[1].split(",")[1:] == rows[2].split(",")[1:] and (tmp_path / "iou.png").exists()
