@@ -66,6 +66,16 @@ def print_table(title, rows, note):
           f"{m['peak_extra_mb'] / max(d['peak_extra_mb'], 1e-9):.3f}; {note}")
 
 
+def compare(script, side, title, note, **defaults):
+    """A benchmark's main: in a side process (--impl given) run `side(args)`; otherwise run both sides and print the
+    table, titled title(args), with note(args, outputs) after the ratios."""
+    args, keys = parse_args(**defaults)
+    if args.impl:
+        return side(args)
+    rows, outs = run_sides(script, args, keys)
+    print_table(title(args), rows, note(args, outs))
+
+
 def parse_args(**defaults):
     """Integer options with these defaults, plus --threads, and --impl/--out for the side processes; returns the
     arguments and the option names that the side processes get."""

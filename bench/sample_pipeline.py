@@ -64,15 +64,12 @@ def side(args):
 
 
 def main():
-    from common import parse_args, print_table, run_sides
-    args, keys = parse_args(size=256, steps=4, repeats=2)
-    if args.impl:
-        return side(args)
-    rows, outs = run_sides(__file__, args, keys)
-    diff = (outs["minicontrol"].int() - outs["diffusers"].int()).abs().max().item()
-    print_table(f"SD1.5 ControlNet sample, {args.size}x{args.size}, {args.steps} DDIM steps, guidance 9, batch 1, CPU, "
-                f"{args.threads} threads, torch {torch.__version__}; best of {args.repeats}", rows,
-                f"largest pixel difference {diff} of 255")
+    from common import compare
+    compare(__file__, side, lambda a: f"SD1.5 ControlNet sample, {a.size}x{a.size}, {a.steps} DDIM steps, guidance 9, "
+            f"batch 1, CPU, {a.threads} threads, torch {torch.__version__}; best of {a.repeats}",
+            lambda a, o: f"largest pixel difference {(o['minicontrol'].int() - o['diffusers'].int()).abs().max()} of 255",
+            size=256, steps=4, repeats=2)
+
 
 if __name__ == "__main__":
     main()

@@ -76,15 +76,12 @@ def side(args):
 
 
 def main():
-    from common import parse_args, print_table, run_sides
-    args, keys = parse_args(steps=5, batch=4, latent=32)
-    if args.impl:
-        return side(args)
-    rows, outs = run_sides(__file__, args, keys)
-    diff = (outs["minicontrol"] - outs["diffusers"]).abs().max().item()
-    print_table(f"ControlNet training step (model_channels 64, 3 levels, latents {args.latent}x{args.latent}, batch "
-                f"{args.batch}), CPU, {args.threads} threads, torch {torch.__version__}; mean of {args.steps} steps "
-                "after 2 warm-up steps; time is seconds per step", rows, f"largest loss difference {diff:.1e}")
+    from common import compare
+    compare(__file__, side, lambda a: f"ControlNet training step (model_channels 64, 3 levels, latents {a.latent}x"
+            f"{a.latent}, batch {a.batch}), CPU, {a.threads} threads, torch {torch.__version__}; mean of {a.steps} steps "
+            "after 2 warm-up steps; time is seconds per step",
+            lambda a, o: f"largest loss difference {(o['minicontrol'] - o['diffusers']).abs().max().item():.1e}",
+            steps=5, batch=4, latent=32)
 
 
 if __name__ == "__main__":

@@ -53,16 +53,13 @@ def side(args):
 
 
 def main():
-    from common import parse_args, print_table, run_sides
-    args, keys = parse_args(size=512, batch=2, repeats=2)
-    if args.impl:
-        return side(args)
-    rows, outs = run_sides(__file__, args, keys)
-    a, b = outs["minicontrol"], outs["diffusers"]
-    err = ((a - b).norm() / b.norm()).item()
-    print_table(f"SD1.5 UNet + ControlNet forward, {args.size}x{args.size}, batch {args.batch}, CPU, {args.threads} "
-                f"threads, torch {torch.__version__}; best of {args.repeats}", rows,
-                f"output relative difference {err:.2e}")
+    from common import compare
+    compare(__file__, side, lambda a: f"SD1.5 UNet + ControlNet forward, {a.size}x{a.size}, batch {a.batch}, CPU, "
+            f"{a.threads} threads, torch {torch.__version__}; best of {a.repeats}",
+            lambda a, o: "output relative difference "
+            f"{((o['minicontrol'] - o['diffusers']).norm() / o['diffusers'].norm()).item():.2e}",
+            size=512, batch=2, repeats=2)
+
 
 if __name__ == "__main__":
     main()
