@@ -185,10 +185,8 @@ def encode_all(model, items, resolution, batch=64):
 
 
 def vae_scale_factor(model, items, resolution):
-    """LDM's scale_factor: 1 / std of the latents, over up to 256 training images."""
-    with torch.no_grad():
-        target = torch.stack([load_item(it, resolution, n)[1] for n, it in enumerate(items[:256], 1)])
-        mean, _ = model.vae.moments(target.to(next(model.parameters()).device))
+    """LDM's scale_factor: 1 / std of the latents (the posterior means), over up to 256 training images."""
+    mean, _ = encode_all(model, items[:256], resolution).chunk(2, dim=1)
     return 1.0 / mean.std().item()
 
 
