@@ -224,6 +224,13 @@ def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) 
                 f"the base model is {names.get(base.unet.context_dim, 'another model')} (width {base.unet.context_dim}); "
                 "use a ControlNet made for this base")
     config = config or (base if base is not None and meta is None else resolve_config(net_sd, meta, None, ""))
+    if base is not None:
+        own = dict(vars(config.unet), hint_channels=0, global_average_pooling=False)
+        other = dict(vars(base.unet), hint_channels=0, global_average_pooling=False)
+        diff = next((k for k in own if own[k] != other[k]), None)
+        if diff:
+            raise CheckpointError(f"{path}: this ControlNet was trained on another UNet ({diff} {own[diff]}, the base "
+                                  f"model has {other[diff]}); use a ControlNet made for this base")
     with torch.device("meta"):
         net = ControlNet(config.unet)
     return fill(path, "ControlNet", net, net_sd, HINT).eval()

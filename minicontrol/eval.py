@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_base, load_controlnet
+from .checkpoint import CheckpointError, load_base, load_controlnet
 from .pipeline import Control, decode, sample
 from .world import COLORS, SIZE, draw, eval_items, prompt
 
@@ -112,6 +112,13 @@ def main():
                    "written to RUN/iou.csv and RUN/iou.png (n held-out colour pairs)")
     a = p.parse_args()
     torch.set_grad_enabled(False)
+    try:
+        run(a)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+
+
+def run(a):
     if a.curve:
         rows = curve(a.curve, a.base, a.n, a.seed, a.steps, a.cfg)
         if not rows:

@@ -1,5 +1,6 @@
 """The loader on the four official file kinds, made here from tiny weights, and its one-line errors."""
 import pickle
+from dataclasses import replace
 
 import pytest
 import torch
@@ -106,6 +107,16 @@ def test_sd2_controlnet_refused_with_sd1_base(tmp_path):
     path = write(tmp_path / "control_sd21.pth", controlnet_state_dict(sd2_net))
     msg = error(load_controlnet, path, base=preset("tiny-sd1"))
     assert "control_sd21.pth" in msg and "base" in msg
+
+
+def test_controlnet_for_another_unet_width_refused(tmp_path):
+    cfg, _, net = tiny_models("tiny-sd1")
+    path = tmp_path / "control_tiny.safetensors"
+    save(path, controlnet_state_dict(net), cfg)
+    wider = replace(cfg, unet=replace(cfg.unet, model_channels=2 * cfg.unet.model_channels))
+    msg = error(load_controlnet, path, base=wider)
+    assert "control_tiny.safetensors" in msg and "model_channels" in msg
+    assert load_controlnet(path, base=cfg).zero_convs[0][0].weight.shape[0] == cfg.unet.model_channels
 
 
 class Boom:
