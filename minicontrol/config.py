@@ -78,7 +78,7 @@ TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
 TINY_TEXT = TextConfig(width=64, layers=2, heads=2)
 
 # the tiny world's model (minicontrol/world.py): 64x64 images, 8x8 latents, trained on CPU in minutes
-WORLD_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(1, 2),
+WORLD_UNET = UNetConfig(model_channels=64, channel_mult=(1, 1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
                         num_heads=2, context_dim=32)
 
 PRESETS = {
