@@ -134,6 +134,8 @@ def control_maps(args, tiny):
         prompts, maps = demo_controls(args.num_samples, args.resolution, args.seed)
         args.prompt = args.prompt or prompts
         return maps, [torch.from_numpy(np.stack(maps)).permute(0, 3, 1, 2).float() / 255.0]
+    if not args.control_image:                       # --base alone: text to image
+        return [], []
     maps = []
     for f in args.control_image:
         img = resize_image(hwc3(read_image(f)), args.resolution)
@@ -179,7 +181,7 @@ def main(argv=None):
     for net in nets:
         net.to(args.device, dtype)
 
-    h, w = maps[0].shape[:2]
+    h, w = maps[0].shape[:2] if maps else (args.resolution, args.resolution)
     controls = [Control(*c) for c in zip(nets, hints, args.strength, args.start, args.end)]
     steps = sample(model, prompts, [negative] * len(prompts), controls, args.steps, args.cfg, args.eta,
                    args.guess_mode, args.only_mid_control, h, w, torch.Generator().manual_seed(args.seed))
@@ -189,7 +191,8 @@ def main(argv=None):
 
 
 def write_outputs(args, prompts, negative, maps, images):
-    """sample_N.png with the settings in a PNG text chunk named `parameters`; grid.png: control maps above samples."""
+    """sample_N.png with the settings in a PNG text chunk named `parameters`; grid.png: control maps (if any) above
+    samples."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
@@ -202,7 +205,7 @@ def write_outputs(args, prompts, negative, maps, images):
         Image.fromarray(img).save(out / f"sample_{i}.png", pnginfo=info)
     n = max(len(maps), len(images))
     row = lambda tiles: np.concatenate(list(tiles) + [np.zeros_like(images[0])] * (n - len(tiles)), axis=1)
-    grid = Image.fromarray(np.concatenate([row(maps), row(images)], axis=0))
+    grid = Image.fromarray(np.concatenate(([row(maps)] if maps else []) + [row(images)], axis=0))
     zoom = max(1, 256 // images.shape[1])                 # tiny-model tiles are shown at least 256 pixels wide
     grid.resize((grid.width * zoom, grid.height * zoom), Image.NEAREST).save(out / "grid.png")
     print(f"wrote {out / 'grid.png'} and {len(images)} sample(s) in {out}/")
