@@ -1,5 +1,5 @@
-"""Train a ControlNet with the official recipe (and, for small models, the VAE and the base model), one CPU to many
-GPUs: `torchrun --nproc_per_node N train.py ...` runs DistributedDataParallel.
+"""Train a ControlNet with the official recipe (and, for small models, the VAE, its decoder and the base model), one
+CPU to many GPUs: `torchrun --nproc_per_node N train.py ...` runs DistributedDataParallel.
 
     python train.py --base v1-5-pruned.ckpt --data training/fill50k --out runs/fill50k          # ControlNet
     python train.py --stage vae --config tiny --data data/circles --out runs/vae                  # tiny world
@@ -33,8 +33,9 @@ from minicontrol.unet import set_grad_checkpointing
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--stage", choices=["controlnet", "base", "vae"], default="controlnet",
-      help="what trains: the ControlNet (base locked; official), the base UNet, or the VAE")
+    a("--stage", choices=["controlnet", "base", "vae", "decoder"], default="controlnet",
+      help="what trains: the ControlNet (base locked; official), the base UNet, the VAE, or the VAE's decoder alone "
+           "(encoder frozen, so the latent space and every UNet trained on it stay valid)")
     a("--base", help="SD checkpoint to start from (ControlNet: built from its UNet by the official rule)")
     a("--config", help="preset for a model built from scratch (e.g. tiny) when there is no --base")
     a("--controlnet", help="existing ControlNet file (1.0 or 1.1) to fine-tune instead of a fresh copy")
@@ -46,6 +47,8 @@ def parser():
     a("--lr", type=float, default=1e-5, help="AdamW learning rate (official 1e-5), torch defaults otherwise")
     a("--sd-unlocked", action="store_true", help="also train the UNet's output_blocks and out (official sd_locked=False)")
     a("--only-mid-control", action="store_true", help="train and use only the middle-block residual")
+    a("--latent-noise", type=float, default=0.0, help="decoder stage: add Gaussian noise of a std drawn from [0, this] "
+      "per image to the (unscaled) latents, so the decoder learns to turn imprecise latents into clean images")
     a("--drop-prompt", type=float, default=0.5, help="probability of an empty prompt (paper: 0.5)")
     a("--resolution", type=int, default=None, help="training image size (default: the data's own)")
     a("--save-every", type=int, default=500, help="checkpoint every N steps (atomic)")
@@ -114,13 +117,15 @@ def build(args, device):
     except CheckpointError as e:
         raise SystemExit(f"error: {e}")
     if model is None:
-        if not args.config or args.stage == "controlnet":
+        if not args.config or args.stage in ("controlnet", "decoder"):
             raise SystemExit("error: give --base (an SD checkpoint), or --config to build a new model for --stage vae/base")
         torch.manual_seed(args.seed)
         model = StableDiffusion(preset(args.config))
     model = model.to(device).requires_grad_(False).eval()
     if args.stage == "vae":
         return model, model.vae, list(model.vae.parameters())
+    if args.stage == "decoder":
+        return model, model.vae, list(model.vae.post_quant_conv.parameters()) + list(model.vae.decoder.parameters())
     if args.stage == "base":
         return model, model.unet, list(model.unet.parameters())
     torch.manual_seed(args.seed)
@@ -132,7 +137,7 @@ def build(args, device):
 
 
 def export(args, model, net, path):
-    """What users load: a ControlNet 1.1 file (control_model.*), or for the vae/base stages a whole SD file."""
+    """What users load: a ControlNet 1.1 file (control_model.*), or for the other stages a whole SD file."""
     if args.stage == "controlnet":
         save(path, controlnet_state_dict(net), model.config)
     else:
@@ -154,8 +159,12 @@ def micro_batch_loss(args, model, trained, items, rank, world, gen, cached=None)
     device = next(model.parameters()).device
     hint, target, posterior, t, noise = (x[rows] if x.shape[0] == g else x for x in (hint, target, posterior, t, noise))
     hint, target, posterior, t, noise = (x.to(device) for x in (hint, target, posterior, t, noise))
-    if args.stage == "vae":
-        rec, mean, logvar = trained(target, posterior)
+    if args.stage in ("vae", "decoder"):
+        extra = 0.0
+        if args.stage == "decoder":                  # extra latent noise, std uniform in [0, --latent-noise]
+            extra = torch.rand(g, 1, 1, 1, generator=gen) * args.latent_noise * torch.randn(zshape, generator=gen)
+            extra = extra[rows].to(device)
+        rec, mean, logvar = trained(target, posterior, extra)
         kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
         return F.l1_loss(rec, target) + F.mse_loss(rec, target) + 1e-6 * kl   # L1 keeps flat-colour edges sharp
     prompts = ["" if d else p for p, d in zip(prompts, drop[rows].tolist())]   # empty-prompt dropout
@@ -196,7 +205,7 @@ def sample_grid(args, model, net, items, path):
     hint, target = torch.stack(hint), torch.stack(target)
     device = next(model.parameters()).device
     model.eval()
-    if args.stage == "vae":
+    if args.stage in ("vae", "decoder"):
         with torch.no_grad():
             out = decode(model, model.vae.encode(target.to(device), sample=False))
     else:
@@ -236,7 +245,9 @@ def main(argv=None):
     args.resolution = args.resolution or Image.open(items[0][1]).size[0]
     out = Path(args.out)
     model, trained, params = build(args, device)
-    trained.train().requires_grad_(True)
+    trained.train()
+    for p in params:                                 # the decoder stage leaves the encoder frozen
+        p.requires_grad_(True)
     extra = [p for p in params if not any(p is q for q in trained.parameters())]   # unlocked output_blocks/out
     for p in extra:
         p.requires_grad_(True)
@@ -244,7 +255,7 @@ def main(argv=None):
         set_grad_checkpointing(model.unet)
         set_grad_checkpointing(trained)
     ddp = torch.nn.parallel.DistributedDataParallel(trained) if world > 1 else trained
-    moments = encode_all(model, items, args.resolution) if args.cache_latents and args.stage != "vae" else None
+    moments = encode_all(model, items, args.resolution) if args.cache_latents and args.stage in ("base", "controlnet") else None
     opt = torch.optim.AdamW(params, lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     step = 0

@@ -137,10 +137,11 @@ class AutoencoderKL(nn.Module):
         mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def forward(self, x, noise):
-        """Reconstruction through a posterior sample (noise ~ N(0, I) of the latent's shape), with the moments."""
+    def forward(self, x, noise, extra=0.0):
+        """Reconstruction through a posterior sample (noise ~ N(0, I) of the latent's shape) plus `extra` (added
+        latent noise, for training the decoder alone), with the moments."""
         mean, logvar = self.moments(x)
-        return self.decoder(self.post_quant_conv(mean + torch.exp(0.5 * logvar) * noise)), mean, logvar
+        return self.decoder(self.post_quant_conv(mean + torch.exp(0.5 * logvar) * noise + extra)), mean, logvar
 
     def encode(self, x, generator=None, sample=True):
         """Scaled latent: a sample of the posterior, as LDM training uses, or its mean with sample=False."""

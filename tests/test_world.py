@@ -80,10 +80,18 @@ def test_recipe_runs_every_stage_from_scratch(tmp_path):
         tmp_path / "base", "--drop-prompt", 0.1, "--cache-latents", *common)
     run("train.py", "--stage", "controlnet", "--base", tmp_path / "base" / "step0000002.safetensors", "--out",
         tmp_path / "cn", "--cache-latents", *common)
+    run("train.py", "--stage", "decoder", "--base", tmp_path / "base" / "step0000002.safetensors", "--out",
+        tmp_path / "decoder", "--latent-noise", 0.3, "--lr", 1e-3, *common)
+    before, after = (load_base(tmp_path / s / "step0000002.safetensors") for s in ("base", "decoder"))
+    for part in ("unet", "text", "vae.encoder", "vae.quant_conv"):          # all but the decoder stay as they were
+        m, n = before.get_submodule(part), after.get_submodule(part)
+        assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), n.state_dict().values())), part
+    assert not all(torch.equal(a, b) for a, b in zip(before.vae.decoder.parameters(), after.vae.decoder.parameters()))
+    assert after.config == before.config                  # same latent space: the scale factor is kept
     net = load_controlnet(tmp_path / "cn" / "step0000002.safetensors",
                           base=load_base(tmp_path / "base" / "step0000002.safetensors").config)
     assert len(net.zero_convs) == 6                    # tiny: conv_in, 3 res blocks, 2 downsamples
-    for stage in ("vae", "base", "cn"):
+    for stage in ("vae", "base", "cn", "decoder"):
         assert (tmp_path / stage / "samples" / "step0000002.png").exists() and (tmp_path / stage / "loss.png").exists()
 
 
