@@ -235,6 +235,8 @@ def plot_loss(csv_path, png_path):
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    if args.latent_noise and args.stage != "decoder":
+        raise SystemExit("error: --latent-noise is for --stage decoder; leave it out for the other stages")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     cuda = torch.cuda.is_available()

@@ -193,3 +193,11 @@ def test_bad_data_line_is_named(setup, tmp_path):
                           tmp_path / "o"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode != 0 and "line 1" in res.stderr and "source/0.png" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_latent_noise_outside_the_decoder_stage_is_refused(setup, tmp_path):
+    d, base = setup
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--base", base, "--data", d / "data", "--out",
+                          tmp_path / "o", "--latent-noise", "0.3"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode != 0 and "--latent-noise" in res.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in res.stderr
