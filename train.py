@@ -251,13 +251,12 @@ def main(argv=None):
     for p in params:                                 # the decoder stage leaves the encoder frozen
         p.requires_grad_(True)
     extra = [p for p in params if not any(p is q for q in trained.parameters())]   # unlocked output_blocks/out
-    for p in extra:
-        p.requires_grad_(True)
     if args.grad_checkpointing:
         set_grad_checkpointing(model.unet)
         set_grad_checkpointing(trained)
     ddp = torch.nn.parallel.DistributedDataParallel(trained) if world > 1 else trained
-    moments = encode_all(model, items, args.resolution) if args.cache_latents and args.stage in ("base", "controlnet") else None
+    cache = args.cache_latents and args.stage in ("base", "controlnet")      # the other stages run the encoder
+    moments = encode_all(model, items, args.resolution) if cache else None
     opt = torch.optim.AdamW(params, lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     step = 0
