@@ -137,8 +137,11 @@ def build(args, device):
 
 
 def export(args, model, net, path):
-    """What users load: a ControlNet 1.1 file (control_model.*), or for the other stages a whole SD file."""
-    if args.stage == "controlnet":
+    """What users load: a ControlNet 1.1 file (control_model.*); with --sd-unlocked a ControlNet 1.0 full file (SD
+    with its trained decoder, and control_model.*); for the other stages a whole SD file."""
+    if args.stage == "controlnet" and args.sd_unlocked:
+        save(path, full_state_dict(model, net), model.config)
+    elif args.stage == "controlnet":
         save(path, controlnet_state_dict(net), model.config)
     else:
         save(path, full_state_dict(model), model.config)

@@ -100,6 +100,21 @@ def test_unlocked_trains_output_blocks_and_out_only(setup, tmp_path):
     assert got == {"output_blocks", "out"}
 
 
+def test_unlocked_run_exports_a_full_file_with_its_trained_decoder(setup, tmp_path):
+    # the trained output_blocks/out must reach the exported file: a ControlNet 1.0 full file (SD + control_model.*)
+    _, base = setup
+    out = tmp_path / "run"
+    train(*common(setup, out, steps=3, extra=["--sd-unlocked", "--save-every", 3]))
+    ckpt = out / "step0000003.safetensors"
+    sd, before = read(ckpt)[0], read(base)[0]
+    assert kind(sd) == "controlnet-1.0"
+    changed = {k.split(".")[2] for k in before if not torch.equal(sd[k], before[k])}
+    assert changed == {"output_blocks", "out"}
+    model = load_base(ckpt)                                            # usable as --base and as --controlnet
+    load_controlnet(ckpt, base=model.config)
+    assert torch.equal(model.unet.out[2].weight, sd[UNET + "out.2.weight"].float())
+
+
 def test_start_from_sd_follows_tool_add_control_rule():
     # names: control_model.X is copied from model.diffusion_model.X whenever that key exists in the UNet manifest
     for family in ("sd15", "sd21"):
