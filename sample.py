@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from minicontrol.world import GUIDANCE as TINY_CFG
+
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 TINY_BASE, TINY_CONTROL = WEIGHTS / "tiny_sd.safetensors", WEIGHTS / "tiny_controlnet.safetensors"
 
@@ -34,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
                                        "'best quality, extremely detailed'; empty for the tiny model)")
     a("--negative-prompt", default=None, help="the unconditional prompt of classifier-free guidance")
     a("--steps", type=int, default=20, help="DDIM steps; 1000 // steps sets the spacing (default 20)")
-    a("--cfg", type=float, default=9.0, help="classifier-free guidance scale; 1 turns guidance off (default 9.0)")
+    a("--cfg", type=float, default=None, help="classifier-free guidance scale; 1 turns guidance off (default 9.0, "
+                                                "the official demos'; 2.0 for the tiny model)")
     a("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic, 1 is DDPM-like (default 0.0)")
     a("--strength", type=float, action="append", default=[],
       help="control strength, one for all ControlNets or one per ControlNet (default 1.0)")
@@ -103,6 +106,7 @@ def check_args(args):
             fail(f"--start {s} and --end {e} must satisfy 0 <= start < end <= 1")
     if not 1 <= args.steps <= 1000:
         fail(f"--steps must be between 1 and 1000, got {args.steps}")
+    args.cfg = args.cfg if args.cfg is not None else (TINY_CFG if tiny else 9.0)
     if args.num_samples < 1 or args.cfg < 0 or args.eta < 0:
         fail("--num-samples must be at least 1, and --cfg and --eta must not be negative")
     args.resolution = args.resolution or (64 if tiny else 512)

@@ -121,3 +121,16 @@ def test_eval_table_and_curve_run(tmp_path):
     rows = (tmp_path / "iou.csv").read_text().splitlines()
     assert rows[0] == "step,iou,colour_error" and [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
     assert rows[1].split(",")[1:] == rows[2].split(",")[1:] and (tmp_path / "iou.png").exists()
+
+
+@pytest.mark.skipif(not all(p.exists() for p in SHIPPED), reason="the tiny weights are not in weights/")
+def test_bare_sample_draws_the_circles_on_their_outlines(tmp_path):
+    # what a user sees first: `python sample.py` alone, with the tiny model's guidance, puts each held-out colour
+    # pair's circle on its outline (IoU against the outlined disc, a closed form)
+    from minicontrol.eval import scores
+    from minicontrol.world import GUIDANCE
+    run("sample.py", "--num-samples", 8, "--out", tmp_path)
+    images = [np.asarray(Image.open(tmp_path / f"sample_{i}.png")) for i in range(8)]
+    assert f"CFG scale: {GUIDANCE}," in Image.open(tmp_path / "sample_0.png").text["parameters"]
+    iou, colour_error = scores(images, eval_items(8, seed=12345)[:8])     # sample.py's default seed draws these
+    assert iou > 0.8 and colour_error < 0.1
