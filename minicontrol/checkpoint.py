@@ -272,15 +272,22 @@ def full_state_dict(model: StableDiffusion, net: ControlNet = None) -> dict:
 
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(description="rewrite a checkpoint as .safetensors (same keys), optionally in float16")
+    p = argparse.ArgumentParser(description="rewrite a checkpoint as .safetensors (same keys), optionally in float16, "
+                                "or split a ControlNet 1.0 full file into its SD and its control_model.* (1.1) parts")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--half", action="store_true", help="store floating-point tensors as float16")
+    p.add_argument("--part", choices=["all", "sd", "control"], default="all",
+                   help="keep every key, the SD's alone (no control_model.*), or control_model.* alone")
     a = p.parse_args()
     try:
         sd, meta = read(a.src)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}")
+    if a.part != "all":
+        sd = {k: v for k, v in sd.items() if k.startswith(CONTROL) == (a.part == "control")}
+        if kind(sd) != ("controlnet-1.1" if a.part == "control" else "sd"):
+            raise SystemExit(f"error: {a.src}: no {a.part} part; --part sd and control split a ControlNet 1.0 full file")
     if a.half:
         sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
     save(a.dst, sd, ModelConfig.from_json(meta) if meta else None)

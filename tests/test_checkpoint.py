@@ -7,7 +7,7 @@ import torch
 
 from helpers import tiny_models
 from minicontrol.checkpoint import (CONTROL, CheckpointError, controlnet_state_dict, full_state_dict, kind, load_base,
-                                    load_controlnet, save)
+                                    load_controlnet, read, save)
 from minicontrol.config import preset
 
 
@@ -65,6 +65,25 @@ def error(fn, *args, **kw):
     msg = str(e.value)
     assert "\n" not in msg
     return msg
+
+
+def test_split_a_full_file_into_sd_and_control_files(tmp_path):
+    # python -m minicontrol.checkpoint --part: the two halves of a 1.0 full file load as a base and a 1.1 ControlNet
+    import subprocess
+    import sys
+    cfg, model, net = tiny_models("tiny-sd2")
+    full = save(tmp_path / "full.pth", full_state_dict(model, net)) or tmp_path / "full.pth"
+    cli = lambda *a: subprocess.run([sys.executable, "-m", "minicontrol.checkpoint", *map(str, a)],
+                                    capture_output=True, text=True)
+    for part in ("sd", "control"):
+        assert cli(full, tmp_path / f"{part}.safetensors", "--part", part).returncode == 0
+    sd_part, control_part = read(tmp_path / "sd.safetensors")[0], read(tmp_path / "control.safetensors")[0]
+    assert kind(sd_part) == "sd" and kind(control_part) == "controlnet-1.1"
+    assert same(load_base(tmp_path / "sd.safetensors", config=cfg).unet, model.unet)
+    assert same(load_controlnet(tmp_path / "control.safetensors", base=cfg), net)
+    res = cli(tmp_path / "control.safetensors", tmp_path / "x.safetensors", "--part", "sd")
+    assert res.returncode != 0 and res.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'control.safetensors'}: no sd part; --part sd and control split a ControlNet 1.0 full file"]
 
 
 def test_missing_unexpected_and_wrong_shape(tmp_path, tiny):
