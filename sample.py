@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from minicontrol.world import GUIDANCE as TINY_CFG
+from minicontrol.world import GUIDANCE as TINY_CFG, STRENGTH as TINY_STRENGTH
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 TINY_BASE, TINY_CONTROL = WEIGHTS / "tiny_sd.safetensors", WEIGHTS / "tiny_controlnet.safetensors"
@@ -37,10 +37,11 @@ def parser() -> argparse.ArgumentParser:
     a("--negative-prompt", default=None, help="the unconditional prompt of classifier-free guidance")
     a("--steps", type=int, default=20, help="DDIM steps; 1000 // steps sets the spacing (default 20)")
     a("--cfg", type=float, default=None, help="classifier-free guidance scale; 1 turns guidance off (default 9.0, "
-                                                "the official demos'; 2.0 for the tiny model)")
+                                                f"the official demos'; {TINY_CFG} for the tiny model)")
     a("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic, 1 is DDPM-like (default 0.0)")
     a("--strength", type=float, action="append", default=[],
-      help="control strength, one for all ControlNets or one per ControlNet (default 1.0)")
+      help=f"control strength, one for all ControlNets or one per ControlNet (default 1.0; {TINY_STRENGTH} for "
+           "the tiny model)")
     a("--guess-mode", action="store_true", help="no control in the unconditional pass, residual scales "
                                                 "strength * 0.825 ** (12 - i): the ControlNet guesses the content")
     a("--start", type=float, action="append", default=[], help="fraction of the steps at which control starts "
@@ -98,7 +99,7 @@ def check_args(args):
         if not Path(f).is_file():
             fail(f"--control-image {f}: no such file")
     n = len(args.controlnet)
-    args.strength = per_control(args.strength, 1.0, n, "--strength")
+    args.strength = per_control(args.strength, TINY_STRENGTH if tiny else 1.0, n, "--strength")
     args.start = per_control(args.start, 0.0, n, "--start")
     args.end = per_control(args.end, 1.0, n, "--end")
     for s, e in zip(args.start, args.end):

@@ -287,7 +287,8 @@ if __name__ == "__main__":
     if a.part != "all":
         sd = {k: v for k, v in sd.items() if k.startswith(CONTROL) == (a.part == "control")}
         if kind(sd) != ("controlnet-1.1" if a.part == "control" else "sd"):
-            raise SystemExit(f"error: {a.src}: no {a.part} part; --part sd and control split a ControlNet 1.0 full file")
+            raise SystemExit(f"error: {a.src}: no {a.part} part; --part sd and control split a ControlNet 1.0 "
+                             "full file")
     if a.half:
         sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
     save(a.dst, sd, ModelConfig.from_json(meta) if meta else None)

@@ -7,8 +7,8 @@ test of extrapolation to a region the models never drew in):
 * prompt fidelity: mean absolute RGB error (in [0, 1]) of the circle and of the background against the named colours;
 * the VAE: the same IoU and colour error on its reconstructions of the targets.
 
-The guidance scale, world.GUIDANCE, was chosen on the items of --seed 2; the README's numbers are --seed 1, another
-draw of outlines (the held-out colour pairs are the same eight).
+The guidance scale and control strength, world.GUIDANCE and STRENGTH, were chosen on the items of --seed 2; the
+README's numbers are --seed 1, another draw of outlines (the held-out colour pairs are the same eight).
 
     python -m minicontrol.eval [--base weights/tiny_sd.safetensors] [--controlnet weights/tiny_controlnet.safetensors]
 """
@@ -20,7 +20,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_base, load_controlnet
 from .pipeline import Control, decode, sample
-from .world import COLORS, GUIDANCE, SIZE, draw, eval_items, prompt
+from .world import COLORS, GUIDANCE, SIZE, STRENGTH, draw, eval_items, prompt
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 
@@ -44,17 +44,18 @@ def scores(images, items):
 GROUPS = ("held-out colour pairs", "held-out corner")
 
 
-def generate(model, net, items, controls, steps, cfg, seed):
+def generate(model, net, items, controls, steps, cfg, seed, strength=STRENGTH):
     """Images (uint8 HxWx3) for the items' prompts, with the ControlNet on their outlines unless net is None."""
     hint = torch.from_numpy(np.stack(controls)).permute(0, 3, 1, 2).float() / 255.0
     prompts = [prompt(c, b) for c, b, *_ in items]
-    for _, z, _ in sample(model, prompts, [""] * len(items), [Control(net, hint)] if net is not None else [], steps,
-                          cfg, height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(seed)):
+    control = [Control(net, hint, strength)] if net is not None else []
+    for _, z, _ in sample(model, prompts, [""] * len(items), control, steps, cfg, height=SIZE, width=SIZE,
+                          generator=torch.Generator().manual_seed(seed)):
         pass
     return list(decode(model, z))
 
 
-def evaluate(base, controlnet, n=128, seed=1, steps=20, cfg=GUIDANCE, batch=16):
+def evaluate(base, controlnet, n=128, seed=1, steps=20, cfg=GUIDANCE, strength=STRENGTH, batch=16):
     """{model: {group: (IoU, colour error)}} for the base alone, with the ControlNet and the VAE, and image grids."""
     model = load_base(base)
     net = load_controlnet(controlnet, base=model.config)
@@ -64,7 +65,7 @@ def evaluate(base, controlnet, n=128, seed=1, steps=20, cfg=GUIDANCE, batch=16):
     for name, use in (("base", False), ("controlnet", True)):
         grids[name] = [image for i in range(0, len(items), batch) for image in
                        generate(model, net if use else None, items[i:i + batch], controls[i:i + batch], steps, cfg,
-                                seed * 1000 + i)]
+                                seed * 1000 + i, strength)]
     with torch.no_grad():
         x = torch.from_numpy(np.stack(targets)).permute(0, 3, 1, 2).float() / 127.5 - 1
         grids["vae"] = list(decode(model, model.vae.encode(x, sample=False)))
@@ -74,7 +75,7 @@ def evaluate(base, controlnet, n=128, seed=1, steps=20, cfg=GUIDANCE, batch=16):
     return results, grids
 
 
-def curve(run, base, n=16, seed=1, steps=20, cfg=GUIDANCE):
+def curve(run, base, n=16, seed=1, steps=20, cfg=GUIDANCE, strength=STRENGTH):
     """IoU and colour error with the ControlNet on held-out colour pairs at every checkpoint (stepN.safetensors) of
     a ControlNet training run on `base`: [(step, IoU, colour error)]."""
     model = load_base(base)
@@ -82,7 +83,8 @@ def curve(run, base, n=16, seed=1, steps=20, cfg=GUIDANCE):
     controls = [draw(*item)[1] for item in items]
     rows = []
     for path in sorted(Path(run).glob("step*.safetensors")):
-        images = generate(model, load_controlnet(path, base=model.config), items, controls, steps, cfg, seed * 1000)
+        images = generate(model, load_controlnet(path, base=model.config), items, controls, steps, cfg, seed * 1000,
+                          strength)
         rows.append((int(path.stem[4:]), *scores(images, items)))
         print(*rows[-1], sep="\t", flush=True)
     return rows
@@ -111,6 +113,8 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=GUIDANCE, help=f"guidance scale (default {GUIDANCE}, as sample.py "
                    "uses for the tiny model)")
+    p.add_argument("--strength", type=float, default=STRENGTH, help=f"control strength (default {STRENGTH}, as "
+                   "sample.py uses for the tiny model)")
     p.add_argument("--grid", help="write a PNG: outline, target, base alone, with ControlNet, VAE reconstruction")
     p.add_argument("--curve", metavar="RUN", help="instead: IoU at every checkpoint of a ControlNet run folder, "
                    "written to RUN/iou.csv and RUN/iou.png (n held-out colour pairs)")
@@ -124,16 +128,16 @@ def main():
 
 def run(a):
     if a.curve:
-        rows = curve(a.curve, a.base, a.n, a.seed, a.steps, a.cfg)
+        rows = curve(a.curve, a.base, a.n, a.seed, a.steps, a.cfg, a.strength)
         if not rows:
             raise SystemExit(f"error: {a.curve}: no step*.safetensors checkpoints; give a ControlNet run folder")
         with open(Path(a.curve) / "iou.csv", "w") as f:
             f.write("step,iou,colour_error\n" + "".join(f"{s},{i:.4f},{e:.4f}\n" for s, i, e in rows))
         line_plot(np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), Path(a.curve) / "iou.png", "IoU")
         return
-    res, grids = evaluate(a.base, a.controlnet, a.n, a.seed, a.steps, a.cfg)
-    print(f"{a.n} items per group, DDIM {a.steps} steps, guidance {a.cfg}, seed {a.seed}; IoU with the outlined disc "
-          "and colour error (RGB in [0, 1])")
+    res, grids = evaluate(a.base, a.controlnet, a.n, a.seed, a.steps, a.cfg, a.strength)
+    print(f"{a.n} items per group, DDIM {a.steps} steps, guidance {a.cfg}, strength {a.strength}, seed {a.seed}; "
+          "IoU with the outlined disc and colour error (RGB in [0, 1])")
     print("| model | " + " | ".join(f"{g}: IoU | colour error" for g in GROUPS) + " |")
     print("|---" * (1 + 2 * len(GROUPS)) + "|")
     labels = {"base": "base model alone", "controlnet": "with the ControlNet", "vae": "VAE reconstruction"}

@@ -125,12 +125,13 @@ def test_eval_table_and_curve_run(tmp_path):
 
 @pytest.mark.skipif(not all(p.exists() for p in SHIPPED), reason="the tiny weights are not in weights/")
 def test_bare_sample_draws_the_circles_on_their_outlines(tmp_path):
-    # what a user sees first: `python sample.py` alone, with the tiny model's guidance, puts each held-out colour
+    # what a user sees first: `python sample.py` alone, with the tiny model's settings, puts each held-out colour
     # pair's circle on its outline (IoU against the outlined disc, a closed form)
     from minicontrol.eval import scores
-    from minicontrol.world import GUIDANCE
+    from minicontrol.world import GUIDANCE, STRENGTH
     run("sample.py", "--num-samples", 8, "--out", tmp_path)
     images = [np.asarray(Image.open(tmp_path / f"sample_{i}.png")) for i in range(8)]
-    assert f"CFG scale: {GUIDANCE}," in Image.open(tmp_path / "sample_0.png").text["parameters"]
+    params = Image.open(tmp_path / "sample_0.png").text["parameters"]
+    assert f"CFG scale: {GUIDANCE}," in params and f"Strength: [{STRENGTH}]" in params
     iou, colour_error = scores(images, eval_items(8, seed=12345)[:8])     # sample.py's default seed draws these
     assert iou > 0.8 and colour_error < 0.1
