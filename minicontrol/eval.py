@@ -44,7 +44,7 @@ def scores(images, items):
 GROUPS = ("held-out colour pairs", "held-out corner")
 
 
-def generate(model, net, items, controls, steps, cfg, seed, strength=STRENGTH):
+def generate(model, net, items, controls, steps, cfg, seed, strength):
     """Images (uint8 HxWx3) for the items' prompts, with the ControlNet on their outlines unless net is None."""
     hint = torch.from_numpy(np.stack(controls)).permute(0, 3, 1, 2).float() / 255.0
     prompts = [prompt(c, b) for c, b, *_ in items]
