@@ -63,15 +63,21 @@ if triton is not None:
     CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in TILES]
 
     @triton.autotune(configs=CONFIGS[:1] if os.environ.get("TRITON_INTERPRET") == "1" else CONFIGS,
-                     key=["NQ", "NK", "D", "IEEE"])
+                     key=["NQ", "NK", "D", "IEEE", "VEC"])
     @triton.jit
     def _flash_fwd(Q, K, V, O, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                    H, NQ, NK, qk_scale, D: tl.constexpr, D0: tl.constexpr,
-                   D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                   UPCAST: tl.constexpr):
+                   D1: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   IEEE: tl.constexpr, UPCAST: tl.constexpr):
         """One program: BLOCK_M queries of one (batch, head) against all keys, FlashAttention-2 (arXiv:2307.08691,
         Algorithm 1): running row max m_i, running sum l_i, unnormalised output acc, rescaled as new keys arrive.
-        The head width D is computed as two pieces D0 + D1 so no lane does padding work beyond the last piece."""
+        The head width D is computed as two pieces D0 + D1 so no lane does padding work beyond the last piece.
+        Batch, head and token strides arrive divided by VEC, a power of two that divides them all: multiplied back here,
+        they show the compiler that every row starts on a VEC-element boundary, so it moves whole 16-byte vectors and
+        can prefetch the next key and value tiles while this one is computed (a 40-wide row is 80 bytes, and a plain
+        stride of 40 would leave it loading one element at a time)."""
+        sqb, sqh, sqn, skb, skh, skn = sqb * VEC, sqh * VEC, sqn * VEC, skb * VEC, skh * VEC, skn * VEC
+        svb, svh, svn, sob, soh, son = svb * VEC, svh * VEC, svn * VEC, sob * VEC, soh * VEC, son * VEC
         start_m, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -121,9 +127,10 @@ def flash_attention(q, k, v, out=None, tile=None):
     d0, d1 = split_width(D)
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     grid = lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]), B * H)
-    args = (q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, NQ, k.shape[2],
-            D ** -0.5 * 1.4426950408889634)
-    meta = dict(D=D, D0=d0, D1=d1, IEEE=q.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1")
+    vec = math.gcd(16 // q.element_size(), *(s for t in (q, k, v, out) for s in t.stride()[:3]))
+    strides = [s // vec if i < 3 else s for t in (q, k, v, out) for i, s in enumerate(t.stride())]
+    args = (q, k, v, out, *strides, H, NQ, k.shape[2], D ** -0.5 * 1.4426950408889634)
+    meta = dict(D=D, D0=d0, D1=d1, VEC=vec, IEEE=q.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1")
     if tile is None:
         _flash_fwd[grid](*args, **meta)
     else:

@@ -48,6 +48,17 @@ def test_gradients_match(d, dtype):
         assert rel(a, b) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_at_odd_offsets(dtype):
+    # rows of d + 1 elements starting one element in: no stride shares a factor of two, so no wide loads may be assumed
+    d, g = 40, torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, n, d + 1, generator=g, dtype=dtype)[..., 1:] for n in (100, 77, 77))
+    out = torch.full((2, 2, 100, d + 1), float("nan"), dtype=dtype)[..., 1:]
+    flash_attention(q, k, v, out=out)
+    assert not out.isnan().any()
+    assert rel(out, attention_math(*(t.float() for t in (q, k, v)))) <= TOL[dtype]
+
+
 def test_width_split():
     assert [split_width(d) for d in (40, 64, 80, 160)] == [(32, 16), (64, 0), (64, 16), (128, 32)]
     assert split_width(512) is None                      # the VAE's single wide head takes PyTorch's kernel
