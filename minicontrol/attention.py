@@ -102,9 +102,10 @@ if triton is not None:
             if D1 > 0:
                 k1 = tl.load(k_base + cols[:, None] * skn + offs_d1[None, :] * skd, mask=key_ok & col_ok, other=0.0)
                 s += _dot(q1, tl.trans(k1), IEEE, UPCAST)
-            s = tl.where(cols[None, :] < NK, s * qk_scale, float("-inf"))          # masked tail (77 text tokens)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])                                   # qk_scale holds log2(e)
+            if start_n + BLOCK_N > NK:                                       # the last, partial block (77 tokens)
+                s = tl.where(cols[None, :] < NK, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)                 # qk_scale holds log2(e): exp2 below
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])                  # one fused multiply-add per score
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             p = p.to(V.dtype.element_ty)
