@@ -121,17 +121,23 @@ if triton is not None:
             tl.store(o_base + offs_d1[None, :] * sod, (acc1 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok & col_ok)
 
 
+def kernel_args(q, k, v, out):
+    """The kernel's arguments and compile-time constants for these tensors (tests also compile them for a GPU)."""
+    D = q.shape[-1]
+    d0, d1 = split_width(D)
+    vec = math.gcd(16 // q.element_size(), *(s for t in (q, k, v, out) for s in t.stride()[:3]))
+    strides = [s // vec if i < 3 else s for t in (q, k, v, out) for i, s in enumerate(t.stride())]
+    args = (q, k, v, out, *strides, q.shape[1], q.shape[2], k.shape[2], D ** -0.5 * 1.4426950408889634)
+    return args, dict(D=D, D0=d0, D1=d1, VEC=vec, IEEE=q.dtype == torch.float32,
+                      UPCAST=os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def flash_attention(q, k, v, out=None, tile=None):
     """Launch the forward kernel; q: (B, H, Nq, d), k, v: (B, H, Nk, d), any strides; writes into `out` if given.
     tile=(BLOCK_M, BLOCK_N, warps, stages) skips the autotuner (benchmarks compare tiles with it)."""
-    B, H, NQ, D = q.shape
-    d0, d1 = split_width(D)
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
-    grid = lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]), B * H)
-    vec = math.gcd(16 // q.element_size(), *(s for t in (q, k, v, out) for s in t.stride()[:3]))
-    strides = [s // vec if i < 3 else s for t in (q, k, v, out) for i, s in enumerate(t.stride())]
-    args = (q, k, v, out, *strides, H, NQ, k.shape[2], D ** -0.5 * 1.4426950408889634)
-    meta = dict(D=D, D0=d0, D1=d1, VEC=vec, IEEE=q.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1")
+    grid = lambda meta: (triton.cdiv(q.shape[2], meta["BLOCK_M"]), q.shape[0] * q.shape[1])
+    args, meta = kernel_args(q, k, v, out)
     if tile is None:
         _flash_fwd[grid](*args, **meta)
     else:

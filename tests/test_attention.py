@@ -1,9 +1,15 @@
-"""Our Triton FlashAttention kernel, run by Triton's CPU interpreter, against the plain-math reference."""
+"""Our Triton FlashAttention kernel, run by Triton's CPU interpreter, against the plain-math reference; and the code
+Triton's compiler makes of it for an H100, inspected without one."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
-from minicontrol.attention import FlashAttention, attention_math, flash_attention, split_width
+from minicontrol.attention import TILES, FlashAttention, attention_math, flash_attention, split_width
 
 # SD shapes scaled down: self-attention at 1024/256/64 tokens, cross-attention to 77 text tokens, odd query counts
 LENGTHS = [(64, 64), (256, 256), (1024, 1024), (256, 77), (100, 77), (77, 100)]
@@ -62,3 +68,30 @@ def test_rows_at_odd_offsets(dtype):
 def test_width_split():
     assert [split_width(d) for d in (40, 64, 80, 160)] == [(32, 16), (64, 0), (64, 16), (128, 32)]
     assert split_width(512) is None                      # the VAE's single wide head takes PyTorch's kernel
+
+
+def compile_sm90(cases):
+    """[[d, dtype, layout, tile], ...] compiled for sm_90 by tests/compile_sm90.py, outside the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "compile_sm90.py")
+    run = subprocess.run([sys.executable, script, json.dumps(cases)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout)
+
+
+def test_hopper_code_moves_whole_vectors_and_prefetches():
+    # d = 40 rows are 80 bytes: only the strides' common factor of two lets the compiler use 16-byte vectors, and only
+    # whole vectors let it copy the next key and value tiles into shared memory while the current one is computed
+    tile = list(TILES[0])
+    cases = [[d, "float16", "unet", tile] for d in WIDTHS] + [[40, "bfloat16", "unet", tile],
+                                                              [40, "float16", "contiguous", tile]]
+    *codes, odd = compile_sm90(cases + [[40, "float16", "odd", tile]])
+    for case, code in zip(cases, codes):
+        assert code["b16_loads"] == 0 and code["async_16"] > 0 and code["wgmma"] > 0, (case, code)
+    assert odd["b16_loads"] > 0 and odd["async_16"] == 0         # rows at odd offsets: one element at a time
+
+
+def test_every_tile_fits_an_h100():
+    cases = [[d, dtype, "unet", list(tile)] for tile in TILES for d in WIDTHS for dtype in ("float16", "bfloat16")]
+    for case, code in zip(cases, compile_sm90(cases)):
+        assert code["shared"] <= 227 * 1024, (case, code)      # an H100's shared memory per block
