@@ -1,53 +1,119 @@
-"""Each tile configuration of our attention kernel at each SD head width, in its own process (a faulting kernel
-poisons its CUDA context, so one fault must not hide the other widths): correctness in float16 and bfloat16, and its
-time at that width's largest SD1.5 or SD2.1 512x512 self-attention shape, beside SDPA. Width 64 has no second piece
-(D1 = 0) and the 1-stage tiles have no software pipelining: together they tell which part of a fault is to blame.
+"""Which tile configurations of our attention kernel run correctly on this GPU, and how fast, at each SD head width.
 
-    python bench/flash_configs.py
+Each (tile, width) runs in its own process, since a faulting kernel poisons its CUDA context: first all of them check
+correctness side by side (float16 and bfloat16, self- and cross-attention, NaN-poisoned outputs), then, one at a time,
+the ones that passed are timed at that width's largest SD 512x512 self-attention shape beside SDPA, with q, k, v laid
+out as the UNet passes them. Where a tile faults, it is checked once more with Triton's Hopper tensor-core path turned
+off (DISABLE_MMA_V3=1), which tells whether the fault lies in that path. --pick FILE writes the tiles to autotune over
+(the fastest ones that ran correctly at every width) as MINICONTROL_FLASH_TILES reads them.
+
+    python bench/flash_configs.py [--pick FILE]
 """
+import argparse
+import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3),
-         (64, 32, 4, 3), (128, 32, 4, 4), (64, 32, 2, 3), (128, 64, 4, 1), (64, 64, 4, 1)]
+TILES = [(64, 32, 4, 3), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
+         (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3)]
 SHAPES = {40: (8, 4096), 64: (5, 4096), 80: (8, 1024), 160: (8, 256)}      # width: (heads, tokens)
 
 
-def check(tile, d):
+def unet_layout(b, n, h, d, dtype):
+    """(B, H, N, d) views of a (B, N, H*d) projection, as the UNet passes them."""
+    import torch
+    return torch.randn(b, n, h * d, device="cuda").view(b, n, h, d).transpose(1, 2).to(dtype)
+
+
+def child(tile, d, mode):
     import torch
     import torch.nn.functional as F
-    from triton.testing import do_bench
     from minicontrol.attention import attention_math, flash_attention
     h, n = SHAPES[d]
-    errs = []
-    for nq, nk in ((512, 512), (1000, 77)):
-        for dtype in (torch.float16, torch.bfloat16):
-            q = torch.randn(2, nq, 3 * d, device="cuda").view(2, nq, 3, d).transpose(1, 2)
-            k, v = (torch.randn(2, 3, nk, d, device="cuda") for _ in range(2))
-            out = flash_attention(*(t.to(dtype) for t in (q, k, v)), tile=tile)
-            ref = attention_math(q, k, v)
-            errs.append(((out.float() - ref).norm() / ref.norm()).item())
-    q, k, v = (torch.randn(2, h, n, d, device="cuda", dtype=torch.float16) for _ in range(3))
-    ours = do_bench(lambda: flash_attention(q, k, v, tile=tile), warmup=10, rep=50)
-    sdpa = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), warmup=10, rep=50)
-    ok = max(errs) <= 1e-2
-    print(f"  d={d} {'ok' if ok else 'WRONG'} max err {max(errs):.1e}; (2,{h},{n},{d}) fp16 ours {ours:.3f} ms, "
-          f"SDPA {sdpa:.3f} ms, speed {sdpa / ours:.2f}x", flush=True)
+    if mode == "check":
+        worst = 0.0
+        for nq, nk in ((512, 512), (1000, 77), (n, n)):
+            for dtype in (torch.float16, torch.bfloat16):
+                q = unet_layout(2, nq, 3, d, torch.float32)
+                k, v = (unet_layout(2, nk, 3, d, torch.float32) for _ in range(2))
+                out = torch.full((2, 3, nq, d), float("nan"), device="cuda", dtype=dtype)
+                flash_attention(*(t.to(dtype) for t in (q, k, v)), out=out, tile=tile)
+                ref = attention_math(q, k, v)
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                worst = max(worst, err if err == err else float("inf"))                  # NaN: an unwritten element
+        torch.cuda.synchronize()
+        print(json.dumps({"ok": worst <= 1e-2, "err": worst}))
+    else:
+        from triton.testing import do_bench
+        q, k, v = (unet_layout(2, n, h, d, torch.float16) for _ in range(3))
+        ours = do_bench(lambda: flash_attention(q, k, v, tile=tile), warmup=25, rep=100)
+        sdpa = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), warmup=25, rep=100)
+        print(json.dumps({"ours": ours, "sdpa": sdpa}))
+
+
+def spawn(tile, d, mode, env=None):
+    cmd = [sys.executable, __file__, "--child", ",".join(map(str, tile)), str(d), mode]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    except subprocess.TimeoutExpired:
+        return {"fail": "timed out"}
+    if res.returncode:
+        return {"fail": (res.stderr.strip().splitlines() or ["?"])[-1][:160]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main():
-    if len(sys.argv) > 2:
-        return check(tuple(int(x) for x in sys.argv[1].split(",")), int(sys.argv[2]))
+    p = argparse.ArgumentParser()
+    p.add_argument("--pick", help="write the tiles to autotune over to this file")
+    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(tuple(int(x) for x in args.child[0].split(",")), int(args.child[1]), args.child[2])
+    import torch
+    import triton
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}", flush=True)
+    jobs = [(tile, d) for tile in TILES for d in SHAPES]
+    with ThreadPoolExecutor(8) as pool:
+        checks = dict(zip(jobs, pool.map(lambda job: spawn(*job, "check"), jobs)))
+    speed = {}
+    for job in jobs:
+        if checks[job].get("ok"):
+            t = spawn(*job, "time")
+            speed[job] = t["sdpa"] / t["ours"] if "ours" in t else None
+            checks[job]["time"] = t
+
+    print("\n| tile (BLOCK_M, BLOCK_N, warps, stages) | " + " | ".join(
+        f"d={d} (2,{h},{n},{d})" for d, (h, n) in SHAPES.items()) + " |")
+    print("|---|" + "---:|" * len(SHAPES))
     for tile in TILES:
-        print(f"tile {tile} (BLOCK_M, BLOCK_N, warps, stages):", flush=True)
+        cells = []
         for d in SHAPES:
-            res = subprocess.run([sys.executable, __file__, ",".join(map(str, tile)), str(d)], capture_output=True,
-                                 text=True, timeout=120)
-            print(res.stdout.rstrip())
-            if res.returncode:
-                print(f"  d={d} FAILED: " + (res.stderr.strip().splitlines() or ["?"])[-1][:200], flush=True)
+            c = checks[(tile, d)]
+            cells.append(f"{speed[(tile, d)]:.2f}x" if speed.get((tile, d)) else
+                         "wrong ({:.0e})".format(c["err"]) if "err" in c and not c["ok"] else
+                         c.get("fail") or c.get("time", {}).get("fail", "?"))
+        print(f"| {tile} | " + " | ".join(cells) + " |")
+    print("\n(speed: SDPA time / our time, float16; higher is better)")
+
+    faulted = [job for job in jobs if "fail" in checks[job]]
+    if faulted:
+        tile, d = faulted[0]
+        res = spawn(tile, d, "check", env=dict(os.environ, DISABLE_MMA_V3="1"))
+        print(f"first fault {tile} d={d} again with DISABLE_MMA_V3=1: {res}")
+    for job in jobs:
+        print("raw", job, json.dumps(checks[job]))
+
+    safe = [tile for tile in TILES if all(speed.get((tile, d)) for d in SHAPES)]
+    pick = []
+    for d in SHAPES:                                   # the two fastest safe tiles at each width
+        pick += [t for t in sorted(safe, key=lambda t: -speed[(t, d)])[:2] if t not in pick]
+    print("autotune over:", pick)
+    if args.pick:
+        with open(args.pick, "w") as f:
+            f.write(";".join(",".join(map(str, t)) for t in pick))
 
 
 if __name__ == "__main__":

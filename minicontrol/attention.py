@@ -56,10 +56,10 @@ if triton is not None:
 
     # (BLOCK_M, BLOCK_N, warps, stages) tried once per shape on the GPU; the CPU interpreter takes the first.
     # Tiles with BLOCK_N >= 64 faulted in 16 bits (illegal address) on an H200 with Triton 3.6, see BENCHMARKS.md.
-    # MINICONTROL_FLASH_CONFIGS="0,2" keeps only those entries (benchmarks use it to compare configurations).
+    # MINICONTROL_FLASH_TILES="128,64,8,3;64,32,4,3" replaces the list (bench/flash_configs.py --pick writes one).
     TILES = [(64, 32, 4, 3), (128, 32, 8, 3), (128, 32, 4, 3)]
-    keep = os.environ.get("MINICONTROL_FLASH_CONFIGS")
-    TILES = [TILES[int(i)] for i in keep.split(",")] if keep else TILES
+    if os.environ.get("MINICONTROL_FLASH_TILES"):
+        TILES = [tuple(map(int, t.split(","))) for t in os.environ["MINICONTROL_FLASH_TILES"].split(";")]
     CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in TILES]
 
     @triton.autotune(configs=CONFIGS[:1] if os.environ.get("TRITON_INTERPRET") == "1" else CONFIGS,
