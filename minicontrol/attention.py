@@ -133,9 +133,10 @@ def kernel_args(q, k, v, out):
 
 
 def flash_attention(q, k, v, out=None, tile=None):
-    """Launch the forward kernel; q: (B, H, Nq, d), k, v: (B, H, Nk, d), any strides; writes into `out` if given.
+    """Launch the forward kernel; q: (B, H, Nq, d), k, v: (B, H, Nk, d), any strides; writes into `out` if given, else
+    into a tensor laid out like q (the UNet's (B, N, H*d) view, so merging the heads back needs no copy).
     tile=(BLOCK_M, BLOCK_N, warps, stages) skips the autotuner (benchmarks compare tiles with it)."""
-    out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
+    out = torch.empty_like(q) if out is None else out
     grid = lambda meta: (triton.cdiv(q.shape[2], meta["BLOCK_M"]), q.shape[0] * q.shape[1])
     args, meta = kernel_args(q, k, v, out)
     if tile is None:

@@ -41,7 +41,7 @@ def example(d, dtype, layout, n=1024):
 
 def compile_case(d, dtype, layout, tile):
     q, k, v = example(d, getattr(torch, dtype), layout)
-    args, meta = kernel_args(q, k, v, torch.empty_like(q, memory_format=torch.contiguous_format))
+    args, meta = kernel_args(q, k, v, torch.empty_like(q))
     block_m, block_n, warps, stages = tile
     values = dict(zip(_flash_fwd.fn.arg_names, args), **dict(meta, UPCAST=False), BLOCK_M=block_m, BLOCK_N=block_n)
     signature, constexprs, attrs = {}, {}, {}
