@@ -5,8 +5,8 @@ correctness side by side (float16 and bfloat16, self- and cross-attention, NaN-p
 the ones that passed are timed at that width's largest SD 512x512 self-attention shape beside SDPA, with q, k, v laid
 out as the UNet passes them. Where a tile faults, it is checked once more with Triton's Hopper tensor-core path turned
 off (DISABLE_MMA_V3=1), which tells whether the fault lies in that path. The last column weighs padding SD1.5's
-40-wide heads to one 64-wide piece against our split into 32 + 16. --pick FILE writes the tiles to autotune over (the
-fastest ones that ran correctly at every width) as MINICONTROL_FLASH_TILES reads them.
+40-wide heads to one 64-wide piece against our split into 32 + 16. --pick FILE writes the tiles to autotune over at each
+width (the fastest that ran correctly there) as MINICONTROL_FLASH_TILES reads them.
 
     python bench/flash_configs.py [--pick FILE]
 """
@@ -116,15 +116,18 @@ def main():
     for job in jobs:
         print("raw", job, json.dumps(checks[job]))
 
-    safe = [tile for tile in TILES if all(speed.get((tile, d)) for d in SHAPES)]
-    pick = []
-    for d in SHAPES:                                   # the two fastest safe tiles at each width
-        pick += [t for t in sorted(safe, key=lambda t: -speed[(t, d)])[:2] if t not in pick]
-    print("autotune over:", pick)
-    if args.pick:
+    # per width, the three fastest tiles that ran there, plus the fastest that ran at every width (which the
+    # autotuner offers at widths not measured here)
+    everywhere = [t for t in TILES if all(speed.get((t, d)) for d in SHAPES)]
+    best_everywhere = max(everywhere, key=lambda t: min(speed[(t, d)] for d in SHAPES), default=None)
+    pick = {}
+    for d in SHAPES:
+        ran = sorted((t for t in TILES if speed.get((t, d))), key=lambda t: -speed[(t, d)])[:3]
+        pick[d] = ran + [best_everywhere] if best_everywhere and best_everywhere not in ran else ran
+    print("autotune over:", json.dumps(pick))
+    if args.pick and best_everywhere:
         with open(args.pick, "w") as f:
-            f.write(";".join(",".join(map(str, t)) for t in pick))
-
+            json.dump(pick, f)
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)

@@ -1,4 +1,5 @@
 """The one attention entry point used by the UNet, the ControlNet and the VAE, and our fused Triton kernel for CUDA."""
+import json
 import math
 import os
 
@@ -54,16 +55,24 @@ if triton is not None:
             return tl.dot(a, b, input_precision="ieee")
         return tl.dot(a, b)
 
-    # (BLOCK_M, BLOCK_N, warps, stages) tried once per shape on the GPU; the CPU interpreter takes the first.
-    # Tiles with BLOCK_N >= 64 faulted in 16 bits (illegal address) on an H200 with Triton 3.6, see BENCHMARKS.md.
-    # MINICONTROL_FLASH_TILES="128,64,8,3;64,32,4,3" replaces the list (bench/flash_configs.py --pick writes one).
-    TILES = [(64, 32, 4, 3), (128, 32, 8, 3), (128, 32, 4, 3)]
+    # Tiles (BLOCK_M, BLOCK_N, warps, stages) per head width, tried once per shape on the GPU; a width not listed gets
+    # the tiles that every listed width has, the CPU interpreter the first tile. BLOCK_N >= 64 faulted in 16 bits
+    # (illegal address) on an H200 with Triton 3.6, see BENCHMARKS.md. MINICONTROL_FLASH_TILES=tiles.json replaces
+    # the table ({"40": [[64, 32, 4, 3], ...], ...}; bench/flash_configs.py --pick writes one).
+    TILES = {d: [(64, 32, 4, 3), (128, 32, 8, 3), (128, 32, 4, 3)] for d in (40, 64, 80, 160)}
     if os.environ.get("MINICONTROL_FLASH_TILES"):
-        TILES = [tuple(map(int, t.split(","))) for t in os.environ["MINICONTROL_FLASH_TILES"].split(";")]
-    CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in TILES]
+        with open(os.environ["MINICONTROL_FLASH_TILES"]) as f:
+            TILES = {int(d): [tuple(t) for t in tiles] for d, tiles in json.load(f).items()}
+    CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+               for m, n, w, st in sorted({t for tiles in TILES.values() for t in tiles})]
+
+    def tiles_for(configs, named_args, D, **kwargs):
+        """The autotuner's candidates at head width D."""
+        keep = TILES.get(D, set.intersection(*(set(tiles) for tiles in TILES.values())))
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
 
     @triton.autotune(configs=CONFIGS[:1] if os.environ.get("TRITON_INTERPRET") == "1" else CONFIGS,
-                     key=["NQ", "NK", "D", "IEEE", "VEC"])
+                     key=["NQ", "NK", "D", "IEEE", "VEC"], prune_configs_by={"early_config_prune": tiles_for})
     @triton.jit
     def _flash_fwd(Q, K, V, O, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                    H, NQ, NK, qk_scale, D: tl.constexpr, D0: tl.constexpr,

@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("triton")
-from minicontrol.attention import TILES, FlashAttention, attention_math, flash_attention, split_width
+triton = pytest.importorskip("triton")
+import minicontrol.attention as attn
+from minicontrol.attention import TILES, FlashAttention, attention_math, flash_attention, split_width, tiles_for
 
 # SD shapes scaled down: self-attention at 1024/256/64 tokens, cross-attention to 77 text tokens, odd query counts
 LENGTHS = [(64, 64), (256, 256), (1024, 1024), (256, 77), (100, 77), (77, 100)]
@@ -54,6 +55,16 @@ def test_gradients_match(d, dtype):
         assert rel(a, b) <= TOL[dtype]
 
 
+def test_autotuner_tries_each_width_its_own_tiles(monkeypatch):
+    small, wide = (64, 32, 4, 3), (128, 64, 8, 3)
+    monkeypatch.setattr(attn, "TILES", {40: [small], 64: [small, wide]})
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in (small, wide)]
+    tile = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+    assert [tile(c) for c in tiles_for(configs, {}, D=40)] == [small]
+    assert [tile(c) for c in tiles_for(configs, {}, D=64)] == [small, wide]
+    assert [tile(c) for c in tiles_for(configs, {}, D=48)] == [small]      # a width never measured: tiles all share
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_at_odd_offsets(dtype):
     # rows of d + 1 elements starting one element in: no stride shares a factor of two, so no wide loads may be assumed
@@ -82,7 +93,7 @@ def compile_sm90(cases):
 def test_hopper_code_moves_whole_vectors_and_prefetches():
     # d = 40 rows are 80 bytes: only the strides' common factor of two lets the compiler use 16-byte vectors, and only
     # whole vectors let it copy the next key and value tiles into shared memory while the current one is computed
-    tile = list(TILES[0])
+    tile = list(TILES[40][0])
     cases = [[d, "float16", "unet", tile] for d in WIDTHS] + [[40, "bfloat16", "unet", tile],
                                                               [40, "float16", "contiguous", tile]]
     *codes, odd = compile_sm90(cases + [[40, "float16", "odd", tile]])
@@ -92,6 +103,6 @@ def test_hopper_code_moves_whole_vectors_and_prefetches():
 
 
 def test_every_tile_fits_an_h100():
-    cases = [[d, dtype, "unet", list(tile)] for tile in TILES for d in WIDTHS for dtype in ("float16", "bfloat16")]
+    cases = [[d, dtype, "unet", list(tile)] for d in WIDTHS for tile in TILES[d] for dtype in ("float16", "bfloat16")]
     for case, code in zip(cases, compile_sm90(cases)):
         assert code["shared"] <= 227 * 1024, (case, code)      # an H100's shared memory per block
