@@ -1,6 +1,6 @@
 """Compile our attention kernel for an H100 (sm_90) with Triton's own compiler, on a machine without a GPU, and report
-what the code does: shared memory per program, 2-byte global loads (a row read one element at a time), 16-byte
-asynchronous copies (key/value tiles prefetched into shared memory) and tensor-core instructions.
+what the code does: shared memory per program, 2-byte global loads (a row read one element at a time), asynchronous
+copies (key/value tiles prefetched into shared memory, 4 to 16 bytes each) and tensor-core instructions.
 
 The arguments are specialised the way Triton's launcher specialises them (an int equal to 1 becomes a constant, ints
 and pointers divisible by 16 are marked so), from real tensors passed through the same kernel_args() the launcher
@@ -59,7 +59,7 @@ def compile_case(d, dtype, layout, tile):
     ptx = kernel.asm["ptx"]
     return dict(shared=kernel.metadata.shared,
                 b16_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.b16\b", ptx)),
-                async_16=len(re.findall(r"cp\.async\.\w+\.shared\.global(?:\.\w+)* \[[^]]*\], \[[^]]*\], 0x10\b", ptx)),
+                async_copies=len(re.findall(r"cp\.async\.\w+\.shared\.global", ptx)),
                 wgmma=len(re.findall(r"wgmma\.mma_async", ptx)))
 
 
