@@ -1,12 +1,13 @@
 """Which tile configurations of our attention kernel run correctly on this GPU, and how fast, at each SD head width.
 
-Each (tile, width) runs in its own process, since a faulting kernel poisons its CUDA context: first all of them check
-correctness side by side (float16 and bfloat16, self- and cross-attention, NaN-poisoned outputs), then, one at a time,
-the ones that passed are timed at that width's largest SD 512x512 self-attention shape beside SDPA, with q, k, v laid
-out as the UNet passes them. Where a tile faults, it is checked once more with Triton's Hopper tensor-core path turned
-off (DISABLE_MMA_V3=1), which tells whether the fault lies in that path. The last column weighs padding SD1.5's
-40-wide heads to one 64-wide piece against our split into 32 + 16. --pick FILE writes the tiles to autotune over at each
-width (the fastest that ran correctly there) as MINICONTROL_FLASH_TILES reads them.
+A faulting kernel poisons its CUDA context, so the work runs in child processes: first every (tile, width) checks
+correctness in its own process, side by side (float16 and bfloat16, self- and cross-attention, NaN-poisoned outputs),
+then one process per width times the tiles that passed there at that width's largest SD 512x512 self-attention shape
+beside SDPA, with q, k, v laid out as the UNet passes them (should one fault, the rest are timed in a fresh process).
+Where a tile faults, it is checked once more with Triton's Hopper tensor-core path turned off (DISABLE_MMA_V3=1), which
+tells whether the fault lies in that path. The last column weighs padding SD1.5's 40-wide heads to one 64-wide piece
+against our split into 32 + 16. --pick FILE writes the tiles to autotune over at each width (the fastest that ran
+correctly there) as MINICONTROL_FLASH_TILES reads them.
 
     python bench/flash_configs.py [--pick FILE]
 """
@@ -29,105 +30,120 @@ def unet_layout(b, n, h, d, dtype):
     return torch.randn(b, n, h * d, device="cuda").view(b, n, h, d).transpose(1, 2).to(dtype)
 
 
-def child(tile, d, mode):
+def check(tile, d):
     import torch
-    import torch.nn.functional as F
     from minicontrol.attention import attention_math, flash_attention
+    worst = 0.0
+    for nq, nk in ((512, 512), (1000, 77), (SHAPES[d][1],) * 2):
+        for dtype in (torch.float16, torch.bfloat16):
+            q = unet_layout(2, nq, 3, d, torch.float32)
+            k, v = (unet_layout(2, nk, 3, d, torch.float32) for _ in range(2))
+            out = torch.full((2, 3, nq, d), float("nan"), device="cuda", dtype=dtype)
+            flash_attention(*(t.to(dtype) for t in (q, k, v)), out=out, tile=tile)
+            ref = attention_math(q, k, v)
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            worst = max(worst, err if err == err else float("inf"))                      # NaN: an unwritten element
+    torch.cuda.synchronize()
+    print(json.dumps({"ok": worst <= 1e-2, "err": worst}))
+
+
+def time_tiles(tiles, d, pad):
+    """One line per tile: our time and SDPA's at width d's shape; pad: ours on 64-wide heads, SDPA on SD1.5's 40."""
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+    import torch
+    from minicontrol.attention import flash_attention
     h, n = SHAPES[d]
-    if mode == "check":
-        worst = 0.0
-        for nq, nk in ((512, 512), (1000, 77), (n, n)):
-            for dtype in (torch.float16, torch.bfloat16):
-                q = unet_layout(2, nq, 3, d, torch.float32)
-                k, v = (unet_layout(2, nk, 3, d, torch.float32) for _ in range(2))
-                out = torch.full((2, 3, nq, d), float("nan"), device="cuda", dtype=dtype)
-                flash_attention(*(t.to(dtype) for t in (q, k, v)), out=out, tile=tile)
-                ref = attention_math(q, k, v)
-                err = ((out.float() - ref).norm() / ref.norm()).item()
-                worst = max(worst, err if err == err else float("inf"))                  # NaN: an unwritten element
-        torch.cuda.synchronize()
-        print(json.dumps({"ok": worst <= 1e-2, "err": worst}))
-    else:                  # "time", or "pad": ours at width 64 against SDPA at SD1.5's (2, 8, 4096, 40)
-        from triton.testing import do_bench
-        if mode == "pad":
-            h, n, d = 8, 4096, 40
-        q, k, v = (unet_layout(2, n, h, d, torch.float16) for _ in range(3))
-        qo, ko, vo = (unet_layout(2, n, h, 64, torch.float16) for _ in range(3)) if mode == "pad" else (q, k, v)
-        ours = do_bench(lambda: flash_attention(qo, ko, vo, tile=tile), warmup=25, rep=100)
-        sdpa = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), warmup=25, rep=100)
-        print(json.dumps({"ours": ours, "sdpa": sdpa}))
+    q, k, v = (unet_layout(2, n, h, d, torch.float16) for _ in range(3))
+    sdpa = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), warmup=25, rep=100)
+    if pad:
+        q, k, v = (unet_layout(2, n, h, 64, torch.float16) for _ in range(3))
+    for tile in tiles:
+        ours = do_bench(lambda: flash_attention(q, k, v, tile=tile), warmup=25, rep=100)
+        print(json.dumps({"tile": tile, "ours": ours, "sdpa": sdpa}), flush=True)
 
 
-def spawn(tile, d, mode, env=None):
-    cmd = [sys.executable, __file__, "--child", ",".join(map(str, tile)), str(d), mode]
+def spawn(args, env=None):
+    """Run this file as a child; its stdout lines as JSON, and the reason if it failed."""
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
-    except subprocess.TimeoutExpired:
-        return {"fail": "timed out"}
-    if res.returncode:
-        last = (res.stderr.strip().splitlines() or ["?"])[-1]
-        return {"fail": "illegal address" if "illegal memory access" in last else last[:160]}
-    return json.loads(res.stdout.strip().splitlines()[-1])
+        res = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True,
+                             timeout=240, env=env)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""
+        return [json.loads(line) for line in out.splitlines() if line.startswith("{")], "timed out"
+    lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    if res.returncode == 0:
+        return lines, None
+    last = (res.stderr.strip().splitlines() or ["?"])[-1]
+    return lines, "illegal address" if "illegal memory access" in last else last[:160]
+
+
+def timings(tiles, d, pad=False):
+    """SDPA time / our time for each tile; where a child faults, that tile gets the reason and the rest a new child."""
+    result, todo = {}, list(tiles)
+    while todo:
+        lines, fail = spawn(["time", todo, d, pad])
+        for line in lines:
+            result[tuple(line["tile"])] = line["sdpa"] / line["ours"]
+        todo = [t for t in todo if t not in result]
+        if fail and todo:
+            result[todo.pop(0)] = fail
+    return result
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--pick", help="write the tiles to autotune over to this file")
-    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--pick", help="write the tiles to autotune over at each width to this JSON file")
+    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        return child(tuple(int(x) for x in args.child[0].split(",")), int(args.child[1]), args.child[2])
+        mode, tiles, *rest = json.loads(args.child)
+        return check(tuple(tiles), *rest) if mode == "check" else time_tiles([tuple(t) for t in tiles], *rest)
     import torch
     import triton
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}", flush=True)
     jobs = [(tile, d) for tile in TILES for d in SHAPES]
     with ThreadPoolExecutor(8) as pool:
-        checks = dict(zip(jobs, pool.map(lambda job: spawn(*job, "check"), jobs)))
-    speed, pad = {}, {}
-    for job in jobs:
-        if checks[job].get("ok"):
-            t = spawn(*job, "time")
-            speed[job] = t["sdpa"] / t["ours"] if "ours" in t else None
-            checks[job]["time"] = t
-    for tile in TILES:                 # would 40-wide heads padded to 64 (one piece, no narrow ones) be faster?
-        if speed.get((tile, 64)):
-            t = spawn(tile, 64, "pad")
-            pad[tile] = f"{t['sdpa'] / t['ours']:.2f}x" if "ours" in t else t.get("fail", "?")
+        checked = dict(zip(jobs, pool.map(lambda job: spawn(["check", *job]), jobs)))
+    cells, speed = {}, {}
+    for job, (lines, fail) in checked.items():
+        cells[job] = fail or ("wrong ({:.0e})".format(lines[-1]["err"]) if not lines[-1]["ok"] else None)
+    for d in SHAPES:
+        for tile, res in timings([t for t in TILES if cells[(t, d)] is None], d).items():
+            if isinstance(res, float):
+                speed[(tile, d)] = res
+            cells[(tile, d)] = f"{res:.2f}x" if isinstance(res, float) else res
+    pad = timings([t for t in TILES if (t, 64) in speed], 40, pad=True)
 
     print("\n| tile (BLOCK_M, BLOCK_N, warps, stages) | " + " | ".join(
         f"d={d} (2,{h},{n},{d})" for d, (h, n) in SHAPES.items()) + " | d=40 padded to 64 |")
     print("|---|" + "---:|" * (len(SHAPES) + 1))
     for tile in TILES:
-        cells = []
-        for d in SHAPES:
-            c = checks[(tile, d)]
-            cells.append(f"{speed[(tile, d)]:.2f}x" if speed.get((tile, d)) else
-                         "wrong ({:.0e})".format(c["err"]) if "err" in c and not c["ok"] else
-                         c.get("fail") or c.get("time", {}).get("fail", "?"))
-        print(f"| {tile} | " + " | ".join(cells) + f" | {pad.get(tile, '')} |")
+        res = pad.get(tile, "")
+        print(f"| {tile} | " + " | ".join(cells[(tile, d)] for d in SHAPES) + " | " +
+              (f"{res:.2f}x" if isinstance(res, float) else res) + " |")
     print("\n(speed: SDPA time / our time, float16; higher is better; the last column times our kernel on 64-wide "
           "heads against SDPA on the real 40-wide ones)")
 
-    faulted = [job for job in jobs if "fail" in checks[job]]
+    faulted = [job for job in jobs if checked[job][1]]
     if faulted:
         tile, d = faulted[0]
-        res = spawn(tile, d, "check", env=dict(os.environ, DISABLE_MMA_V3="1"))
-        print(f"first fault {tile} d={d} again with DISABLE_MMA_V3=1: {res}")
-    for job in jobs:
-        print("raw", job, json.dumps(checks[job]))
+        lines, fail = spawn(["check", tile, d], env=dict(os.environ, DISABLE_MMA_V3="1"))
+        print(f"first fault, {tile} at d={d}, checked again with DISABLE_MMA_V3=1:", fail or lines[-1])
 
     # per width, the three fastest tiles that ran there, plus the fastest that ran at every width (which the
     # autotuner offers at widths not measured here)
-    everywhere = [t for t in TILES if all(speed.get((t, d)) for d in SHAPES)]
+    everywhere = [t for t in TILES if all((t, d) in speed for d in SHAPES)]
     best_everywhere = max(everywhere, key=lambda t: min(speed[(t, d)] for d in SHAPES), default=None)
     pick = {}
     for d in SHAPES:
-        ran = sorted((t for t in TILES if speed.get((t, d))), key=lambda t: -speed[(t, d)])[:3]
+        ran = sorted((t for t in TILES if (t, d) in speed), key=lambda t: -speed[(t, d)])[:3]
         pick[d] = ran + [best_everywhere] if best_everywhere and best_everywhere not in ran else ran
     print("autotune over:", json.dumps(pick))
     if args.pick and best_everywhere:
         with open(args.pick, "w") as f:
             json.dump(pick, f)
+
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
