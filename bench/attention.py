@@ -57,7 +57,8 @@ def main():
                 flops = 4 * b * h * nq * nk * d
                 tf = {name: flops / (t * 1e-3) / 1e12 for name, t in ms.items()}
                 cfg = _flash_fwd.best_config
-                cfg = f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
+                cfg = (f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
+                       + (" padded" if cfg.kwargs["PAD"] else ""))
                 print(f"| {model} | {size} | {h} | {nq} | {nk} | {d} | {ms['ours']:.3f} | {ms['sdpa']:.3f} | "
                       f"{ms['math']:.3f} | {tf['ours']:.0f} | {tf['sdpa']:.0f} | {ms['sdpa'] / ms['ours']:.2f}x | "
                       f"{err['ours']:.1e} | {err['sdpa']:.1e} | {err['math']:.1e} | {cfg} |", flush=True)

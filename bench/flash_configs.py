@@ -4,10 +4,10 @@ A faulting kernel poisons its CUDA context, so the work runs in child processes:
 correctness in its own process, side by side (float16 and bfloat16, self- and cross-attention, NaN-poisoned outputs),
 then one process per width times the tiles that passed there at that width's largest SD 512x512 self-attention shape
 beside SDPA, with q, k, v laid out as the UNet passes them (should one fault, the rest are timed in a fresh process).
-Where a tile faults, it is checked once more with Triton's Hopper tensor-core path turned off (DISABLE_MMA_V3=1), which
-tells whether the fault lies in that path. The last column weighs padding SD1.5's 40-wide heads to one 64-wide piece
-against our split into 32 + 16. --pick FILE writes the tiles to autotune over at each width (the fastest that ran
-correctly there) as MINICONTROL_FLASH_TILES reads them.
+Each block shape runs with the head width split into power-of-two pieces and, where that differs, padded to one piece
+(40 -> 64, 80 -> 128). Where a tile faults, it is checked once more with Triton's Hopper tensor-core path turned off
+(DISABLE_MMA_V3=1), which tells whether the fault lies in that path. --pick FILE writes the tiles to autotune over at
+each width (the fastest that ran correctly there) as MINICONTROL_FLASH_TILES reads them.
 
     python bench/flash_configs.py [--pick FILE]
 """
@@ -19,8 +19,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-TILES = [(64, 32, 4, 3), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
-         (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3)]
+BLOCKS = [(64, 32, 4, 3), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
+          (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3)]
+TILES = [(*block, pad) for pad in (False, True) for block in BLOCKS]
 SHAPES = {40: (8, 4096), 64: (5, 4096), 80: (8, 1024), 160: (8, 256)}      # width: (heads, tokens)
 
 
@@ -47,8 +48,8 @@ def check(tile, d):
     print(json.dumps({"ok": worst <= 1e-2, "err": worst}))
 
 
-def time_tiles(tiles, d, pad):
-    """One line per tile: our time and SDPA's at width d's shape; pad: ours on 64-wide heads, SDPA on SD1.5's 40."""
+def time_tiles(tiles, d):
+    """One line per tile: our time and SDPA's at width d's shape."""
     import torch.nn.functional as F
     from triton.testing import do_bench
     import torch
@@ -56,8 +57,6 @@ def time_tiles(tiles, d, pad):
     h, n = SHAPES[d]
     q, k, v = (unet_layout(2, n, h, d, torch.float16) for _ in range(3))
     sdpa = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), warmup=25, rep=100)
-    if pad:
-        q, k, v = (unet_layout(2, n, h, 64, torch.float16) for _ in range(3))
     for tile in tiles:
         ours = do_bench(lambda: flash_attention(q, k, v, tile=tile), warmup=25, rep=100)
         print(json.dumps({"tile": tile, "ours": ours, "sdpa": sdpa}), flush=True)
@@ -78,11 +77,11 @@ def spawn(args, env=None):
     return lines, "illegal address" if "illegal memory access" in last else last[:160]
 
 
-def timings(tiles, d, pad=False):
+def timings(tiles, d):
     """SDPA time / our time for each tile; where a child faults, that tile gets the reason and the rest a new child."""
     result, todo = {}, list(tiles)
     while todo:
-        lines, fail = spawn(["time", todo, d, pad])
+        lines, fail = spawn(["time", todo, d])
         for line in lines:
             result[tuple(line["tile"])] = line["sdpa"] / line["ours"]
         todo = [t for t in todo if t not in result]
@@ -102,28 +101,28 @@ def main():
     import torch
     import triton
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}", flush=True)
-    jobs = [(tile, d) for tile in TILES for d in SHAPES]
+    from minicontrol.attention import split_width
+    # a padded tile only where padding changes the pieces (40 -> 64, 80 -> 128)
+    jobs = [(tile, d) for tile in TILES for d in SHAPES if not tile[-1] or split_width(d, True) != split_width(d)]
     with ThreadPoolExecutor(8) as pool:
         checked = dict(zip(jobs, pool.map(lambda job: spawn(["check", *job]), jobs)))
     cells, speed = {}, {}
     for job, (lines, fail) in checked.items():
         cells[job] = fail or ("wrong ({:.0e})".format(lines[-1]["err"]) if not lines[-1]["ok"] else None)
     for d in SHAPES:
-        for tile, res in timings([t for t in TILES if cells[(t, d)] is None], d).items():
+        for tile, res in timings([t for t in TILES if cells.get((t, d), "") is None], d).items():
             if isinstance(res, float):
                 speed[(tile, d)] = res
             cells[(tile, d)] = f"{res:.2f}x" if isinstance(res, float) else res
-    pad = timings([t for t in TILES if (t, 64) in speed], 40, pad=True)
 
-    print("\n| tile (BLOCK_M, BLOCK_N, warps, stages) | " + " | ".join(
-        f"d={d} (2,{h},{n},{d})" for d, (h, n) in SHAPES.items()) + " | d=40 padded to 64 |")
-    print("|---|" + "---:|" * (len(SHAPES) + 1))
+    print("\n| BLOCK_M, BLOCK_N, warps, stages | pieces | " + " | ".join(
+        f"d={d} (2,{h},{n},{d})" for d, (h, n) in SHAPES.items()) + " |")
+    print("|---|---|" + "---:|" * len(SHAPES))
     for tile in TILES:
-        res = pad.get(tile, "")
-        print(f"| {tile} | " + " | ".join(cells[(tile, d)] for d in SHAPES) + " | " +
-              (f"{res:.2f}x" if isinstance(res, float) else res) + " |")
-    print("\n(speed: SDPA time / our time, float16; higher is better; the last column times our kernel on 64-wide "
-          "heads against SDPA on the real 40-wide ones)")
+        print(f"| {', '.join(map(str, tile[:4]))} | {'padded' if tile[-1] else 'split'} | " +
+              " | ".join(cells.get((tile, d), "") for d in SHAPES) + " |")
+    print("\n(speed: SDPA time / our time, float16; higher is better. split: 40 = 32 + 16, 80 = 64 + 16, "
+          "160 = 128 + 32; padded: 40 -> 64, 80 -> 128)")
 
     faulted = [job for job in jobs if checked[job][1]]
     if faulted:
@@ -133,7 +132,7 @@ def main():
 
     # per width, the three fastest tiles that ran there, plus the fastest that ran at every width (which the
     # autotuner offers at widths not measured here)
-    everywhere = [t for t in TILES if all((t, d) in speed for d in SHAPES)]
+    everywhere = [t for t in TILES if not t[-1] and all((t, d) in speed for d in SHAPES)]
     best_everywhere = max(everywhere, key=lambda t: min(speed[(t, d)] for d in SHAPES), default=None)
     pick = {}
     for d in SHAPES:

@@ -19,15 +19,16 @@ def attention_math(q, k, v):
     return scores.softmax(dim=-1) @ v                                # (B, H, Nq, d)
 
 
-def split_width(d: int):
+def split_width(d: int, pad: bool = False):
     """Head width as two power-of-two pieces (D0, D1), D1 padded to at least 16 for tl.dot: 40 -> 32 + 16 (8 used),
-    64 -> 64 + 0, 80 -> 64 + 16, 160 -> 128 + 32. None when the pieces would waste too much or not fit (VAE: 512)."""
+    64 -> 64 + 0, 80 -> 64 + 16, 160 -> 128 + 32. None when the pieces would waste too much or not fit (VAE: 512).
+    pad: one piece, the next power of two up to 128 (40 -> 64 + 0), for the autotuner to weigh against the split."""
     d0 = 1 << (d.bit_length() - 1)
     rest = d - d0
     d1 = 0 if rest == 0 else max(16, 1 << (rest - 1).bit_length())
     if d0 < 16 or d0 > 128 or d1 > d0 or (d0 + d1) > 1.25 * d:
         return None
-    return d0, d1
+    return (2 * d0, 0) if pad and rest and d0 < 128 else (d0, d1)
 
 
 use_kernel = True      # set False to send CUDA tensors to PyTorch's SDPA too (benchmarks compare the two)
@@ -55,32 +56,39 @@ if triton is not None:
             return tl.dot(a, b, input_precision="ieee")
         return tl.dot(a, b)
 
-    # Tiles (BLOCK_M, BLOCK_N, warps, stages) per head width, tried once per shape on the GPU; a width not listed gets
-    # the tiles that every listed width has, the CPU interpreter the first tile. BLOCK_N >= 64 faulted in 16 bits
-    # (illegal address) on an H200 with Triton 3.6, see BENCHMARKS.md. MINICONTROL_FLASH_TILES=tiles.json replaces
-    # the table ({"40": [[64, 32, 4, 3], ...], ...}; bench/flash_configs.py --pick writes one).
-    TILES = {d: [(64, 32, 4, 3), (128, 32, 8, 3), (128, 32, 4, 3)] for d in (40, 64, 80, 160)}
+    # Tiles (BLOCK_M, BLOCK_N, warps, stages, pad) per head width, tried once per shape on the GPU; a width not listed
+    # gets the tiles that every listed width has, the CPU interpreter the first tile. pad: the head width as one padded
+    # piece (split_width). BLOCK_N >= 64 faulted in 16 bits (illegal address) on an H200 with Triton 3.6, see
+    # BENCHMARKS.md. MINICONTROL_FLASH_TILES=tiles.json replaces the table ({"40": [[64, 32, 4, 3, false], ...], ...};
+    # bench/flash_configs.py --pick writes one).
+    TILES = {d: [(64, 32, 4, 3, False), (128, 32, 8, 3, False), (128, 32, 4, 3, False)] for d in (40, 64, 80, 160)}
     if os.environ.get("MINICONTROL_FLASH_TILES"):
         with open(os.environ["MINICONTROL_FLASH_TILES"]) as f:
             TILES = {int(d): [tuple(t) for t in tiles] for d, tiles in json.load(f).items()}
-    CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-               for m, n, w, st in sorted({t for tiles in TILES.values() for t in tiles})]
+    CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "PAD": pad}, num_warps=w, num_stages=st)
+               for m, n, w, st, pad in sorted({t for tiles in TILES.values() for t in tiles})]
+
+    def tile_of(c):
+        return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs["PAD"]
 
     def tiles_for(configs, named_args, D, **kwargs):
         """The autotuner's candidates at head width D."""
         keep = TILES.get(D, set.intersection(*(set(tiles) for tiles in TILES.values())))
-        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+        return [c for c in configs if tile_of(c) in keep]
 
     @triton.autotune(configs=CONFIGS[:1] if os.environ.get("TRITON_INTERPRET") == "1" else CONFIGS,
                      key=["NQ", "NK", "D", "IEEE", "VEC"], prune_configs_by={"early_config_prune": tiles_for})
+    @triton.heuristics({"D0": lambda args: split_width(args["D"], args["PAD"])[0],
+                        "D1": lambda args: split_width(args["D"], args["PAD"])[1]})
     @triton.jit
     def _flash_fwd(Q, K, V, O, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-                   H, NQ, NK, qk_scale, D: tl.constexpr, D0: tl.constexpr,
-                   D1: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                   H, NQ, NK, qk_scale, D: tl.constexpr, PAD: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                   VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                   UPCAST: tl.constexpr):
         """One program: BLOCK_M queries of one (batch, head) against all keys, FlashAttention-2 (arXiv:2307.08691,
         Algorithm 1): running row max m_i, running sum l_i, unnormalised output acc, rescaled as new keys arrive.
-        The head width D is computed as two pieces D0 + D1 so no lane does padding work beyond the last piece.
+        The head width D is computed as two pieces D0 + D1 so no lane does padding work beyond the last piece (or, with
+        PAD, as one piece D0 > D, its tail masked).
         Batch, head and token strides arrive divided by VEC, a power of two that divides them all: multiplied back here,
         they show the compiler that every row starts on a VEC-element boundary, so it moves whole 16-byte vectors and
         can prefetch the next key and value tiles while this one is computed (a 40-wide row is 80 bytes, and a plain
@@ -94,7 +102,8 @@ if triton is not None:
         offs_d0 = tl.arange(0, D0)
         q_base, k_base, v_base = Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh
         row_ok = offs_m[:, None] < NQ
-        q0 = tl.load(q_base + offs_m[:, None] * sqn + offs_d0[None, :] * sqd, mask=row_ok, other=0.0)
+        col0_ok = offs_d0[None, :] < D
+        q0 = tl.load(q_base + offs_m[:, None] * sqn + offs_d0[None, :] * sqd, mask=row_ok & col0_ok, other=0.0)
         acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
         if D1 > 0:
             offs_d1 = D0 + tl.arange(0, D1)
@@ -106,7 +115,7 @@ if triton is not None:
         for start_n in range(0, NK, BLOCK_N):
             cols = start_n + offs_n
             key_ok = cols[:, None] < NK
-            k0 = tl.load(k_base + cols[:, None] * skn + offs_d0[None, :] * skd, mask=key_ok, other=0.0)
+            k0 = tl.load(k_base + cols[:, None] * skn + offs_d0[None, :] * skd, mask=key_ok & col0_ok, other=0.0)
             s = _dot(q0, tl.trans(k0), IEEE, UPCAST)                                         # (BLOCK_M, BLOCK_N)
             if D1 > 0:
                 k1 = tl.load(k_base + cols[:, None] * skn + offs_d1[None, :] * skd, mask=key_ok & col_ok, other=0.0)
@@ -118,14 +127,14 @@ if triton is not None:
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             p = p.to(V.dtype.element_ty)
-            v0 = tl.load(v_base + cols[:, None] * svn + offs_d0[None, :] * svd, mask=key_ok, other=0.0)
+            v0 = tl.load(v_base + cols[:, None] * svn + offs_d0[None, :] * svd, mask=key_ok & col0_ok, other=0.0)
             acc0 = acc0 * alpha[:, None] + _dot(p, v0, IEEE, UPCAST)
             if D1 > 0:
                 v1 = tl.load(v_base + cols[:, None] * svn + offs_d1[None, :] * svd, mask=key_ok & col_ok, other=0.0)
                 acc1 = acc1 * alpha[:, None] + _dot(p, v1, IEEE, UPCAST)
             m_i = m_new
         o_base = O + b * sob + h * soh + offs_m[:, None] * son
-        tl.store(o_base + offs_d0[None, :] * sod, (acc0 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok)
+        tl.store(o_base + offs_d0[None, :] * sod, (acc0 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok & col0_ok)
         if D1 > 0:
             tl.store(o_base + offs_d1[None, :] * sod, (acc1 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok & col_ok)
 
@@ -133,26 +142,25 @@ if triton is not None:
 def kernel_args(q, k, v, out):
     """The kernel's arguments and compile-time constants for these tensors (tests also compile them for a GPU)."""
     D = q.shape[-1]
-    d0, d1 = split_width(D)
     vec = math.gcd(16 // q.element_size(), *(s for t in (q, k, v, out) for s in t.stride()[:3]))
     strides = [s // vec if i < 3 else s for t in (q, k, v, out) for i, s in enumerate(t.stride())]
     args = (q, k, v, out, *strides, q.shape[1], q.shape[2], k.shape[2], D ** -0.5 * 1.4426950408889634)
-    return args, dict(D=D, D0=d0, D1=d1, VEC=vec, IEEE=q.dtype == torch.float32,
+    return args, dict(D=D, VEC=vec, IEEE=q.dtype == torch.float32,
                       UPCAST=os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def flash_attention(q, k, v, out=None, tile=None):
     """Launch the forward kernel; q: (B, H, Nq, d), k, v: (B, H, Nk, d), any strides; writes into `out` if given, else
     into a tensor laid out like q (the UNet's (B, N, H*d) view, so merging the heads back needs no copy).
-    tile=(BLOCK_M, BLOCK_N, warps, stages) skips the autotuner (benchmarks compare tiles with it)."""
+    tile=(BLOCK_M, BLOCK_N, warps, stages, pad) skips the autotuner (benchmarks compare tiles with it)."""
     out = torch.empty_like(q) if out is None else out
     grid = lambda meta: (triton.cdiv(q.shape[2], meta["BLOCK_M"]), q.shape[0] * q.shape[1])
     args, meta = kernel_args(q, k, v, out)
     if tile is None:
         _flash_fwd[grid](*args, **meta)
     else:
-        m, n, w, st = tile
-        _flash_fwd.fn[grid(dict(BLOCK_M=m))](*args, **meta, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
+        m, n, w, st, pad = tile
+        _flash_fwd.fn[grid(dict(BLOCK_M=m))](*args, **meta, BLOCK_M=m, BLOCK_N=n, PAD=pad, num_warps=w, num_stages=st)
     return out
 
 

@@ -6,7 +6,7 @@ The arguments are specialised the way Triton's launcher specialises them (an int
 and pointers divisible by 16 are marked so), from real tensors passed through the same kernel_args() the launcher
 uses. Must run outside Triton's interpreter, so the tests start it as its own process:
 
-    python tests/compile_sm90.py '[[40, "float16", "unet", [64, 32, 4, 3]], ...]'     # prints a JSON list
+    python tests/compile_sm90.py '[[40, "float16", "unet", [64, 32, 4, 3, false]], ...]'     # prints a JSON list
 """
 import json
 import os
@@ -21,7 +21,7 @@ from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minicontrol.attention import _flash_fwd, kernel_args  # noqa: E402
+from minicontrol.attention import _flash_fwd, kernel_args, split_width  # noqa: E402
 
 HEADS = {40: 8, 64: 5, 80: 8, 160: 8}          # SD1.5 and SD2.1 heads at each width
 
@@ -42,10 +42,13 @@ def example(d, dtype, layout, n=1024):
 def compile_case(d, dtype, layout, tile):
     q, k, v = example(d, getattr(torch, dtype), layout)
     args, meta = kernel_args(q, k, v, torch.empty_like(q))
-    block_m, block_n, warps, stages = tile
-    values = dict(zip(_flash_fwd.fn.arg_names, args), **dict(meta, UPCAST=False), BLOCK_M=block_m, BLOCK_N=block_n)
+    block_m, block_n, warps, stages, pad = tile
+    d0, d1 = split_width(d, pad)
+    jit = _flash_fwd.fn.fn                                                  # under the autotuner and the heuristics
+    values = dict(zip(jit.arg_names, args), **dict(meta, UPCAST=False), BLOCK_M=block_m, BLOCK_N=block_n, PAD=pad,
+                  D0=d0, D1=d1)
     signature, constexprs, attrs = {}, {}, {}
-    for i, param in enumerate(_flash_fwd.fn.params):
+    for i, param in enumerate(jit.params):
         value = values[param.name]
         kind, key = ("constexpr", value) if param.is_constexpr else native_specialize_impl(
             CUDABackend, value, False, True, True)
@@ -54,7 +57,7 @@ def compile_case(d, dtype, layout, tile):
             constexprs[param.name] = key
         elif key:
             attrs[(i,)] = CUDABackend.parse_attr(key)
-    kernel = triton.compile(ASTSource(_flash_fwd.fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+    kernel = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=warps, num_stages=stages))
     ptx = kernel.asm["ptx"]
     return dict(shared=kernel.metadata.shared,

@@ -56,13 +56,23 @@ def test_gradients_match(d, dtype):
 
 
 def test_autotuner_tries_each_width_its_own_tiles(monkeypatch):
-    small, wide = (64, 32, 4, 3), (128, 64, 8, 3)
-    monkeypatch.setattr(attn, "TILES", {40: [small], 64: [small, wide]})
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in (small, wide)]
-    tile = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-    assert [tile(c) for c in tiles_for(configs, {}, D=40)] == [small]
-    assert [tile(c) for c in tiles_for(configs, {}, D=64)] == [small, wide]
-    assert [tile(c) for c in tiles_for(configs, {}, D=48)] == [small]      # a width never measured: tiles all share
+    small, wide, padded = (64, 32, 4, 3, False), (128, 64, 8, 3, False), (128, 64, 8, 3, True)
+    monkeypatch.setattr(attn, "TILES", {40: [small, padded], 64: [small, wide]})
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "PAD": pad}, num_warps=w, num_stages=st)
+               for m, n, w, st, pad in (small, wide, padded)]
+    assert [attn.tile_of(c) for c in tiles_for(configs, {}, D=40)] == [small, padded]
+    assert [attn.tile_of(c) for c in tiles_for(configs, {}, D=64)] == [small, wide]
+    assert [attn.tile_of(c) for c in tiles_for(configs, {}, D=48)] == [small]   # a width never measured: tiles all share
+
+
+@pytest.mark.parametrize("d", [40, 80])
+def test_padded_width_writes_every_element_and_matches(d):
+    # one piece of the next power of two (64 for 40, 128 for 80), its tail masked, for the autotuner to weigh
+    q, k, v = tensors(100, 77, d, torch.float32)
+    out = torch.full((2, 2, 100, d), float("nan"))
+    flash_attention(q, k, v, out=out, tile=(64, 32, 4, 3, True))
+    assert not out.isnan().any()
+    assert rel(out, attention_math(q, k, v)) <= TOL[torch.float32]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -78,6 +88,7 @@ def test_rows_at_odd_offsets(dtype):
 
 def test_width_split():
     assert [split_width(d) for d in (40, 64, 80, 160)] == [(32, 16), (64, 0), (64, 16), (128, 32)]
+    assert [split_width(d, pad=True) for d in (40, 64, 80, 160)] == [(64, 0), (64, 0), (128, 0), (128, 32)]
     assert split_width(512) is None                      # the VAE's single wide head takes PyTorch's kernel
 
 
@@ -95,7 +106,8 @@ def test_hopper_code_moves_whole_vectors_prefetches_and_fits():
     # single elements, and only vectors let it copy the next key and value tiles into shared memory while the current
     # one is computed. Every tile the autotuner may try, at every SD width, in both 16-bit types, in the UNet's layout
     cases = [[d, dtype, "unet", list(tile)] for d in WIDTHS for tile in TILES[d] for dtype in ("float16", "bfloat16")]
-    cases.append([40, "float16", "contiguous", list(TILES[40][0])])
+    cases += [[40, "float16", "contiguous", list(TILES[40][0])]] + [[d, "float16", "unet", [128, 64, 8, 3, True]]
+                                                                     for d in (40, 80)]       # padded to one piece
     *codes, odd = compile_sm90(cases + [[40, "float16", "odd", list(TILES[40][0])]])
     for case, code in zip(cases, codes):
         assert code["b16_loads"] == 0 and code["async_copies"] > 0 and code["wgmma"] > 0, (case, code)
