@@ -7,15 +7,17 @@ beside SDPA, with q, k, v laid out as the UNet passes them (should one fault, th
 Each block shape runs with the head width split into power-of-two pieces and, where that differs, padded to one piece
 (40 -> 64, 80 -> 128). Where a tile faults, it is checked once more with Triton's Hopper tensor-core path turned off
 (DISABLE_MMA_V3=1), which tells whether the fault lies in that path. --pick FILE writes the tiles to autotune over at
-each width (the fastest that ran correctly there) as MINICONTROL_FLASH_TILES reads them.
+each width (the fastest that ran correctly there) as MINICONTROL_FLASH_TILES reads them. --budget SECONDS: work
+not started by then is left out and the table printed with what was measured.
 
-    python bench/flash_configs.py [--pick FILE]
+    python bench/flash_configs.py [--pick FILE] [--budget SECONDS]
 """
 import argparse
 import json
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -23,6 +25,8 @@ BLOCKS = [(64, 32, 4, 3), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128
           (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3)]
 TILES = [(*block, pad) for pad in (False, True) for block in BLOCKS]
 SHAPES = {40: (8, 4096), 64: (5, 4096), 80: (8, 1024), 160: (8, 256)}      # width: (heads, tokens)
+DEADLINE = float("inf")                                                       # --budget sets it
+LATE = "not run (out of time)"
 
 
 def unet_layout(b, n, h, d, dtype):
@@ -64,9 +68,12 @@ def time_tiles(tiles, d):
 
 def spawn(args, env=None):
     """Run this file as a child; its stdout lines as JSON, and the reason if it failed."""
+    left = DEADLINE - time.time()
+    if left < 5:
+        return [], LATE
     try:
         res = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True,
-                             timeout=240, env=env)
+                             timeout=min(240, left), env=env)
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""
         return [json.loads(line) for line in out.splitlines() if line.startswith("{")], "timed out"
@@ -93,11 +100,14 @@ def timings(tiles, d):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--pick", help="write the tiles to autotune over at each width to this JSON file")
+    p.add_argument("--budget", type=float, help="seconds for the whole run; what would start later is left out")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         mode, tiles, *rest = json.loads(args.child)
         return check(tuple(tiles), *rest) if mode == "check" else time_tiles([tuple(t) for t in tiles], *rest)
+    global DEADLINE
+    DEADLINE = time.time() + (args.budget or float("inf"))
     import torch
     import triton
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}", flush=True)
@@ -124,7 +134,7 @@ def main():
     print("\n(speed: SDPA time / our time, float16; higher is better. split: 40 = 32 + 16, 80 = 64 + 16, "
           "160 = 128 + 32; padded: 40 -> 64, 80 -> 128)")
 
-    faulted = [job for job in jobs if checked[job][1]]
+    faulted = [job for job in jobs if checked[job][1] not in (None, LATE)]
     if faulted:
         tile, d = faulted[0]
         lines, fail = spawn(["check", tile, d], env=dict(os.environ, DISABLE_MMA_V3="1"))

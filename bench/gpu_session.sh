@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/card.txt"
-timeout 330 python bench/flash_configs.py --pick "$out/tiles.json" 2>&1 | tee "$out/flash_configs.txt"
+timeout 330 python bench/flash_configs.py --pick "$out/tiles.json" --budget 300 2>&1 | tee "$out/flash_configs.txt"
 if [ -s "$out/tiles.json" ]; then export MINICONTROL_FLASH_TILES=$PWD/$out/tiles.json; fi
 echo "autotuning over: ${MINICONTROL_FLASH_TILES:-the tiles in minicontrol/attention.py}" | tee "$out/tiles_used.txt"
 timeout 150 python bench/gpu_check.py 2>&1 | tee "$out/gpu_check.txt"
