@@ -1,4 +1,5 @@
 """The one attention entry point used by the UNet, the ControlNet and the VAE, and our fused Triton kernel for CUDA."""
+import functools
 import json
 import math
 import os
@@ -32,15 +33,24 @@ def split_width(d: int, pad: bool = False):
 
 
 use_kernel = True      # set False to send CUDA tensors to PyTorch's SDPA too (benchmarks compare the two)
+# Triton makes tensor-core code of the kernel's products from Ampere (sm_80) on; on older GPUs they become scalar
+# multiply-adds, far slower than PyTorch's kernels, so those keep SDPA
+MIN_CAPABILITY = (8, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def has_tensor_core_code(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
 
 
 def attention(q, k, v):
     """Scaled dot-product attention over (B, H, N, d) tensors.
 
-    On CUDA, with Triton, our FlashAttention-2 kernel below; elsewhere PyTorch's scaled_dot_product_attention, whose CPU
-    kernel is blocked too, so a 512x512 SD step never holds a whole (Nq, Nk) score matrix. The VAE's single 512-wide
-    head goes to PyTorch's kernel (split_width refuses it)."""
-    if use_kernel and triton is not None and q.is_cuda and split_width(q.shape[-1]) is not None:
+    On CUDA GPUs from Ampere on, with Triton, our FlashAttention-2 kernel below; elsewhere PyTorch's
+    scaled_dot_product_attention, whose CPU kernel is blocked too, so a 512x512 SD step never holds a whole (Nq, Nk)
+    score matrix. The VAE's single 512-wide head goes to PyTorch's kernel (split_width refuses it)."""
+    if (use_kernel and triton is not None and q.is_cuda and has_tensor_core_code(q.device)
+            and split_width(q.shape[-1]) is not None):
         return FlashAttention.apply(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 

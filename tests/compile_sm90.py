@@ -1,6 +1,7 @@
 """Compile our attention kernel for an H100 (sm_90) with Triton's own compiler, on a machine without a GPU, and report
 what the code does: shared memory per program, 2-byte global loads (a row read one element at a time), asynchronous
-copies (key/value tiles prefetched into shared memory, 4 to 16 bytes each) and tensor-core instructions.
+copies (key/value tiles prefetched into shared memory, 4 to 16 bytes each) and tensor-core instructions (Hopper's
+wgmma, Ampere's mma.sync). A case may name another compute capability as a fifth item (75 for Turing, 80 for Ampere).
 
 The arguments are specialised the way Triton's launcher specialises them (an int equal to 1 becomes a constant, ints
 and pointers divisible by 16 are marked so), from real tensors passed through the same kernel_args() the launcher
@@ -39,7 +40,7 @@ def example(d, dtype, layout, n=1024):
     return make(), make(), make()
 
 
-def compile_case(d, dtype, layout, tile):
+def compile_case(d, dtype, layout, tile, capability=90):
     q, k, v = example(d, getattr(torch, dtype), layout)
     args, meta = kernel_args(q, k, v, torch.empty_like(q))
     block_m, block_n, warps, stages, pad = tile
@@ -57,13 +58,14 @@ def compile_case(d, dtype, layout, tile):
             constexprs[param.name] = key
         elif key:
             attrs[(i,)] = CUDABackend.parse_attr(key)
-    kernel = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+    kernel = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=GPUTarget("cuda", capability, 32),
                             options=dict(num_warps=warps, num_stages=stages))
     ptx = kernel.asm["ptx"]
     return dict(shared=kernel.metadata.shared,
                 b16_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.b16\b", ptx)),
                 async_copies=len(re.findall(r"cp\.async\.\w+\.shared\.global", ptx)),
-                wgmma=len(re.findall(r"wgmma\.mma_async", ptx)))
+                wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
+                mma=len(re.findall(r"\bmma\.sync", ptx)))
 
 
 if __name__ == "__main__":

@@ -113,3 +113,19 @@ def test_hopper_code_moves_whole_vectors_prefetches_and_fits():
         assert code["b16_loads"] == 0 and code["async_copies"] > 0 and code["wgmma"] > 0, (case, code)
         assert code["shared"] <= 227 * 1024, (case, code)                    # an H100's shared memory per block
     assert odd["b16_loads"] > 0 and odd["async_copies"] == 0          # rows at odd offsets: one element at a time
+
+
+def test_kernel_runs_only_where_triton_makes_tensor_core_code(monkeypatch):
+    # attention() sends CUDA tensors to our kernel from MIN_CAPABILITY on: there Triton's compiler turns the kernel's
+    # products into tensor-core instructions; one generation below (Turing, sm_75) they become scalar multiply-adds
+    major, minor = attn.MIN_CAPABILITY
+    tile = list(TILES[40][0])
+    cases = [[40, dtype, "unet", tile, cap] for cap in (10 * major + minor, 75) for dtype in ("float16", "bfloat16")]
+    at_16, at_bf16, below_16, below_bf16 = compile_sm90(cases)
+    assert at_16["mma"] > 0 and at_bf16["mma"] > 0 and at_16["async_copies"] > 0
+    assert below_16["mma"] == below_16["wgmma"] == below_bf16["mma"] == below_bf16["wgmma"] == 0
+    for capability, expected in (((7, 5), False), ((8, 0), True), ((8, 6), True), ((9, 0), True)):
+        attn.has_tensor_core_code.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert attn.has_tensor_core_code(torch.device("cuda", 0)) is expected
+    attn.has_tensor_core_code.cache_clear()
