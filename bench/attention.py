@@ -1,19 +1,22 @@
 """Attention at Stable Diffusion's shapes (batch 2, 512x512 and 768x768): our Triton kernel, PyTorch's SDPA (whatever
 backend it picks) and plain math, in ms and useful TFLOP/s (4 * B * H * Nq * Nk * d), with each one's relative error
-against a float32 reference. Needs a CUDA GPU.
+against a float32 reference; then the CPU time one call of each takes to launch (an SD1.5 UNet + ControlNet step
+makes 46 calls, many of them a few microseconds of GPU work). Needs a CUDA GPU.
 
     python bench/attention.py [--dtype float16|bfloat16]
 """
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minicontrol.attention import _flash_fwd, attention_math, flash_attention  # noqa: E402
+import minicontrol.attention as attn  # noqa: E402
+from minicontrol.attention import attention_math, flash_attention  # noqa: E402
 
 
 def sd_shapes(model, size):
@@ -56,13 +59,36 @@ def main():
                 err = {name: ((fn().float() - ref).norm() / ref.norm()).item() for name, fn in fns.items()}
                 flops = 4 * b * h * nq * nk * d
                 tf = {name: flops / (t * 1e-3) / 1e12 for name, t in ms.items()}
-                cfg = _flash_fwd.best_config
-                cfg = (f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
-                       + (" padded" if cfg.kwargs["PAD"] else ""))
+                m, n, w, st, pad = next(reversed(attn.best_tiles.values()))          # the tile chosen for this shape
+                cfg = f"{m}x{n} w{w} s{st}" + (" padded" if pad else "")
                 print(f"| {model} | {size} | {h} | {nq} | {nk} | {d} | {ms['ours']:.3f} | {ms['sdpa']:.3f} | "
                       f"{ms['math']:.3f} | {tf['ours']:.0f} | {tf['sdpa']:.0f} | {ms['sdpa'] / ms['ours']:.2f}x | "
                       f"{err['ours']:.1e} | {err['sdpa']:.1e} | {err['math']:.1e} | {cfg} |", flush=True)
                 del q, k, v, ref, q16, k16, v16
+    launch_cost(b, dtype)
+
+
+def launch_cost(b, dtype, calls=2000):
+    """CPU microseconds per call at SD2.1's smallest shape, calls queued without waiting: GPU work of a few
+    microseconds each, so the loop runs at the speed of the Python and C++ that launch it."""
+    q, k, v = (torch.randn(b, 20, 64, 64, device="cuda", dtype=dtype) for _ in range(3))
+    fns = {"ours, attention()": lambda: attn.attention(q, k, v),
+           "ours, flash_attention()": lambda: flash_attention(q, k, v),
+           "SDPA": lambda: F.scaled_dot_product_attention(q, k, v)}
+    print(f"\nlaunch cost at ({b}, 20, 64, 64), {dtype}, inference mode: CPU microseconds per call, best of 5 runs "
+          f"of {calls}")
+    with torch.inference_mode():
+        for name, fn in fns.items():
+            best = float("inf")
+            for _ in range(5):
+                fn()
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                best = min(best, (time.perf_counter() - start) / calls * 1e6)
+                torch.cuda.synchronize()
+            print(f"{name}: {best:.1f}")
 
 
 if __name__ == "__main__":

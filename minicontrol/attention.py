@@ -10,6 +10,7 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
+    import triton.testing
 except ImportError:                     # CPU-only installs: PyTorch's kernels do everything
     triton = None
 
@@ -32,6 +33,8 @@ def split_width(d: int, pad: bool = False):
     return (2 * d0, 0) if pad and rest and d0 < 128 else (d0, d1)
 
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # Triton's CPU interpreter (the tests); Triton reads it once too
+LOG2E = 1.4426950408889634
 use_kernel = True      # set False to send CUDA tensors to PyTorch's SDPA too (benchmarks compare the two)
 # Triton makes tensor-core code of the kernel's products from Ampere (sm_80) on; on older GPUs they become scalar
 # multiply-adds, far slower than PyTorch's kernels, so those keep SDPA
@@ -66,39 +69,25 @@ if triton is not None:
             return tl.dot(a, b, input_precision="ieee")
         return tl.dot(a, b)
 
-    # Tiles (BLOCK_M, BLOCK_N, warps, stages, pad) per head width, tried once per shape on the GPU; a width not listed
-    # gets the tiles that every listed width has, the CPU interpreter the first tile. pad: the head width as one padded
-    # piece (split_width). BLOCK_N >= 64 faulted in 16 bits (illegal address) on an H200 with Triton 3.6, see
-    # BENCHMARKS.md. MINICONTROL_FLASH_TILES=tiles.json replaces the table ({"40": [[64, 32, 4, 3, false], ...], ...};
-    # bench/flash_configs.py --pick writes one).
+    # Tiles (BLOCK_M, BLOCK_N, warps, stages, pad) per head width; flash_attention times a width's tiles on the GPU the
+    # first time it meets a shape and keeps the fastest. A width not listed gets the tiles that every listed width has,
+    # the CPU interpreter the first tile. pad: the head width as one padded piece (split_width). BLOCK_N >= 64 faulted
+    # in 16 bits (illegal address) on an H200 with Triton 3.6, see BENCHMARKS.md. MINICONTROL_FLASH_TILES=tiles.json
+    # replaces the table ({"40": [[64, 32, 4, 3, false], ...], ...}; bench/flash_configs.py --pick writes one).
     TILES = {d: [(64, 32, 4, 3, False), (128, 32, 8, 3, False), (128, 32, 4, 3, False)] for d in (40, 64, 80, 160)}
     if os.environ.get("MINICONTROL_FLASH_TILES"):
         with open(os.environ["MINICONTROL_FLASH_TILES"]) as f:
             TILES = {int(d): [tuple(t) for t in tiles] for d, tiles in json.load(f).items()}
-    CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "PAD": pad}, num_warps=w, num_stages=st)
-               for m, n, w, st, pad in sorted({t for tiles in TILES.values() for t in tiles})]
 
-    def tile_of(c):
-        return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs["PAD"]
-
-    def tiles_for(configs, named_args, D, **kwargs):
-        """The autotuner's candidates at head width D."""
-        keep = TILES.get(D, set.intersection(*(set(tiles) for tiles in TILES.values())))
-        return [c for c in configs if tile_of(c) in keep]
-
-    @triton.autotune(configs=CONFIGS[:1] if os.environ.get("TRITON_INTERPRET") == "1" else CONFIGS,
-                     key=["NQ", "NK", "D", "IEEE", "VEC"], prune_configs_by={"early_config_prune": tiles_for})
-    @triton.heuristics({"D0": lambda args: split_width(args["D"], args["PAD"])[0],
-                        "D1": lambda args: split_width(args["D"], args["PAD"])[1]})
     @triton.jit
     def _flash_fwd(Q, K, V, O, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-                   H, NQ, NK, qk_scale, D: tl.constexpr, PAD: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                   H, NQ, NK, qk_scale, D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                    VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
                    UPCAST: tl.constexpr):
         """One program: BLOCK_M queries of one (batch, head) against all keys, FlashAttention-2 (arXiv:2307.08691,
         Algorithm 1): running row max m_i, running sum l_i, unnormalised output acc, rescaled as new keys arrive.
-        The head width D is computed as two pieces D0 + D1 so no lane does padding work beyond the last piece (or, with
-        PAD, as one piece D0 > D, its tail masked).
+        The head width D is computed as two pieces D0 + D1 so no lane does padding work beyond the last piece (or as
+        one padded piece D0 > D, its tail masked).
         Batch, head and token strides arrive divided by VEC, a power of two that divides them all: multiplied back here,
         they show the compiler that every row starts on a VEC-element boundary, so it moves whole 16-byte vectors and
         can prefetch the next key and value tiles while this one is computed (a 40-wide row is 80 bytes, and a plain
@@ -151,27 +140,52 @@ if triton is not None:
 
 def kernel_args(q, k, v, out):
     """The kernel's arguments and compile-time constants for these tensors (tests also compile them for a GPU)."""
-    D = q.shape[-1]
-    vec = math.gcd(16 // q.element_size(), *(s for t in (q, k, v, out) for s in t.stride()[:3]))
-    strides = [s // vec if i < 3 else s for t in (q, k, v, out) for i, s in enumerate(t.stride())]
-    args = (q, k, v, out, *strides, q.shape[1], q.shape[2], k.shape[2], D ** -0.5 * 1.4426950408889634)
-    return args, dict(D=D, VEC=vec, IEEE=q.dtype == torch.float32,
-                      UPCAST=os.environ.get("TRITON_INTERPRET") == "1")
+    strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride())           # (batch, head, token, width) each
+    vec = math.gcd(16 // q.element_size(), *strides[0:3], *strides[4:7], *strides[8:11], *strides[12:15])
+    args = (q, k, v, out, *(s if i % 4 == 3 else s // vec for i, s in enumerate(strides)),
+            q.shape[1], q.shape[2], k.shape[2], q.shape[3] ** -0.5 * LOG2E)
+    return args, dict(D=q.shape[3], VEC=vec, IEEE=q.dtype == torch.float32, UPCAST=INTERPRET)
 
 
 def flash_attention(q, k, v, out=None, tile=None):
     """Launch the forward kernel; q: (B, H, Nq, d), k, v: (B, H, Nk, d), any strides; writes into `out` if given, else
     into a tensor laid out like q (the UNet's (B, N, H*d) view, so merging the heads back needs no copy).
-    tile=(BLOCK_M, BLOCK_N, warps, stages, pad) skips the autotuner (benchmarks compare tiles with it)."""
+    tile=(BLOCK_M, BLOCK_N, warps, stages, pad) instead of the fastest one measured (benchmarks compare tiles)."""
     out = torch.empty_like(q) if out is None else out
-    grid = lambda meta: (triton.cdiv(q.shape[2], meta["BLOCK_M"]), q.shape[0] * q.shape[1])
     args, meta = kernel_args(q, k, v, out)
     if tile is None:
-        _flash_fwd[grid](*args, **meta)
-    else:
-        m, n, w, st, pad = tile
-        _flash_fwd.fn[grid(dict(BLOCK_M=m))](*args, **meta, BLOCK_M=m, BLOCK_N=n, PAD=pad, num_warps=w, num_stages=st)
+        shape = (q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.dtype, *meta.values())
+        tile = best_tiles.get(shape) or best_tiles.setdefault(shape, fastest_tile(q, args, meta))
+    launch(q, tile, args, meta)
     return out
+
+
+best_tiles = {}         # (B * H, Nq, Nk, dtype, kernel constants) -> the tile measured fastest there
+
+
+def tiles_at(d):
+    """The tiles to time at head width d: its own, else those every listed width shares, else the smallest."""
+    shared = sorted(set.intersection(*(set(tiles) for tiles in TILES.values())))
+    return TILES.get(d) or shared or [(64, 32, 4, 3, False)]
+
+
+def fastest_tile(q, args, meta):
+    """Times each of the width's tiles on these tensors (median of Triton's do_bench) and returns the fastest; a tile
+    needing more shared memory than this GPU has is passed over. The CPU interpreter takes the first tile."""
+    def ms(tile):
+        try:
+            return triton.testing.do_bench(lambda: launch(q, tile, args, meta), return_mode="median")
+        except triton.runtime.errors.OutOfResources:
+            return float("inf")
+    tiles = tiles_at(meta["D"])
+    return tiles[0] if INTERPRET or len(tiles) == 1 else min(tiles, key=ms)
+
+
+def launch(q, tile, args, meta):
+    block_m, block_n, warps, stages, pad = tile
+    d0, d1 = split_width(meta["D"], pad)
+    grid = (triton.cdiv(q.shape[2], block_m), q.shape[0] * q.shape[1])
+    _flash_fwd[grid](*args, **meta, D0=d0, D1=d1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
 class FlashAttention(torch.autograd.Function):

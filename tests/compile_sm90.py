@@ -45,11 +45,10 @@ def compile_case(d, dtype, layout, tile, capability=90):
     args, meta = kernel_args(q, k, v, torch.empty_like(q))
     block_m, block_n, warps, stages, pad = tile
     d0, d1 = split_width(d, pad)
-    jit = _flash_fwd.fn.fn                                                  # under the autotuner and the heuristics
-    values = dict(zip(jit.arg_names, args), **dict(meta, UPCAST=False), BLOCK_M=block_m, BLOCK_N=block_n, PAD=pad,
+    values = dict(zip(_flash_fwd.arg_names, args), **dict(meta, UPCAST=False), BLOCK_M=block_m, BLOCK_N=block_n,
                   D0=d0, D1=d1)
     signature, constexprs, attrs = {}, {}, {}
-    for i, param in enumerate(jit.params):
+    for i, param in enumerate(_flash_fwd.params):
         value = values[param.name]
         kind, key = ("constexpr", value) if param.is_constexpr else native_specialize_impl(
             CUDABackend, value, False, True, True)
@@ -58,7 +57,7 @@ def compile_case(d, dtype, layout, tile, capability=90):
             constexprs[param.name] = key
         elif key:
             attrs[(i,)] = CUDABackend.parse_attr(key)
-    kernel = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=GPUTarget("cuda", capability, 32),
+    kernel = triton.compile(ASTSource(_flash_fwd, signature, constexprs, attrs), target=GPUTarget("cuda", capability, 32),
                             options=dict(num_warps=warps, num_stages=stages))
     ptx = kernel.asm["ptx"]
     return dict(shared=kernel.metadata.shared,

@@ -10,7 +10,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 import minicontrol.attention as attn
-from minicontrol.attention import TILES, FlashAttention, attention_math, flash_attention, split_width, tiles_for
+from minicontrol.attention import TILES, FlashAttention, attention_math, flash_attention, split_width
 
 # SD shapes scaled down: self-attention at 1024/256/64 tokens, cross-attention to 77 text tokens, odd query counts
 LENGTHS = [(64, 64), (256, 256), (1024, 1024), (256, 77), (100, 77), (77, 100)]
@@ -55,14 +55,31 @@ def test_gradients_match(d, dtype):
         assert rel(a, b) <= TOL[dtype]
 
 
-def test_autotuner_tries_each_width_its_own_tiles(monkeypatch):
+def test_each_width_times_its_own_tiles_once_per_shape(monkeypatch):
     small, wide, padded = (64, 32, 4, 3, False), (128, 64, 8, 3, False), (128, 64, 8, 3, True)
     monkeypatch.setattr(attn, "TILES", {40: [small, padded], 64: [small, wide]})
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "PAD": pad}, num_warps=w, num_stages=st)
-               for m, n, w, st, pad in (small, wide, padded)]
-    assert [attn.tile_of(c) for c in tiles_for(configs, {}, D=40)] == [small, padded]
-    assert [attn.tile_of(c) for c in tiles_for(configs, {}, D=64)] == [small, wide]
-    assert [attn.tile_of(c) for c in tiles_for(configs, {}, D=48)] == [small]   # a width never measured: tiles all share
+    assert attn.tiles_at(40) == [small, padded] and attn.tiles_at(64) == [small, wide]
+    assert attn.tiles_at(48) == [small]                                # a width never measured: the tiles all share
+    # as on a GPU: each tile timed by do_bench, the fastest kept for the shape, one too big for shared memory passed over
+    monkeypatch.setattr(attn, "INTERPRET", False)
+    monkeypatch.setattr(attn, "best_tiles", {})
+    launched = []
+    monkeypatch.setattr(attn, "launch", lambda q, tile, args, meta: launched.append(tile))
+
+    def do_bench(fn, **kwargs):
+        fn()
+        if launched[-1] == padded:
+            raise triton.runtime.errors.OutOfResources(240 * 1024, 227 * 1024, "shared memory")
+        return {small: 2.0, wide: 1.0}[launched[-1]]
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    for d, fastest in ((64, wide), (40, small)):
+        q, k, v = tensors(100, 77, d, torch.float16)
+        launched.clear()
+        flash_attention(q, k, v)
+        flash_attention(q, k, v)                                       # the same shape again: no timing
+        assert launched == attn.TILES[d] + [fastest, fastest]
+    flash_attention(*tensors(256, 77, 64, torch.float16))              # a new shape is timed anew
+    assert launched[-3:] == [small, wide, wide]
 
 
 @pytest.mark.parametrize("d", [40, 80])
@@ -129,3 +146,27 @@ def test_kernel_runs_only_where_triton_makes_tensor_core_code(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
         assert attn.has_tensor_core_code(torch.device("cuda", 0)) is expected
     attn.has_tensor_core_code.cache_clear()
+
+
+def test_gpu_launch_path_times_the_tiles_that_fit_once_per_shape():
+    # flash_attention on Triton's own launch path (not the interpreter) with a stand-in H100 driver, the kernel compiled
+    # for sm_90 and its launches recorded (tests/launch_sm90.py): q (2, 8, 64, 160) and k, v (2, 8, 77, 160) in fp16
+    # as the UNet lays them out, tiles 64x32 (80 KiB of shared memory) and 128x128 (280 KiB, more than an H100 has)
+    small, big = [64, 32, 4, 3, False], [128, 128, 8, 3, False]
+    script = os.path.join(os.path.dirname(__file__), "launch_sm90.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for shared, fit in ((227 * 1024, [small]), (10 ** 6, [small, big])):
+        run = subprocess.run([sys.executable, script, str(shared)], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        report = json.loads(run.stdout)
+        launches, timed, (best,) = report["launches"], report["timed"], report["best"]
+        assert {tuple(launch["ints"][-2:]) for launch in launches[:timed]} == {(t[0], t[1]) for t in fit}
+        assert best in fit and len(launches) == timed + 1                    # the same shape again: launched, not timed
+        assert launches[-1]["ints"][-2:] == best[:2]
+        for launch in launches:
+            block_m = launch["ints"][-2]
+            assert launch["grid"] == [(64 + block_m - 1) // block_m, 16, 1]
+            # strides (batch, head, token) in 16-byte units (VEC = 8 halves), then 1 for the width; heads, lengths, widths
+            assert launch["ints"][:21] == [10240, 20, 160, 1, 12320, 20, 160, 1, 12320, 20, 160, 1, 10240, 20, 160, 1,
+                                           8, 64, 77, 160, 128] and launch["ints"][21:23] == [32, 8]
+        assert report["same_layout"]
