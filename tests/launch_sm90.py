@@ -1,6 +1,6 @@
 """Our attention launcher on the path Triton takes on a GPU, on a machine without one: a stand-in driver says it is an
-H100 (sm_90, 227 KiB of shared memory per block, or as much as the first argument gives), the kernel is compiled for
-it with Triton's own compiler, and the launch itself, which would start the kernel, records its grid and arguments
+H100 (sm_90) with as much shared memory per block as the argument gives (a real one has 227 KiB), the kernel is compiled
+for it with Triton's own compiler, and the launch itself, which would start the kernel, records its grid and arguments
 instead. Triton's do_bench times those launches on the CPU clock, so which tile "wins" means nothing here; what is
 checked is the way there. Must run outside Triton's interpreter, so the tests start it as its own process:
 
