@@ -4,11 +4,11 @@ A faulting kernel poisons its CUDA context, so the work runs in child processes:
 correctness in its own process, side by side (float16 and bfloat16, self- and cross-attention, NaN-poisoned outputs),
 then one process per width times the tiles that passed there at that width's largest SD 512x512 self-attention shape
 beside SDPA, with q, k, v laid out as the UNet passes them (should one fault, the rest are timed in a fresh process).
-Each block shape runs with the head width split into power-of-two pieces and, where that differs, padded to one piece
-(40 -> 64, 80 -> 128). Where a tile faults, it is checked once more with Triton's Hopper tensor-core path turned off
-(DISABLE_MMA_V3=1), which tells whether the fault lies in that path. --pick FILE writes the tiles to autotune over at
-each width (the fastest that ran correctly there) as MINICONTROL_FLASH_TILES reads them. --budget SECONDS: work
-not started by then is left out and the table printed with what was measured.
+Each block shape runs with the head width split into power-of-two pieces and, where that differs, padded to pieces of 64
+or more (40 -> 64, 80 -> 128, 160 -> 128 + 64). Where a tile faults, it is checked once more with Triton's Hopper
+tensor-core path turned off (DISABLE_MMA_V3=1), which tells whether the fault lies in that path. --pick FILE writes the
+tiles to autotune over at each width (the fastest that ran correctly there) as MINICONTROL_FLASH_TILES reads them.
+--budget SECONDS: work not started by then is left out and the table printed with what was measured.
 
     python bench/flash_configs.py [--pick FILE] [--budget SECONDS]
 """
@@ -112,7 +112,7 @@ def main():
     import triton
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}", flush=True)
     from minicontrol.attention import split_width
-    # a padded tile only where padding changes the pieces (40 -> 64, 80 -> 128)
+    # a padded tile only where padding changes the pieces (40 -> 64, 80 -> 128, 160 -> 128 + 64)
     jobs = [(tile, d) for tile in TILES for d in SHAPES if not tile[-1] or split_width(d, True) != split_width(d)]
     with ThreadPoolExecutor(8) as pool:
         checked = dict(zip(jobs, pool.map(lambda job: spawn(["check", *job]), jobs)))
@@ -132,9 +132,9 @@ def main():
         print(f"| {', '.join(map(str, tile[:4]))} | {'padded' if tile[-1] else 'split'} | " +
               " | ".join(cells.get((tile, d), "") for d in SHAPES) + " |")
     print("\n(speed: SDPA time / our time, float16; higher is better. split: 40 = 32 + 16, 80 = 64 + 16, "
-          "160 = 128 + 32; padded: 40 -> 64, 80 -> 128)")
+          "160 = 128 + 32; padded: 40 -> 64, 80 -> 128, 160 -> 128 + 64)")
 
-    faulted = [job for job in jobs if checked[job][1] not in (None, LATE)]
+    faulted = [job for job in jobs if checked[job][1] == "illegal address"]
     if faulted:
         tile, d = faulted[0]
         lines, fail = spawn(["check", tile, d], env=dict(os.environ, DISABLE_MMA_V3="1"))
@@ -149,7 +149,7 @@ def main():
         ran = sorted((t for t in TILES if (t, d) in speed), key=lambda t: -speed[(t, d)])[:3]
         pick[d] = ran + [best_everywhere] if best_everywhere and best_everywhere not in ran else ran
     print("autotune over:", json.dumps(pick))
-    if args.pick and best_everywhere:
+    if args.pick and all(pick.values()):                   # a tile for every width
         with open(args.pick, "w") as f:
             json.dump(pick, f)
 

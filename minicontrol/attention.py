@@ -24,13 +24,16 @@ def attention_math(q, k, v):
 def split_width(d: int, pad: bool = False):
     """Head width as two power-of-two pieces (D0, D1), D1 padded to at least 16 for tl.dot: 40 -> 32 + 16 (8 used),
     64 -> 64 + 0, 80 -> 64 + 16, 160 -> 128 + 32. None when the pieces would waste too much or not fit (VAE: 512).
-    pad: one piece, the next power of two up to 128 (40 -> 64 + 0), for the autotuner to weigh against the split."""
+    pad: no piece under 64 wide (40 -> 64, 80 -> 128, 160 -> 128 + 64), for the tile timing to weigh against the split
+    (Triton 3.6 and 3.7 have faulted on Hopper with 32-wide operands: triton-lang/triton#10573, #11366)."""
     d0 = 1 << (d.bit_length() - 1)
     rest = d - d0
     d1 = 0 if rest == 0 else max(16, 1 << (rest - 1).bit_length())
     if d0 < 16 or d0 > 128 or d1 > d0 or (d0 + d1) > 1.25 * d:
         return None
-    return (2 * d0, 0) if pad and rest and d0 < 128 else (d0, d1)
+    if pad and rest:
+        return (2 * d0, 0) if d0 < 128 else (d0, max(64, d1))
+    return d0, d1
 
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # Triton's CPU interpreter (the tests); Triton reads it once too

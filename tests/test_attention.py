@@ -82,9 +82,9 @@ def test_each_width_times_its_own_tiles_once_per_shape(monkeypatch):
     assert launched[-3:] == [small, wide, wide]
 
 
-@pytest.mark.parametrize("d", [40, 80])
+@pytest.mark.parametrize("d", [40, 80, 160])
 def test_padded_width_writes_every_element_and_matches(d):
-    # one piece of the next power of two (64 for 40, 128 for 80), its tail masked, for the autotuner to weigh
+    # pieces of at least 64 (64 for 40, 128 for 80, 128 + 64 for 160), the tail masked, for the tile timing to weigh
     q, k, v = tensors(100, 77, d, torch.float32)
     out = torch.full((2, 2, 100, d), float("nan"))
     flash_attention(q, k, v, out=out, tile=(64, 32, 4, 3, True))
@@ -105,7 +105,7 @@ def test_rows_at_odd_offsets(dtype):
 
 def test_width_split():
     assert [split_width(d) for d in (40, 64, 80, 160)] == [(32, 16), (64, 0), (64, 16), (128, 32)]
-    assert [split_width(d, pad=True) for d in (40, 64, 80, 160)] == [(64, 0), (64, 0), (128, 0), (128, 32)]
+    assert [split_width(d, pad=True) for d in (40, 64, 80, 160)] == [(64, 0), (64, 0), (128, 0), (128, 64)]
     assert split_width(512) is None                      # the VAE's single wide head takes PyTorch's kernel
 
 
@@ -124,7 +124,7 @@ def test_hopper_code_moves_whole_vectors_prefetches_and_fits():
     # one is computed. Every tile the autotuner may try, at every SD width, in both 16-bit types, in the UNet's layout
     cases = [[d, dtype, "unet", list(tile)] for d in WIDTHS for tile in TILES[d] for dtype in ("float16", "bfloat16")]
     cases += [[40, "float16", "contiguous", list(TILES[40][0])]] + [[d, "float16", "unet", [128, 64, 8, 3, True]]
-                                                                     for d in (40, 80)]       # padded to one piece
+                                                                     for d in (40, 80, 160)]  # pieces of 64 or more
     *codes, odd = compile_sm90(cases + [[40, "float16", "odd", list(TILES[40][0])]])
     for case, code in zip(cases, codes):
         assert code["b16_loads"] == 0 and code["async_copies"] > 0 and code["wgmma"] > 0, (case, code)
