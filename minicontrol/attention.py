@@ -74,8 +74,8 @@ if triton is not None:
 
     # Tiles (BLOCK_M, BLOCK_N, warps, stages, pad) per head width; flash_attention times a width's tiles on the GPU the
     # first time it meets a shape and keeps the fastest. A width not listed gets the tiles that every listed width has,
-    # the CPU interpreter the first tile. pad: the head width as one padded piece (split_width). BLOCK_N >= 64 faulted
-    # in 16 bits (illegal address) on an H200 with Triton 3.6, see BENCHMARKS.md. MINICONTROL_FLASH_TILES=tiles.json
+    # the CPU interpreter the first tile. pad: pieces of 64 or more (split_width). BLOCK_N >= 64 faulted in 16 bits
+    # (illegal address) on an H200 with Triton 3.6, see BENCHMARKS.md. MINICONTROL_FLASH_TILES=tiles.json
     # replaces the table ({"40": [[64, 32, 4, 3, false], ...], ...}; bench/flash_configs.py --pick writes one).
     TILES = {d: [(64, 32, 4, 3, False), (128, 32, 8, 3, False), (128, 32, 4, 3, False)] for d in (40, 64, 80, 160)}
     if os.environ.get("MINICONTROL_FLASH_TILES"):
@@ -89,8 +89,8 @@ if triton is not None:
                    UPCAST: tl.constexpr):
         """One program: BLOCK_M queries of one (batch, head) against all keys, FlashAttention-2 (arXiv:2307.08691,
         Algorithm 1): running row max m_i, running sum l_i, unnormalised output acc, rescaled as new keys arrive.
-        The head width D is computed as two pieces D0 + D1 so no lane does padding work beyond the last piece (or as
-        one padded piece D0 > D, its tail masked).
+        The head width D is computed as two pieces D0 + D1 so no lane does padding work beyond the last piece (padded,
+        D0 + D1 > D: the last piece's tail is masked).
         Batch, head and token strides arrive divided by VEC, a power of two that divides them all: multiplied back here,
         they show the compiler that every row starts on a VEC-element boundary, so it moves whole 16-byte vectors and
         can prefetch the next key and value tiles while this one is computed (a 40-wide row is 80 bytes, and a plain
