@@ -166,22 +166,30 @@ def flash_attention(q, k, v, out=None, tile=None):
 best_tiles = {}         # (B * H, Nq, Nk, dtype, kernel constants) -> the tile measured fastest there
 
 
+SMALLEST = (64, 32, 4, 3, False)       # fits every GPU from Ampere on: at most 80 KiB of shared memory (d = 160)
+
+
 def tiles_at(d):
     """The tiles to time at head width d: its own, else those every listed width shares, else the smallest."""
     shared = sorted(set.intersection(*(set(tiles) for tiles in TILES.values())))
-    return TILES.get(d) or shared or [(64, 32, 4, 3, False)]
+    return TILES.get(d) or shared or [SMALLEST]
 
 
 def fastest_tile(q, args, meta):
     """Times each of the width's tiles on these tensors (median of Triton's do_bench) and returns the fastest; a tile
-    needing more shared memory than this GPU has is passed over. The CPU interpreter takes the first tile."""
+    needing more shared memory than this GPU has is passed over, and where none fits, the smallest is taken. The CPU
+    interpreter takes the first tile."""
     def ms(tile):
         try:
             return triton.testing.do_bench(lambda: launch(q, tile, args, meta), return_mode="median")
         except triton.runtime.errors.OutOfResources:
             return float("inf")
     tiles = tiles_at(meta["D"])
-    return tiles[0] if INTERPRET or len(tiles) == 1 else min(tiles, key=ms)
+    if INTERPRET:
+        return tiles[0]
+    times = {tile: ms(tile) for tile in tiles}
+    best = min(times, key=times.get)
+    return best if times[best] < float("inf") else SMALLEST
 
 
 def launch(q, tile, args, meta):

@@ -80,6 +80,10 @@ def test_each_width_times_its_own_tiles_once_per_shape(monkeypatch):
         assert launched == attn.TILES[d] + [fastest, fastest]
     flash_attention(*tensors(256, 77, 64, torch.float16))              # a new shape is timed anew
     assert launched[-3:] == [small, wide, wide]
+    monkeypatch.setattr(attn, "TILES", {80: [padded]})                 # no tile fits this GPU: the smallest does
+    launched.clear()
+    flash_attention(*tensors(100, 77, 80, torch.float16))
+    assert launched == [padded, attn.SMALLEST] and attn.SMALLEST == small
 
 
 @pytest.mark.parametrize("d", [40, 80, 160])
