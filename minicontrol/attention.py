@@ -163,10 +163,8 @@ def flash_attention(q, k, v, out=None, tile=None):
     return out
 
 
-best_tiles = {}         # (B * H, Nq, Nk, dtype, kernel constants) -> the tile measured fastest there
-
-
-SMALLEST = (64, 32, 4, 3, False)       # fits every GPU from Ampere on: at most 80 KiB of shared memory (d = 160)
+best_tiles = {}                     # (B * H, Nq, Nk, dtype, kernel constants) -> the tile measured fastest there
+SMALLEST = (64, 32, 4, 3, False)    # fits every GPU from Ampere on: at most 80 KiB of shared memory (d = 160)
 
 
 def tiles_at(d):
@@ -193,6 +191,7 @@ def fastest_tile(q, args, meta):
 
 
 def launch(q, tile, args, meta):
+    """One run of the kernel with this tile: a program per BLOCK_M queries of each (batch, head)."""
     block_m, block_n, warps, stages, pad = tile
     d0, d1 = split_width(meta["D"], pad)
     grid = (triton.cdiv(q.shape[2], block_m), q.shape[0] * q.shape[1])
