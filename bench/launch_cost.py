@@ -74,13 +74,14 @@ def main():
                     fn()
                 times[name].append((time.perf_counter() - start) * 1e3)        # microseconds per call
                 launch_sm90.launches.clear()
-    floor = sorted(times[next(iter(calls))])[len(times[next(iter(calls))]) // 2]
-    print(f"{torch.__version__}, Triton {triton.__version__}, tile {tile}; median of {args.rounds} rounds of 1000 calls")
+    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    floor = median[next(iter(calls))]
+    print(f"{torch.__version__}, Triton {triton.__version__}, tile {tile}; medians of {args.rounds} rounds of 1000 "
+          "calls")
     print("| call | CPU microseconds per call | vs Triton's own launch |")
     print("|---|---:|---:|")
-    for name, t in times.items():
-        median = sorted(t)[len(t) // 2]
-        print(f"| {name} | {median:.1f} | {median / floor:.2f}x |")
+    for name, us in median.items():
+        print(f"| {name} | {us:.1f} | {us / floor:.2f}x |")
 
 
 if __name__ == "__main__":

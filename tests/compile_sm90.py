@@ -57,8 +57,8 @@ def compile_case(d, dtype, layout, tile, capability=90):
             constexprs[param.name] = key
         elif key:
             attrs[(i,)] = CUDABackend.parse_attr(key)
-    kernel = triton.compile(ASTSource(_flash_fwd, signature, constexprs, attrs), target=GPUTarget("cuda", capability, 32),
-                            options=dict(num_warps=warps, num_stages=stages))
+    kernel = triton.compile(ASTSource(_flash_fwd, signature, constexprs, attrs),
+                            target=GPUTarget("cuda", capability, 32), options=dict(num_warps=warps, num_stages=stages))
     ptx = kernel.asm["ptx"]
     return dict(shared=kernel.metadata.shared,
                 b16_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.b16\b", ptx)),

@@ -24,7 +24,7 @@ launches = []
 
 class Launcher:
     def __init__(self, src, metadata):
-        self.name, self.shared = src.fn.__name__, metadata.shared
+        self.shared = metadata.shared
 
     def __call__(self, grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, enter_hook,
                  exit_hook, *args):

@@ -60,7 +60,7 @@ def test_each_width_times_its_own_tiles_once_per_shape(monkeypatch):
     monkeypatch.setattr(attn, "TILES", {40: [small, padded], 64: [small, wide]})
     assert attn.tiles_at(40) == [small, padded] and attn.tiles_at(64) == [small, wide]
     assert attn.tiles_at(48) == [small]                                # a width never measured: the tiles all share
-    # as on a GPU: each tile timed by do_bench, the fastest kept for the shape, one too big for shared memory passed over
+    # as on a GPU: each tile timed by do_bench, the fastest kept for the shape, one too big for shared memory skipped
     monkeypatch.setattr(attn, "INTERPRET", False)
     monkeypatch.setattr(attn, "best_tiles", {})
     launched = []
@@ -170,7 +170,7 @@ def test_gpu_launch_path_times_the_tiles_that_fit_once_per_shape():
         for launch in launches:
             block_m = launch["ints"][-2]
             assert launch["grid"] == [(64 + block_m - 1) // block_m, 16, 1]
-            # strides (batch, head, token) in 16-byte units (VEC = 8 halves), then 1 for the width; heads, lengths, widths
+            # strides (batch, head, token) in 16-byte units (VEC = 8 halves), 1 for the width; heads, lengths, widths
             assert launch["ints"][:21] == [10240, 20, 160, 1, 12320, 20, 160, 1, 12320, 20, 160, 1, 10240, 20, 160, 1,
                                            8, 64, 77, 160, 128] and launch["ints"][21:23] == [32, 8]
         assert report["same_layout"]
