@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
                                                               "(default 1.0); one for all or one per ControlNet")
     a("--only-mid-control", action="store_true", help="add only the middle-block residual")
     a("--seed", type=int, default=12345, help="random seed; the same seed and flags give the same images")
-    a("--num-samples", type=int, default=1, help="images to generate (one batch)")
+    a("--num-samples", type=int, default=None, help="images to generate, one batch (default 1; 4 for the tiny model)")
     a("--resolution", type=int, default=None, help="short side of the output, rounded to a multiple of 64 "
                                                    "(default 512; 64 for the tiny model)")
     a("--out", default="out", help="output folder: grid.png and sample_N.png (default out/)")
@@ -108,6 +108,7 @@ def check_args(args):
     if not 1 <= args.steps <= 1000:
         fail(f"--steps must be between 1 and 1000, got {args.steps}")
     args.cfg = args.cfg if args.cfg is not None else (TINY_CFG if tiny else 9.0)
+    args.num_samples = args.num_samples if args.num_samples is not None else (4 if tiny else 1)
     if args.num_samples < 1 or args.cfg < 0 or args.eta < 0:
         fail("--num-samples must be at least 1, and --cfg and --eta must not be negative")
     args.resolution = args.resolution or (64 if tiny else 512)
@@ -133,10 +134,10 @@ def read_image(path) -> np.ndarray:
 
 def control_maps(args, tiny):
     """(maps to show, one hint tensor per ControlNet). The tiny model's default draws its own outlines, one per sample."""
-    from minicontrol.preprocess import detect, hwc3, resize_image
+    from minicontrol.preprocess import detect, hwc3, resize_image, round64
     if tiny and not args.control_image:
         from minicontrol.world import demo_controls
-        prompts, maps = demo_controls(args.num_samples, args.resolution, args.seed)
+        prompts, maps = demo_controls(args.num_samples, round64(args.resolution), args.seed)
         args.prompt = args.prompt or prompts
         return maps, [torch.from_numpy(np.stack(maps)).permute(0, 3, 1, 2).float() / 255.0]
     if not args.control_image:                       # --base alone: text to image
@@ -159,6 +160,7 @@ def main(argv=None):
     from minicontrol.config import preset
     from minicontrol.ddim import timesteps
     from minicontrol.pipeline import Control, decode, sample
+    from minicontrol.preprocess import round64
     from minicontrol.text import token_count
 
     maps, hints = control_maps(args, tiny)
@@ -186,7 +188,7 @@ def main(argv=None):
     for net in nets:
         net.to(args.device, dtype)
 
-    h, w = maps[0].shape[:2] if maps else (args.resolution, args.resolution)
+    h, w = maps[0].shape[:2] if maps else (round64(args.resolution),) * 2
     controls = [Control(*c) for c in zip(nets, hints, args.strength, args.start, args.end)]
     steps = sample(model, prompts, [negative] * len(prompts), controls, args.steps, args.cfg, args.eta,
                    args.guess_mode, args.only_mid_control, h, w, torch.Generator().manual_seed(args.seed))

@@ -15,11 +15,16 @@ def hwc3(img: np.ndarray) -> np.ndarray:
     return img
 
 
+def round64(x: float) -> int:
+    """The nearest multiple of 64, halves to even: the official demos' rounding of image sides."""
+    return int(np.round(x / 64.0)) * 64
+
+
 def resize_image(img: np.ndarray, resolution: int) -> np.ndarray:
-    """Short side to `resolution`, then each side rounded to the nearest multiple of 64 (halves to even)."""
+    """Short side to `resolution`, then each side rounded to the nearest multiple of 64."""
     h, w = img.shape[:2]
     k = resolution / min(h, w)
-    size = (int(np.round(w * k / 64.0)) * 64, int(np.round(h * k / 64.0)) * 64)
+    size = (round64(w * k), round64(h * k))
     resample = Image.LANCZOS if k > 1 else Image.BOX          # OpenCV's LANCZOS4 / INTER_AREA
     return np.asarray(Image.fromarray(img).resize(size, resample))
 

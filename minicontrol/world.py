@@ -82,7 +82,7 @@ def make_dataset(folder, n: int, seed: int = 0, split: str = "train"):
 
 def demo_controls(n: int, resolution: int = SIZE, seed: int = 0):
     """Held-out colour pairs with new outlines for `python sample.py` with the tiny model: (prompts, HxWx3 maps)."""
-    items = eval_items(max(n, 4), seed)[:max(n, 4)]
+    items = eval_items(n, seed)[:n]
     scale = resolution / SIZE
     maps = [draw(c, b, cx * scale, cy * scale, r * scale, resolution)[1] for c, b, cx, cy, r in items]
     return [prompt(c, b) for c, b, *_ in items], maps

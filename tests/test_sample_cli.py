@@ -60,11 +60,12 @@ def test_sample_writes_pngs_with_metadata_and_is_reproducible(files, tmp_path):
 
 def test_base_alone_samples_text_to_image(files, tmp_path):
     res = run("--base", files / "tiny-v1.ckpt", "--config", "tiny-sd1", "--prompt", "a red circle", "--steps", 3,
-              "--num-samples", 2, "--resolution", 64, "--out", tmp_path)
+              "--num-samples", 2, "--resolution", 100, "--out", tmp_path)
     assert res.returncode == 0, res.stderr
-    assert Image.open(tmp_path / "grid.png").size == (512, 256)     # one row: the two samples, no control maps
+    assert Image.open(tmp_path / "grid.png").size == (512, 256)     # one row: the two samples shown 2x, no maps
     sample = Image.open(tmp_path / "sample_0.png")
-    assert sample.size == (64, 64) and "ControlNet: ," in sample.text["parameters"]
+    assert sample.size == (128, 128)                                # 100 rounded to the nearest multiple of 64
+    assert "ControlNet: ," in sample.text["parameters"]
 
 
 def one_line_error(res, *words):

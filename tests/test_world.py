@@ -136,3 +136,15 @@ def test_bare_sample_draws_the_circles_on_their_outlines(tmp_path):
     from sample import parser
     iou, colour_error = scores(images, eval_items(8, seed=parser().get_default("seed"))[:8])   # the outlines drawn
     assert iou > 0.8 and colour_error < 0.1
+
+
+@pytest.mark.skipif(not all(p.exists() for p in SHIPPED), reason="the tiny weights are not in weights/")
+def test_bare_sample_takes_the_asked_count_and_rounds_the_resolution(tmp_path):
+    # one sample when one is asked for (four is only the default), at 100 rounded to a multiple of 64, as for
+    # control images; the same seed gives the first image of the default run (up to rounding: batch sizes differ)
+    run("sample.py", "--num-samples", 1, "--resolution", 100, "--steps", 2, "--out", tmp_path / "one")
+    run("sample.py", "--resolution", 100, "--steps", 2, "--out", tmp_path / "four")
+    assert sorted(p.name for p in (tmp_path / "one").glob("sample_*.png")) == ["sample_0.png"]
+    assert len(list((tmp_path / "four").glob("sample_*.png"))) == 4
+    one, four = (np.asarray(Image.open(tmp_path / d / "sample_0.png")) for d in ("one", "four"))
+    assert one.shape == (128, 128, 3) and np.abs(one.astype(int) - four).max() <= 1
