@@ -148,7 +148,7 @@ def control_maps(args, tiny):
         maps.append(detect(img, args.detector or "none", args.low_threshold, args.high_threshold))
     size = maps[0].shape[1::-1]                      # every map at the first one's (W, H)
     maps = [maps[0]] + [np.asarray(Image.fromarray(m).resize(size, Image.BILINEAR)) for m in maps[1:]]
-    return maps, [torch.from_numpy(m[None]).permute(0, 3, 1, 2).float() / 255.0 for m in maps]
+    return maps, [torch.tensor(m[None]).permute(0, 3, 1, 2).float() / 255.0 for m in maps]
 
 
 def main(argv=None):

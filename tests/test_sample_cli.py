@@ -90,3 +90,10 @@ def test_long_prompt_says_it_is_truncated(files, tmp_path):
     args[args.index("--prompt") + 1] = "circle " * 90
     res = run(*args)
     assert res.returncode == 0 and "truncated" in res.stderr
+
+
+def test_control_image_as_the_map_runs_without_warnings(files, tmp_path):
+    args = base_args(files, tmp_path / "o")
+    args[args.index("--detector") + 1] = "none"
+    res = run(*args)
+    assert res.returncode == 0 and "Warning" not in res.stderr, res.stderr
