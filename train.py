@@ -240,6 +240,11 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if args.latent_noise and args.stage != "decoder":
         raise SystemExit("error: --latent-noise is for --stage decoder; leave it out for the other stages")
+    out, step = Path(args.out), 0
+    state_path = out / "state.pt"
+    if state_path.is_file() and not args.resume:
+        raise SystemExit(f"error: {state_path} exists: --out holds a run already; pass --resume to continue it, or "
+                         "give another --out")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     cuda = torch.cuda.is_available()
@@ -248,7 +253,6 @@ def main(argv=None):
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     items = read_index(Path(args.data))
     args.resolution = args.resolution or Image.open(items[0][1]).size[0]
-    out = Path(args.out)
     model, trained, params = build(args, device)
     trained.train()
     for p in params:                                 # the decoder stage leaves the encoder frozen
@@ -262,8 +266,6 @@ def main(argv=None):
     moments = encode_all(model, items, args.resolution) if cache else None
     opt = torch.optim.AdamW(params, lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
-    step = 0
-    state_path = out / "state.pt"
     if args.resume and state_path.is_file():
         state = torch.load(state_path, map_location=device, weights_only=True)
         trained.load_state_dict(state["trained"])
@@ -274,13 +276,12 @@ def main(argv=None):
             group["lr"] = args.lr
         gen.set_state(state["generator"])
         step = state["step"]
-        if rank == 0:
-            print(f"resumed {state_path} at step {step}")
-            if (out / "loss.csv").exists():                  # drop rows logged after that checkpoint
-                rows = open(out / "loss.csv").read().splitlines()
-                keep = [r for r in rows[1:] if int(r.split(",")[0]) <= step]
-                (out / "loss.csv").write_text("\n".join(rows[:1] + keep) + "\n")
     if rank == 0:
+        print(f"resumed {state_path} at step {step}" if step else f"starting a new run in {out}")
+        if (out / "loss.csv").exists():                      # drop rows logged after the last checkpoint
+            rows = open(out / "loss.csv").read().splitlines()
+            keep = [r for r in rows[1:] if int(r.split(",")[0]) <= step]
+            (out / "loss.csv").write_text("\n".join(rows[:1] + keep) + "\n")
         (out / "samples").mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=args.stage, unit="step")

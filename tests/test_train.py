@@ -156,6 +156,14 @@ def test_sigkill_and_resume_equals_uninterrupted(setup, tmp_path):
     train(*common(setup, cut, steps=8, extra=["--save-every", 2, "--resume"]))
     a, b = weights(full / "step0000008.safetensors"), weights(cut / "step0000008.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logged = [int(row.split(",")[0]) for row in (cut / "loss.csv").read_text().splitlines()[1:]]
+    assert logged == list(range(1, 9))                      # steps after the last checkpoint logged once, not twice
+    # the same command without --resume must not start over on top of the finished run
+    state = (full / "state.pt").read_bytes()
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, common(setup, full, steps=8))],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "--resume" in res.stderr.strip().splitlines()[-1] and (full / "state.pt").read_bytes() == state
 
 
 def test_torchrun_two_processes_match_one(setup, tmp_path):
