@@ -254,6 +254,11 @@ def main(argv=None):
     items = read_index(Path(args.data))
     args.resolution = args.resolution or Image.open(items[0][1]).size[0]
     model, trained, params = build(args, device)
+    need = 2 ** (len(model.config.vae.ch_mult) - 1) * 2 ** (len(model.config.unet.channel_mult) - 1)
+    if args.resolution % need:
+        fit = max(need, args.resolution // need * need)
+        raise SystemExit(f"error: training images of {args.resolution} pixels (--resolution, else the data's own "
+                         f"size): this model needs a multiple of {need}; pass --resolution {fit}, for example")
     trained.train()
     for p in params:                                 # the decoder stage leaves the encoder frozen
         p.requires_grad_(True)

@@ -224,3 +224,13 @@ def test_latent_noise_outside_the_decoder_stage_is_refused(setup, tmp_path):
                           tmp_path / "o", "--latent-noise", "0.3"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode != 0 and "--latent-noise" in res.stderr.strip().splitlines()[-1]
     assert "Traceback" not in res.stderr
+
+
+def test_image_size_the_model_cannot_take_is_refused(setup, tmp_path):
+    # the tiny model halves 3 times in the VAE and twice in the UNet: sides must be multiples of 2 ** 5 = 32
+    d, _ = setup
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--stage", "vae", "--config", "tiny", "--data",
+                          d / "data", "--out", tmp_path / "o", "--resolution", "100"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "--resolution 96" in res.stderr.strip().splitlines()[-1]
