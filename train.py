@@ -113,14 +113,16 @@ def batch_indices(n_items, global_batch, step, seed):
 def build(args, device):
     """(model, trainable module, parameters to optimise)."""
     try:
-        model = load_base(args.base, preset(args.config) if args.config else None) if args.base else None
-    except CheckpointError as e:
+        config = preset(args.config) if args.config else None
+        model = load_base(args.base, config) if args.base else None
+        net = load_controlnet(args.controlnet, base=model.config) if args.controlnet and model else None
+    except (CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     if model is None:
         if not args.config or args.stage in ("controlnet", "decoder"):
             raise SystemExit("error: give --base (an SD checkpoint), or --config to build a new model for --stage vae/base")
         torch.manual_seed(args.seed)
-        model = StableDiffusion(preset(args.config))
+        model = StableDiffusion(config)
     model = model.to(device).requires_grad_(False).eval()
     if args.stage == "vae":
         return model, model.vae, list(model.vae.parameters())
@@ -129,7 +131,7 @@ def build(args, device):
     if args.stage == "base":
         return model, model.unet, list(model.unet.parameters())
     torch.manual_seed(args.seed)
-    net = load_controlnet(args.controlnet, base=model.config).to(device) if args.controlnet else clone_encoder(model.unet)
+    net = net.to(device) if net is not None else clone_encoder(model.unet)
     params = list(net.parameters())
     if args.sd_unlocked:
         params += list(model.unet.output_blocks.parameters()) + list(model.unet.out.parameters())
@@ -240,6 +242,8 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if args.latent_noise and args.stage != "decoder":
         raise SystemExit("error: --latent-noise is for --stage decoder; leave it out for the other stages")
+    if args.controlnet and args.stage != "controlnet":
+        raise SystemExit(f"error: --controlnet is for --stage controlnet; --stage {args.stage} does not use it")
     out, step = Path(args.out), 0
     state_path = out / "state.pt"
     if state_path.is_file() and not args.resume:

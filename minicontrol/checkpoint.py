@@ -216,13 +216,13 @@ def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) 
         raise CheckpointError(f"{path}: the ControlNet weights lack middle_block.1 (attention); "
                               "is this a ControlNet for Stable Diffusion 1.x/2.x?")
     if base is not None:
-        names = {768: "SD1.x", 1024: "SD2.x"}
-        width = context_dim(net_sd, "")
-        if width != base.unet.context_dim or family(net_sd, "") != ("sd2" if base.unet.use_linear_in_transformer else "sd1"):
-            raise CheckpointError(
-                f"{path}: this ControlNet is for {names.get(width, 'another model')} (text context width {width}) but "
-                f"the base model is {names.get(base.unet.context_dim, 'another model')} (width {base.unet.context_dim}); "
-                "use a ControlNet made for this base")
+        own = family(net_sd, ""), context_dim(net_sd, "")
+        other = "sd2" if base.unet.use_linear_in_transformer else "sd1", base.unet.context_dim
+        describe = lambda fam, width: (f"{'SD2.x' if fam == 'sd2' else 'SD1.x'} (text context width {width}, "
+                                       f"{'linear' if fam == 'sd2' else 'convolution'} proj_in)")
+        if own != other:
+            raise CheckpointError(f"{path}: this ControlNet is for {describe(*own)} but the base model is "
+                                  f"{describe(*other)}; use a ControlNet made for this base")
     config = config or (base if base is not None and meta is None else resolve_config(net_sd, meta, None, ""))
     if base is not None:
         own = dict(vars(config.unet), hint_channels=0, global_average_pooling=False)

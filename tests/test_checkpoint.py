@@ -126,6 +126,7 @@ def test_sd2_controlnet_refused_with_sd1_base(tmp_path):
     path = write(tmp_path / "control_sd21.pth", controlnet_state_dict(sd2_net))
     msg = error(load_controlnet, path, base=preset("tiny-sd1"))
     assert "control_sd21.pth" in msg and "base" in msg
+    assert msg.index("SD2.x") < msg.index("SD1.x")         # the ControlNet's family, then the base's (same width here)
 
 
 def test_controlnet_for_another_unet_width_refused(tmp_path):

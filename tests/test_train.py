@@ -234,3 +234,16 @@ def test_image_size_the_model_cannot_take_is_refused(setup, tmp_path):
                          cwd=ROOT, timeout=300)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "--resolution 96" in res.stderr.strip().splitlines()[-1]
+
+
+def test_controlnet_for_another_base_is_refused_in_one_line(setup, tmp_path):
+    from helpers import tiny_models
+    from minicontrol.checkpoint import controlnet_state_dict
+    d, base = setup
+    torch.save(controlnet_state_dict(tiny_models("tiny-sd2")[2]), tmp_path / "control_sd2.pth")
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, common(setup, tmp_path / "o")),
+                          "--controlnet", str(tmp_path / "control_sd2.pth")], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("error:") and "control_sd2.pth" in line and "base" in line
