@@ -216,13 +216,13 @@ def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) 
         raise CheckpointError(f"{path}: the ControlNet weights lack middle_block.1 (attention); "
                               "is this a ControlNet for Stable Diffusion 1.x/2.x?")
     if base is not None:
-        own = family(net_sd, ""), context_dim(net_sd, "")
-        other = "sd2" if base.unet.use_linear_in_transformer else "sd1", base.unet.context_dim
+        net_kind = family(net_sd, ""), context_dim(net_sd, "")
+        base_kind = "sd2" if base.unet.use_linear_in_transformer else "sd1", base.unet.context_dim
         describe = lambda fam, width: (f"{'SD2.x' if fam == 'sd2' else 'SD1.x'} (text context width {width}, "
                                        f"{'linear' if fam == 'sd2' else 'convolution'} proj_in)")
-        if own != other:
-            raise CheckpointError(f"{path}: this ControlNet is for {describe(*own)} but the base model is "
-                                  f"{describe(*other)}; use a ControlNet made for this base")
+        if net_kind != base_kind:
+            raise CheckpointError(f"{path}: this ControlNet is for {describe(*net_kind)} but the base model is "
+                                  f"{describe(*base_kind)}; use a ControlNet made for this base")
     config = config or (base if base is not None and meta is None else resolve_config(net_sd, meta, None, ""))
     if base is not None:
         own = dict(vars(config.unet), hint_channels=0, global_average_pooling=False)
