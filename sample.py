@@ -28,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
     a("--control-image", action="append", default=[], help="control image for the ControlNet at the same position")
     a("--detector", choices=["canny", "invert", "none"], default=None,
       help="turn each control image into a map: canny edges, invert (lineart drawn dark on white), or none (the image "
-           "already is a map; default for the tiny model)")
+           "already is a map; the default)")
     a("--low-threshold", type=float, default=100, help="Canny low threshold (default 100)")
     a("--high-threshold", type=float, default=200, help="Canny high threshold (default 200)")
     a("--prompt", default=None, help="what to draw")
