@@ -165,7 +165,8 @@ def main(argv=None):
 
     maps, hints = control_maps(args, tiny)
     if args.prompt is None:
-        fail("--prompt is required with your own model files")
+        fail("--prompt is required with your own control images; the tiny model knows prompts like \"red circle "
+             "with blue background\"" if tiny else "--prompt is required with your own model files")
     a_prompt = args.a_prompt if args.a_prompt is not None else ("" if tiny else "best quality, extremely detailed")
     negative = args.negative_prompt if args.negative_prompt is not None else ("" if tiny else
                "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, "
