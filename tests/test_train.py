@@ -164,6 +164,11 @@ def test_sigkill_and_resume_equals_uninterrupted(setup, tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "--resume" in res.stderr.strip().splitlines()[-1] and (full / "state.pt").read_bytes() == state
+    # nor resume it as another stage
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, common(setup, full, steps=9)), "--stage",
+                          "base", "--resume"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "--stage" in res.stderr.strip().splitlines()[-1] and (full / "state.pt").read_bytes() == state
 
 
 def test_torchrun_two_processes_match_one(setup, tmp_path):
