@@ -119,6 +119,8 @@ def main():
     p.add_argument("--curve", metavar="RUN", help="instead: IoU at every checkpoint of a ControlNet run folder, "
                    "written to RUN/iou.csv and RUN/iou.png (n held-out colour pairs)")
     a = p.parse_args()
+    if a.n < 1 or not 1 <= a.steps <= 1000:
+        raise SystemExit(f"error: --n must be at least 1 and --steps 1 to 1000; got --n {a.n}, --steps {a.steps}")
     torch.set_grad_enabled(False)
     try:
         run(a)

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-import minicontrol
 from minicontrol.checkpoint import kind, load_base, load_controlnet, read
 from minicontrol.world import COLORS, HELD_OUT_PAIRS, draw, eval_items, held_out_position, make_dataset
 
@@ -20,10 +19,10 @@ def test_palette_is_large_and_well_separated():
     # at least 16 colours at least 60 apart (out of 441 across the RGB cube); brown and olive, the closest pair
     # at 49, count once
     kept = []
-    for rgb in minicontrol.COLORS.values():
+    for rgb in COLORS.values():
         if all(np.linalg.norm(np.subtract(rgb, k)) >= 60 for k in kept):
             kept.append(rgb)
-    assert len(kept) >= 16 and len(minicontrol.COLORS) == 18
+    assert len(kept) >= 16 and len(COLORS) == 18
 
 
 def test_dataset_is_deterministic_and_holds_out_pairs_and_positions(tmp_path):
@@ -36,8 +35,8 @@ def test_dataset_is_deterministic_and_holds_out_pairs_and_positions(tmp_path):
         assert (words[0], words[3]) not in HELD_OUT_PAIRS and not held_out_position(*item["circle"][:2])
         target = np.asarray(Image.open(tmp_path / "a" / item["target"]))
         cx, cy, r = item["circle"]
-        assert tuple(target[int(cy), int(cx)]) == minicontrol.COLORS[words[0]]        # the centre has the circle colour
-        assert tuple(target[0, 0]) == minicontrol.COLORS[words[3]] or r > 40
+        assert tuple(target[int(cy), int(cx)]) == COLORS[words[0]]        # the centre has the circle colour
+        assert tuple(target[0, 0]) == COLORS[words[3]] or r > 40
         source = np.asarray(Image.open(tmp_path / "a" / item["source"]))
         assert source[int(cy), int(cx)].max() == 0 and source.max() == 255      # an outline, hollow inside
 
