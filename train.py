@@ -238,12 +238,27 @@ def plot_loss(csv_path, png_path):
     line_plot(np.arange(len(smooth)) + k, smooth, png_path, "loss")
 
 
-def main(argv=None):
-    args = parser().parse_args(argv)
+def check_args(args):
+    """Flag mistakes, each one line, before any data or weights are read."""
+    counts = {"--steps": args.steps, "--batch-size": args.batch_size, "--grad-accum": args.grad_accum,
+              "--save-every": args.save_every, "--sample-steps": args.sample_steps}
+    if args.resolution is not None:
+        counts["--resolution"] = args.resolution
+    for flag, n in counts.items():
+        if n < 1:
+            raise SystemExit(f"error: {flag} must be at least 1, got {n}")
+    if args.lr <= 0 or args.sample_every < 0 or not 0 <= args.drop_prompt <= 1 or args.latent_noise < 0:
+        raise SystemExit("error: --lr must be positive, --sample-every and --latent-noise not negative, --drop-prompt "
+                         "from 0 to 1")
     if args.latent_noise and args.stage != "decoder":
         raise SystemExit("error: --latent-noise is for --stage decoder; leave it out for the other stages")
     if args.controlnet and args.stage != "controlnet":
         raise SystemExit(f"error: --controlnet is for --stage controlnet; --stage {args.stage} does not use it")
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    check_args(args)
     out, step = Path(args.out), 0
     state_path = out / "state.pt"
     if state_path.is_file() and not args.resume:

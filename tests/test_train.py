@@ -223,12 +223,14 @@ def test_bad_data_line_is_named(setup, tmp_path):
     assert "Traceback" not in res.stderr
 
 
-def test_latent_noise_outside_the_decoder_stage_is_refused(setup, tmp_path):
+@pytest.mark.parametrize("flag, value", [("--latent-noise", "0.3"), ("--batch-size", "0"), ("--resolution", "0")])
+def test_flag_mistakes_are_refused_in_one_line(setup, tmp_path, flag, value):
+    # --latent-noise outside the decoder stage; counts below 1 (a division by zero; 0 taken as "the data's size")
     d, base = setup
     res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--base", base, "--data", d / "data", "--out",
-                          tmp_path / "o", "--latent-noise", "0.3"], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert res.returncode != 0 and "--latent-noise" in res.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in res.stderr
+                          tmp_path / "o", flag, value], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode != 0 and flag in res.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()
 
 
 def test_image_size_the_model_cannot_take_is_refused(setup, tmp_path):
