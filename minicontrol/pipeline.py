@@ -45,10 +45,17 @@ def residuals(controls, x, t, context, n_cond, guess_mode, step, total):
 
 @torch.no_grad()
 def sample(model: StableDiffusion, prompts, negative, controls=(), steps=20, cfg_scale=9.0, eta=0.0,
-           guess_mode=False, only_mid_control=False, height=512, width=512, generator=None, x_T=None):
-    """Yields (i, x, x0) at every DDIM step, i counting down to 0; the last x is the final latent.
+           guess_mode=False, only_mid_control=False, height=None, width=None, generator=None, x_T=None):
+    """Yields (i, x, x0) at every DDIM step, i counting down to 0; the last x is the final latent. The image size is
+    the control images' (every one the same), or 512x512 without control.
 
     Initial noise and DDIM noise come from `generator` on the CPU, so a seed gives the same image on any device."""
+    if height is None or width is None:
+        height, width = controls[0].image.shape[-2:] if controls else (512, 512)
+    for c in controls:
+        if tuple(c.image.shape[-2:]) != (height, width):
+            raise ValueError(f"a control image is {tuple(c.image.shape[-2:])} pixels (H, W) but the sample is "
+                             f"{(height, width)}: give every control image the sample's size")
     unet = model.unet
     device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
     encode = lambda p: (p if torch.is_tensor(p) else model.text.encode(list(p))).to(device, dtype)

@@ -121,8 +121,7 @@ def test_two_controlnets_with_strengths_and_ranges_match_diffusers():
     strengths, starts, ends = [0.7, 1.3], [0.0, 0.25], [0.75, 1.0]
     controls = [Control(n, h, s, a, b) for n, h, s, a, b in zip((net_a, net_b), hints, strengths, starts, ends)]
     prompts, negative = ["a red circle"], ["blurry"]
-    ours = [x for _, x, _ in sample(model, prompts, negative, controls, steps=4, cfg_scale=7.5, height=64, width=64,
-                                   x_T=x_T)][-1]
+    ours = [x for _, x, _ in sample(model, prompts, negative, controls, steps=4, cfg_scale=7.5, x_T=x_T)][-1]
     with torch.no_grad():
         ref = pipe(prompt_embeds=model.text.encode(prompts), negative_prompt_embeds=model.text.encode(negative),
                    image=hints, num_inference_steps=4, guidance_scale=7.5, latents=x_T.clone(), output_type="latent",
@@ -132,3 +131,9 @@ def test_two_controlnets_with_strengths_and_ranges_match_diffusers():
     only_a = [x for _, x, _ in sample(model, prompts, negative, controls[:1], steps=4, cfg_scale=7.5, height=64,
                                      width=64, x_T=x_T)][-1]
     assert (ours - only_a).abs().max().item() > 1e-3          # the second ControlNet really contributes
+    # without height and width, the size is the control images' (as in diffusers); images of another size are named
+    last = lambda **size: [x for _, x, _ in sample(model, prompts, negative, controls, steps=2,
+                                                  generator=torch.Generator().manual_seed(1), **size)][-1]
+    assert torch.equal(last(), last(height=64, width=64))
+    with pytest.raises(ValueError, match=r"\(64, 64\) pixels"):
+        next(sample(model, prompts, negative, controls, steps=4, height=128, width=128))
