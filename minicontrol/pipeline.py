@@ -53,9 +53,9 @@ def sample(model: StableDiffusion, prompts, negative, controls=(), steps=20, cfg
     if height is None or width is None:
         height, width = controls[0].image.shape[-2:] if controls else (512, 512)
     for c in controls:
-        if tuple(c.image.shape[-2:]) != (height, width):
-            raise ValueError(f"a control image is {tuple(c.image.shape[-2:])} pixels (H, W) but the sample is "
-                             f"{(height, width)}: give every control image the sample's size")
+        if tuple(c.image.shape[-2:]) != (height, width) or c.image.shape[0] not in (1, len(prompts)):
+            raise ValueError(f"a control image batch is {tuple(c.image.shape)} (B, 3, H, W) for {len(prompts)} "
+                             f"prompts at {(height, width)} pixels: give one image or one per prompt, at that size")
     unet = model.unet
     device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
     encode = lambda p: (p if torch.is_tensor(p) else model.text.encode(list(p))).to(device, dtype)

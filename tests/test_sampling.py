@@ -135,5 +135,7 @@ def test_two_controlnets_with_strengths_and_ranges_match_diffusers():
     last = lambda **size: [x for _, x, _ in sample(model, prompts, negative, controls, steps=2,
                                                   generator=torch.Generator().manual_seed(1), **size)][-1]
     assert torch.equal(last(), last(height=64, width=64))
-    with pytest.raises(ValueError, match=r"\(64, 64\) pixels"):
+    with pytest.raises(ValueError, match=r"\(1, 3, 64, 64\) .* at \(128, 128\) pixels"):
         next(sample(model, prompts, negative, controls, steps=4, height=128, width=128))
+    with pytest.raises(ValueError, match=r"\(3, 3, 64, 64\) .* for 1 prompts"):
+        next(sample(model, prompts, negative, [Control(net_a, hints[0].expand(3, -1, -1, -1))], steps=4))
