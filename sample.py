@@ -111,6 +111,8 @@ def check_args(args):
     args.num_samples = args.num_samples if args.num_samples is not None else (4 if tiny else 1)
     if args.num_samples < 1 or args.cfg < 0 or args.eta < 0:
         fail("--num-samples must be at least 1, and --cfg and --eta must not be negative")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        fail(f"--out {args.out} is a file; give a folder for grid.png and the samples")
     args.resolution = args.resolution or (64 if tiny else 512)
     if args.resolution < 64 or args.resolution > 4096:
         fail(f"--resolution {args.resolution} cannot be used: give 64 to 4096 (multiples of 64 are kept as they are)")

@@ -254,6 +254,8 @@ def check_args(args):
         raise SystemExit("error: --latent-noise is for --stage decoder; leave it out for the other stages")
     if args.controlnet and args.stage != "controlnet":
         raise SystemExit(f"error: --controlnet is for --stage controlnet; --stage {args.stage} does not use it")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise SystemExit(f"error: --out {args.out} is a file; give a folder for the run")
 
 
 def main(argv=None):
