@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from minicontrol.preprocess import round64
 from minicontrol.world import GUIDANCE as TINY_CFG, STRENGTH as TINY_STRENGTH
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
@@ -136,7 +137,7 @@ def read_image(path) -> np.ndarray:
 
 def control_maps(args, tiny):
     """(maps to show, one hint tensor per ControlNet). The tiny model's default draws its own outlines, one per sample."""
-    from minicontrol.preprocess import detect, hwc3, resize_image, round64
+    from minicontrol.preprocess import detect, hwc3, resize_image
     if tiny and not args.control_image:
         from minicontrol.world import demo_controls
         prompts, maps = demo_controls(args.num_samples, round64(args.resolution), args.seed)
@@ -162,7 +163,6 @@ def main(argv=None):
     from minicontrol.config import preset
     from minicontrol.ddim import timesteps
     from minicontrol.pipeline import Control, decode, sample
-    from minicontrol.preprocess import round64
     from minicontrol.text import token_count
 
     maps, hints = control_maps(args, tiny)

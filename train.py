@@ -296,14 +296,13 @@ def main(argv=None):
         state = torch.load(state_path, map_location=device, weights_only=True)
         try:
             trained.load_state_dict(state["trained"])
-            if len(extra) != len(state["extra"]):
-                raise ValueError("--sd-unlocked differs")
-            for p, v in zip(extra, state["extra"]):
+            for p, v in zip(extra, state["extra"]):                # a count that differs fails in the optimizer
                 p.data.copy_(v)
             opt.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError) as e:
-            raise SystemExit(f"error: {state_path} is a run with other settings ({str(e).strip().splitlines()[0][:90]}"
-                             "); resume with its --stage, --base, --controlnet and --sd-unlocked, or give another --out")
+            why = str(e).strip().splitlines()[0][:120]
+            raise SystemExit(f"error: {state_path} is a run with other settings ({why}); resume with its --stage, "
+                             "--base, --controlnet and --sd-unlocked, or give another --out")
         for group in opt.param_groups:                       # --lr given now wins over the saved one
             group["lr"] = args.lr
         gen.set_state(state["generator"])

@@ -59,7 +59,8 @@ def main():
                 err = {name: ((fn().float() - ref).norm() / ref.norm()).item() for name, fn in fns.items()}
                 flops = 4 * b * h * nq * nk * d
                 tf = {name: flops / (t * 1e-3) / 1e12 for name, t in ms.items()}
-                m, n, w, st, pad = next(reversed(attn.best_tiles.values()))          # the tile chosen for this shape
+                _, meta = attn.kernel_args(q16, k16, v16, torch.empty_like(q16))     # as flash_attention makes them
+                m, n, w, st, pad = attn.best_tiles[attn.shape_key(q16, k16, meta)]   # the tile chosen for this shape
                 cfg = f"{m}x{n} w{w} s{st}" + (" padded" if pad else "")
                 print(f"| {model} | {size} | {h} | {nq} | {nk} | {d} | {ms['ours']:.3f} | {ms['sdpa']:.3f} | "
                       f"{ms['math']:.3f} | {tf['ours']:.0f} | {tf['sdpa']:.0f} | {ms['sdpa'] / ms['ours']:.2f}x | "

@@ -157,13 +157,18 @@ def flash_attention(q, k, v, out=None, tile=None):
     out = torch.empty_like(q) if out is None else out
     args, meta = kernel_args(q, k, v, out)
     if tile is None:
-        shape = (q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.dtype, *meta.values())
+        shape = shape_key(q, k, meta)
         tile = best_tiles.get(shape) or best_tiles.setdefault(shape, fastest_tile(q, args, meta))
     launch(q, tile, args, meta)
     return out
 
 
-best_tiles = {}                     # (B * H, Nq, Nk, dtype, kernel constants) -> the tile measured fastest there
+best_tiles = {}                     # shape_key -> the tile measured fastest there
+
+
+def shape_key(q, k, meta):
+    """What the fastest tile depends on: (B * H, Nq, Nk, dtype, kernel constants)."""
+    return q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.dtype, *meta.values()
 SMALLEST = (64, 32, 4, 3, False)    # fits every GPU from Ampere on: at most 80 KiB of shared memory (d = 160)
 
 
