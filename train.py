@@ -26,6 +26,7 @@ from minicontrol.controlnet import clone_encoder
 from minicontrol.ddim import alphas_cumprod
 from minicontrol.eval import line_plot
 from minicontrol.pipeline import Control, decode, sample
+from minicontrol.preprocess import eight_bit
 from minicontrol.text import tokenize
 from minicontrol.unet import set_grad_checkpointing
 
@@ -92,9 +93,9 @@ def load_item(item, resolution, line):
     out = []
     for path in item[:2]:
         try:
-            img = Image.open(path).convert("RGB")
+            img = eight_bit(Image.open(path)).convert("RGB")
         except Exception as e:
-            raise SystemExit(f"error: prompt.json line {line}: cannot read {path} ({type(e).__name__})")
+            raise SystemExit(f"error: prompt.json line {line}: cannot read {path} ({type(e).__name__}: {str(e)[:80]})")
         if resolution and img.size != (resolution, resolution):
             img = img.resize((resolution, resolution), Image.BICUBIC)
         out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float())

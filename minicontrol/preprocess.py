@@ -15,6 +15,16 @@ def hwc3(img: np.ndarray) -> np.ndarray:
     return img
 
 
+def eight_bit(im: Image.Image) -> Image.Image:
+    """16- and 32-bit integer grey (depth maps) -> 8 bits as OpenCV reads them (value >> 8); PIL's convert clips them
+    at 255. Float images are refused: their range is not in the file."""
+    if im.mode == "F":
+        raise ValueError("32-bit float image; save it as an 8- or 16-bit PNG")
+    if im.mode.startswith("I"):
+        return Image.fromarray((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
+    return im
+
+
 def round64(x: float) -> int:
     """The nearest multiple of 64, halves to even: the official demos' rounding of image sides."""
     return int(np.round(x / 64.0)) * 64

@@ -44,3 +44,22 @@ def test_hwc3():
 def test_resize_rule(h, w, res, out):
     # k = res / min(h, w); each side k * side rounded to the nearest multiple of 64
     assert resize_image(np.zeros((h, w, 3), np.uint8), res).shape[:2] == out
+
+
+def test_16_bit_images_read_as_opencv_reads_them(tmp_path):
+    # Depth maps often come as 16-bit grey PNGs; sample.py and train.py must see what the official code's
+    # cv2.imread sees (value >> 8), not PIL's convert("RGB"), which clips everything above 255 to white.
+    import sample
+    import train
+    ramp = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "grey16.png"), ramp)
+    cv2.imwrite(str(tmp_path / "rgb16.png"), np.stack([ramp, ramp // 3, 65535 - ramp], 2))
+    for name in ["grey16.png", "rgb16.png"]:
+        ref = cv2.imread(str(tmp_path / name))[:, :, ::-1]
+        assert ref.std() > 50                                           # a real ramp, not a flat image
+        assert (hwc3(sample.read_image(tmp_path / name)) == ref).all()
+        hint, _, _ = train.load_item((tmp_path / name, tmp_path / name, "p"), None, 1)
+        assert (hint * 255).round().byte().permute(1, 2, 0).numpy().tolist() == ref.tolist()
+    cv2.imwrite(str(tmp_path / "float.tiff"), np.zeros((8, 8), np.float32))
+    with pytest.raises(SystemExit):
+        sample.read_image(tmp_path / "float.tiff")
