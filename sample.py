@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from minicontrol.preprocess import eight_bit, round64
+from minicontrol.preprocess import open_image, round64
 from minicontrol.world import GUIDANCE as TINY_CFG, STRENGTH as TINY_STRENGTH
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
@@ -128,10 +128,8 @@ def check_args(args):
 
 def read_image(path) -> np.ndarray:
     try:
-        with Image.open(path) as im:
-            im = eight_bit(im)
-            im = im.convert("RGBA") if im.mode in ("RGBA", "LA", "P") else im.convert("RGB")
-            return np.asarray(im)
+        im = open_image(path)
+        return np.asarray(im.convert("RGBA") if im.mode in ("RGBA", "LA", "P") else im.convert("RGB"))
     except Exception as e:
         fail(f"--control-image {path}: cannot read it as an image ({type(e).__name__}: {str(e)[:80]})")
 

@@ -26,7 +26,7 @@ from minicontrol.controlnet import clone_encoder
 from minicontrol.ddim import alphas_cumprod
 from minicontrol.eval import line_plot
 from minicontrol.pipeline import Control, decode, sample
-from minicontrol.preprocess import eight_bit
+from minicontrol.preprocess import open_image
 from minicontrol.text import tokenize
 from minicontrol.unet import set_grad_checkpointing
 
@@ -93,7 +93,7 @@ def load_item(item, resolution, line):
     out = []
     for path in item[:2]:
         try:
-            img = eight_bit(Image.open(path)).convert("RGB")
+            img = open_image(path).convert("RGB")
         except Exception as e:
             raise SystemExit(f"error: prompt.json line {line}: cannot read {path} ({type(e).__name__}: {str(e)[:80]})")
         if resolution and img.size != (resolution, resolution):
@@ -274,7 +274,7 @@ def main(argv=None):
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     items = read_index(Path(args.data))
-    args.resolution = args.resolution or Image.open(items[0][1]).size[0]
+    args.resolution = args.resolution or load_item(items[0], None, 1)[1].shape[-1]
     model, trained, params = build(args, device)
     need = 2 ** (len(model.config.vae.ch_mult) - 1) * 2 ** (len(model.config.unet.channel_mult) - 1)
     if args.resolution % need:

@@ -1,6 +1,6 @@
 """Control-image preprocessing as the official demos do it (annotator/util.py), with no OpenCV at run time."""
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def hwc3(img: np.ndarray) -> np.ndarray:
@@ -15,9 +15,12 @@ def hwc3(img: np.ndarray) -> np.ndarray:
     return img
 
 
-def eight_bit(im: Image.Image) -> Image.Image:
-    """16- and 32-bit integer grey (depth maps) -> 8 bits as OpenCV reads them (value >> 8); PIL's convert clips them
-    at 255. Float images are refused: their range is not in the file."""
+def open_image(path) -> Image.Image:
+    """An image file as OpenCV's imread sees it: turned upright by its EXIF orientation (phone photos), and 16- or
+    32-bit integer grey (depth maps) cut to 8 bits (value >> 8; PIL's convert would clip it at 255). Float images are
+    refused: their range is not in the file."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
     if im.mode == "F":
         raise ValueError("32-bit float image; save it as an 8- or 16-bit PNG")
     if im.mode.startswith("I"):
