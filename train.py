@@ -51,7 +51,8 @@ def parser():
     a("--latent-noise", type=float, default=0.0, help="decoder stage: add Gaussian noise of a std drawn from [0, this] "
       "per image to the (unscaled) latents, so the decoder learns to turn imprecise latents into clean images")
     a("--drop-prompt", type=float, default=0.5, help="probability of an empty prompt (paper: 0.5)")
-    a("--resolution", type=int, default=None, help="training image size (default: the data's own)")
+    a("--resolution", type=int, default=None, help="training image size: short side resized to it, the middle square "
+                                                   "kept (default: the data's own short side)")
     a("--save-every", type=int, default=500, help="checkpoint every N steps (atomic)")
     a("--sample-every", type=int, default=300, help="sample grid every N steps (official 300; 0: never)")
     a("--sample-steps", type=int, default=50, help="DDIM steps of those grids (official 50)")
@@ -89,17 +90,25 @@ def read_index(folder: Path):
 
 
 def load_item(item, resolution, line):
-    """hint (3, H, W) in [0, 1], target (3, H, W) in [-1, 1], prompt."""
-    out = []
+    """hint (3, R, R) in [0, 1], target (3, R, R) in [-1, 1], prompt. Both images' short side is resized to R and
+    the middle R x R kept, as diffusers' training script does; resolution None keeps the images as they are."""
+    imgs = []
     for path in item[:2]:
         try:
-            img = open_image(path).convert("RGB")
+            imgs.append(open_image(path).convert("RGB"))
         except Exception as e:
             raise SystemExit(f"error: prompt.json line {line}: cannot read {path} ({type(e).__name__}: {str(e)[:80]})")
-        if resolution and img.size != (resolution, resolution):
-            img = img.resize((resolution, resolution), Image.BICUBIC)
-        out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float())
-    return out[0] / 255.0, out[1] / 127.5 - 1.0, item[2]
+    if imgs[0].size != imgs[1].size:
+        raise SystemExit(f"error: prompt.json line {line}: {item[0]} is {imgs[0].size[0]}x{imgs[0].size[1]} but "
+                         f"{item[1]} is {imgs[1].size[0]}x{imgs[1].size[1]}; a control image and its target must "
+                         "be the same size")
+    w, h = imgs[0].size
+    if resolution and (w, h) != (resolution, resolution):
+        size = (resolution, int(resolution * h / w)) if w < h else (int(resolution * w / h), resolution)
+        left, top = round((size[0] - resolution) / 2), round((size[1] - resolution) / 2)
+        imgs = [im.resize(size, Image.BICUBIC).crop((left, top, left + resolution, top + resolution)) for im in imgs]
+    hint, target = (torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() for im in imgs)
+    return hint / 255.0, target / 127.5 - 1.0, item[2]
 
 
 def batch_indices(n_items, global_batch, step, seed):
@@ -274,7 +283,7 @@ def main(argv=None):
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     items = read_index(Path(args.data))
-    args.resolution = args.resolution or load_item(items[0], None, 1)[1].shape[-1]
+    args.resolution = args.resolution or min(load_item(items[0], None, 1)[1].shape[-2:])
     model, trained, params = build(args, device)
     need = 2 ** (len(model.config.vae.ch_mult) - 1) * 2 ** (len(model.config.unet.channel_mult) - 1)
     if args.resolution % need:

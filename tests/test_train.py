@@ -6,8 +6,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from minicontrol.checkpoint import CONTROL, UNET, full_state_dict, kind, load_base, load_controlnet, read
 from minicontrol.checkpoint import StableDiffusion
@@ -254,3 +256,23 @@ def test_controlnet_for_another_base_is_refused_in_one_line(setup, tmp_path):
     assert res.returncode != 0 and "Traceback" not in res.stderr
     line = res.stderr.strip().splitlines()[-1]
     assert line.startswith("error:") and "control_sd2.pth" in line and "base" in line
+
+
+@pytest.mark.parametrize("w, h, res", [(96, 64, 64), (50, 75, 32), (64, 64, 48), (33, 71, 40)])
+def test_images_are_resized_and_centre_cropped_as_torchvision_does(tmp_path, w, h, res):
+    # The oracle: diffusers' train_controlnet.py transform, Resize(resolution) then CenterCrop(resolution), here with
+    # bicubic resampling; the short side is resized and the middle square kept, never squashed.
+    from torchvision import transforms
+    from train import load_item
+    rng = np.random.default_rng(w * h)
+    paths = [tmp_path / "hint.png", tmp_path / "target.png"]
+    for p in paths:
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
+    ref = transforms.Compose([transforms.Resize(res, transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(res)])
+    hint, target, _ = load_item((*paths, "p"), res, 1)
+    for ours, p in [(hint * 255, paths[0]), ((target + 1) * 127.5, paths[1])]:
+        expect = torch.from_numpy(np.asarray(ref(Image.open(p).convert("RGB"))).copy()).permute(2, 0, 1).float()
+        assert ours.shape == (3, res, res) and (ours.round() - expect).abs().max() == 0
+    Image.fromarray(np.zeros((h + 1, w, 3), np.uint8)).save(paths[1])
+    with pytest.raises(SystemExit, match="same size"):
+        load_item((*paths, "p"), res, 1)
