@@ -88,7 +88,8 @@ def pickle_imports(path) -> list:
 
 
 def kind(sd: dict) -> str:
-    """'sd' (base), 'controlnet-1.0' (full model), 'controlnet-1.1' (control_model.* only) or 'controlnet' (no prefix)."""
+    """'sd' (base), 'controlnet-1.0' (full model), 'controlnet-1.1' (control_model.* only), 'controlnet' (no prefix),
+    'diffusers' (a diffusers model's own file, which is not read) or 'unknown'."""
     has_unet, has_control = any(k.startswith(UNET) for k in sd), any(k.startswith(CONTROL) for k in sd)
     if has_unet:
         return "controlnet-1.0" if has_control else "sd"
@@ -96,7 +97,14 @@ def kind(sd: dict) -> str:
         return "controlnet-1.1"
     if "input_hint_block.0.weight" in sd:
         return "controlnet"
-    return "unknown"
+    return "diffusers" if any(k.startswith(("down_blocks.", "encoder.down_blocks.")) for k in sd) else "unknown"
+
+
+WHAT = {"sd": "a Stable Diffusion base checkpoint", "controlnet-1.0": "a ControlNet 1.0 file",
+        "controlnet-1.1": "a ControlNet 1.1 file", "controlnet": "a ControlNet without the control_model. prefix",
+        "diffusers": "a file from a diffusers model folder (down_blocks.* keys); use the original single-file "
+                     "checkpoint instead (weights/README.md lists them)",
+        "unknown": "no model.diffusion_model.* or control_model.* keys"}
 
 
 def family(sd: dict, prefix: str = UNET) -> str:
@@ -172,8 +180,8 @@ def load_base(path, config: ModelConfig = None) -> StableDiffusion:
     sd, meta = read(path)
     k = kind(sd)
     if k not in ("sd", "controlnet-1.0"):
-        raise CheckpointError(f"{path}: not a Stable Diffusion base checkpoint (it looks like a {k} file); "
-                              "pass it as --controlnet and give the SD file as --base")
+        raise CheckpointError(f"{path}: not a Stable Diffusion base checkpoint: {WHAT[k]}"
+                              + ("; pass it as --controlnet and give the SD file as --base" if "control" in k else ""))
     config = resolve_config(sd, meta, config, UNET)
     ignored = [k for k in sd if k.startswith(IGNORED_PREFIXES + (CONTROL,)) or k in IGNORED_KEYS]
     parts = {p: split(sd, p) for p in (UNET, VAE, TEXT_HF, TEXT_OC)}
@@ -205,8 +213,7 @@ def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) 
     k = kind(sd)
     prefix = {"controlnet-1.0": CONTROL, "controlnet-1.1": CONTROL, "controlnet": ""}.get(k)
     if prefix is None:
-        raise CheckpointError(f"{path}: no ControlNet weights in it (it looks like a {k} checkpoint); "
-                              "expected control_model.* keys (ControlNet 1.0 or 1.1 file)")
+        raise CheckpointError(f"{path}: no ControlNet weights in it (control_model.* keys): {WHAT[k]}")
     if k == "controlnet-1.1":
         other = [key for key in sd if not key.startswith(CONTROL)]
         if other:

@@ -121,6 +121,21 @@ def test_truncated_and_foreign_files(tmp_path, tiny):
     assert "other.pth" in error(load_controlnet, other)
 
 
+def test_diffusers_layout_files_are_named_as_such(tmp_path, tiny):
+    # A diffusers model folder's own files (written here by diffusers itself) are not read; the error says so and
+    # points to the original single-file checkpoints, rather than calling them an unknown file.
+    from helpers import diffusers_models
+    from safetensors.torch import save_file
+    unet, controlnet, vae = diffusers_models(*tiny)
+    for name, module in [("unet", unet), ("controlnet", controlnet), ("vae", vae)]:
+        path = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, path)
+        for load in (load_base, load_controlnet):
+            msg = error(load, path)
+            assert path.name in msg and "diffusers model folder" in msg and "single-file" in msg
+    assert "unknown" not in error(load_base, write(tmp_path / "x.pth", {"linear.weight": torch.zeros(2, 2)}))
+
+
 def test_sd2_controlnet_refused_with_sd1_base(tmp_path):
     sd2_cfg, _, sd2_net = tiny_models("tiny-sd2")
     path = write(tmp_path / "control_sd21.pth", controlnet_state_dict(sd2_net))
