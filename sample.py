@@ -90,9 +90,12 @@ def check_args(args):
         args.base, args.controlnet = str(TINY_BASE), [str(TINY_CONTROL)]
     elif tiny:
         fail("--controlnet needs --base: the SD 1.x/2.x checkpoint the ControlNet was trained for")
+    from minicontrol.checkpoint import CheckpointError, check_file
     for f in [args.base] + args.controlnet:
-        if not Path(f).is_file():
-            fail(f"{f}: no such file")
+        try:
+            check_file(f)
+        except CheckpointError as e:
+            fail(str(e))
     if len(args.control_image) != len(args.controlnet) and not (tiny and not args.control_image):
         fail(f"{len(args.controlnet)} --controlnet but {len(args.control_image)} --control-image; "
              "give one control image per ControlNet, in the same order")

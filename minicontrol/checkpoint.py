@@ -34,11 +34,21 @@ class CheckpointError(ValueError):
     """A file that is not the checkpoint it was given as; the message names the file and what to do."""
 
 
+def check_file(path):
+    """A CheckpointError unless `path` is a file; for a folder it names a checkpoint file in it, if there is one."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".ckpt", ".pth", ".safetensors"))
+        raise CheckpointError(f"{path}: a folder; give the checkpoint file itself"
+                              + (f", e.g. {path / found[0]}" if found else " (.ckpt, .pth or .safetensors)"))
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+
+
 def read(path) -> tuple:
     """(state dict, config json or None) from a .safetensors, .ckpt or .pth file, unwrapping {"state_dict": ...}."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+    check_file(path)
     with open(path, "rb") as f:
         head = f.read(9)
     meta = None

@@ -117,6 +117,11 @@ def test_truncated_and_foreign_files(tmp_path, tiny):
     text.write_text("these are not weights")
     assert "notes.ckpt" in error(load_base, text)
     assert "no such file" in error(load_base, tmp_path / "absent.ckpt")
+    (tmp_path / "hub").mkdir()
+    msg = error(load_base, tmp_path / "hub")                 # a downloaded model folder given for its file
+    assert "hub: a folder" in msg and ".safetensors" in msg
+    write(tmp_path / "hub" / "v1-5.safetensors", full_state_dict(model))
+    assert str(tmp_path / "hub" / "v1-5.safetensors") in error(load_controlnet, tmp_path / "hub")
     other = write(tmp_path / "other.pth", {"linear.weight": torch.zeros(2, 2)})
     assert "other.pth" in error(load_controlnet, other)
 
