@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from minicontrol.config import PRESETS, preset
 from minicontrol.preprocess import open_image, round64
 from minicontrol.world import GUIDANCE as TINY_CFG, STRENGTH as TINY_STRENGTH
 
@@ -53,13 +54,14 @@ def parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=12345, help="random seed; the same seed and flags give the same images")
     a("--num-samples", type=int, default=None, help="images to generate, one batch (default 1; 4 for the tiny model)")
     a("--resolution", type=int, default=None, help="short side of the output, rounded to a multiple of 64 "
-                                                   "(default 512; 64 for the tiny model)")
+                                                   "(default 512; 768 for v-prediction models, which were trained "
+                                                   "at 768; 64 for the tiny model)")
     a("--out", default="out", help="output folder: grid.png and sample_N.png (default out/)")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
       help="UNet and ControlNet precision; the VAE stays float32 (default: float16 on CUDA, float32 on CPU)")
-    a("--config", default=None, help="model preset (sd15, sd21, sd21-v, ...) for files whose size or "
-                                     "prediction type cannot be read from their tensors")
+    a("--config", choices=PRESETS, default=None, help="model preset for files whose size or prediction type "
+                                                      "cannot be read from their tensors")
     return p
 
 
@@ -117,7 +119,8 @@ def check_args(args):
         fail("--num-samples must be at least 1, and --cfg and --eta must not be negative")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         fail(f"--out {args.out} is a file; give a folder for grid.png and the samples")
-    args.resolution = args.resolution or (64 if tiny else 512)
+    v_model = args.config is not None and preset(args.config).parameterization == "v"
+    args.resolution = args.resolution or (64 if tiny else 768 if v_model else 512)
     if args.resolution < 64 or args.resolution > 4096:
         fail(f"--resolution {args.resolution} cannot be used: give 64 to 4096 (multiples of 64 are kept as they are)")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -162,7 +165,6 @@ def main(argv=None):
     from tqdm import tqdm
 
     from minicontrol.checkpoint import CheckpointError, load_base, load_controlnet
-    from minicontrol.config import preset
     from minicontrol.ddim import timesteps
     from minicontrol.pipeline import Control, decode, sample
     from minicontrol.text import token_count

@@ -98,3 +98,17 @@ def test_control_image_as_the_map_runs_without_warnings(files, tmp_path):
     args[args.index("--detector") + 1] = "none"
     res = run(*args)
     assert res.returncode == 0 and "Warning" not in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("config, size", [("sd15", 512), ("sd21", 512), ("sd21-v", 768), (None, 512)])
+def test_default_size_is_the_models_training_size(files, config, size):
+    # SD 2.1-v (v2-1_768-ema-pruned) was trained at 768x768 and SD 1.5 / 2.1-base at 512 (diffusers' default height
+    # for each is unet.sample_size * 8: 96 * 8 and 64 * 8); an explicit --resolution wins.
+    import sample
+    argv = ["--base", str(files / "tiny-v1.ckpt"), "--prompt", "x"] + (["--config", config] if config else [])
+    args = sample.parser().parse_args(argv)
+    sample.check_args(args)
+    assert args.resolution == size
+    args = sample.parser().parse_args(argv + ["--resolution", "640"])
+    sample.check_args(args)
+    assert args.resolution == 640
