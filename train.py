@@ -279,9 +279,11 @@ def main(argv=None):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)                # else every process's NCCL context also lands on GPU 0
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     items = read_index(Path(args.data))
     args.resolution = args.resolution or min(load_item(items[0], None, 1)[1].shape[-2:])
     model, trained, params = build(args, device)
