@@ -57,6 +57,10 @@ def sample(model: StableDiffusion, prompts, negative, controls=(), steps=20, cfg
             raise ValueError(f"a control image batch is {tuple(c.image.shape)} (B, 3, H, W) for {len(prompts)} "
                              f"prompts at {(height, width)} pixels: give one image or one per prompt, at that size")
     unet = model.unet
+    vae_down = 2 ** (len(model.config.vae.ch_mult) - 1)
+    down = vae_down * 2 ** (len(unet.config.channel_mult) - 1)
+    if height % down or width % down:
+        raise ValueError(f"an image of {height}x{width} pixels: this model needs sides that are multiples of {down}")
     device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
     encode = lambda p: (p if torch.is_tensor(p) else model.text.encode(list(p))).to(device, dtype)
     b = len(prompts)
@@ -64,7 +68,7 @@ def sample(model: StableDiffusion, prompts, negative, controls=(), steps=20, cfg
     guided = cfg_scale != 1.0
     context = torch.cat([cond, encode(negative)]) if guided else cond
     if x_T is None:
-        x_T = torch.randn(b, unet.config.in_channels, height // 8, width // 8, generator=generator)
+        x_T = torch.randn(b, unet.config.in_channels, height // vae_down, width // vae_down, generator=generator)
     x_T = x_T.to(device, torch.float32)
     total = len(timesteps(steps))
 

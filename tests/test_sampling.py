@@ -139,3 +139,6 @@ def test_two_controlnets_with_strengths_and_ranges_match_diffusers():
         next(sample(model, prompts, negative, controls, steps=4, height=128, width=128))
     with pytest.raises(ValueError, match=r"\(3, 3, 64, 64\) .* for 1 prompts"):
         next(sample(model, prompts, negative, [Control(net_a, hints[0].expand(3, -1, -1, -1))], steps=4))
+    # sides the UNet cannot halve down to its deepest level (here 8 * 2 ** 1 = 16) are named, not a deep size mismatch
+    with pytest.raises(ValueError, match=r"72x64 pixels: .* multiples of 16"):
+        next(sample(model, prompts, negative, [], steps=4, height=72, width=64))
