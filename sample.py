@@ -6,6 +6,7 @@
 """
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
     a("--end", type=float, action="append", default=[], help="fraction of the steps at which control ends "
                                                               "(default 1.0); one for all or one per ControlNet")
     a("--only-mid-control", action="store_true", help="add only the middle-block residual")
+    a("--clip-skip", type=int, choices=[1, 2], default=None,
+      help="text from CLIP's last layer (1, SD1's default) or the one before it (2, SD2's default; the official "
+           "ControlNet 1.1 lineart_anime demo uses 2 with its SD1 base), LayerNorm applied after either")
     a("--seed", type=int, default=12345, help="random seed; the same seed and flags give the same images")
     a("--num-samples", type=int, default=None, help="images to generate, one batch (default 1; 4 for the tiny model)")
     a("--resolution", type=int, default=None, help="short side of the output, rounded to a multiple of 64 "
@@ -190,6 +194,9 @@ def main(argv=None):
         nets = [load_controlnet(f, base=model.config) for f in args.controlnet]
     except (CheckpointError, ValueError) as e:
         fail(str(e))
+    if args.clip_skip:
+        text = replace(model.config.text, layer="last" if args.clip_skip == 1 else "penultimate")
+        model.config, model.text.config = replace(model.config, text=text), text
     model.to(args.device)
     model.unet.to(dtype)
     for net in nets:
@@ -215,7 +222,8 @@ def write_outputs(args, prompts, negative, maps, images):
                       f"CFG scale: {args.cfg}, Eta: {args.eta}, Seed: {args.seed}, Sample: {i}, "
                       f"Size: {img.shape[1]}x{img.shape[0]}, Model: {Path(args.base).name}, "
                       f"ControlNet: {', '.join(Path(c).name for c in args.controlnet)}, "
-                      f"Strength: {args.strength}, Guess mode: {args.guess_mode}, Start: {args.start}, End: {args.end}")
+                      f"Strength: {args.strength}, Guess mode: {args.guess_mode}, Start: {args.start}, End: {args.end}"
+                      + (f", Clip skip: {args.clip_skip}" if args.clip_skip else ""))
         Image.fromarray(img).save(out / f"sample_{i}.png", pnginfo=info)
     n = max(len(maps), len(images))
     row = lambda tiles: np.concatenate(list(tiles) + [np.zeros_like(images[0])] * (n - len(tiles)), axis=1)

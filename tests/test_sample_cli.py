@@ -42,9 +42,9 @@ def base_args(d, out):
 
 
 def test_sample_writes_pngs_with_metadata_and_is_reproducible(files, tmp_path):
-    first, second = tmp_path / "a", tmp_path / "b"
-    for out in (first, second):
-        res = run(*base_args(files, out))
+    first, second, skip = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for out, extra in ((first, []), (second, ["--clip-skip", 1]), (skip, ["--clip-skip", 2])):
+        res = run(*base_args(files, out), *extra)                  # --clip-skip 1 is SD1's default: same pixels
         assert res.returncode == 0, res.stderr
     grid = Image.open(first / "grid.png")
     samples = [Image.open(first / f"sample_{i}.png") for i in range(2)]
@@ -56,6 +56,9 @@ def test_sample_writes_pngs_with_metadata_and_is_reproducible(files, tmp_path):
     for i in range(2):
         assert np.array_equal(np.asarray(samples[i]), np.asarray(Image.open(second / f"sample_{i}.png")))
     assert not np.array_equal(np.asarray(samples[0]), np.asarray(samples[1]))   # two different draws
+    # the penultimate layer's text (its values are checked against transformers in test_text.py) changes the images
+    assert "Clip skip: 2" in Image.open(skip / "sample_0.png").text["parameters"] and "Clip skip" not in params
+    assert not np.array_equal(np.asarray(samples[0]), np.asarray(Image.open(skip / "sample_0.png")))
 
 
 def test_base_alone_samples_text_to_image(files, tmp_path):

@@ -1,5 +1,6 @@
 """Text encoders against transformers' CLIPTextModel; tokenizer padding against independent tokenizers."""
 import json
+from dataclasses import replace
 
 import open_clip
 import pytest
@@ -25,9 +26,11 @@ def hf_layout(hf):
     return {k.removeprefix("text_model."): v for k, v in hf.state_dict().items()}
 
 
-@pytest.mark.parametrize("name", ["tiny-sd1", "tiny-sd2"])
-def test_text_encoder_matches_transformers(name):
-    cfg = preset(name).text
+@pytest.mark.parametrize("name, layer", [("tiny-sd1", None), ("tiny-sd1", "penultimate"), ("tiny-sd2", None)])
+def test_text_encoder_matches_transformers(name, layer):
+    # SD1 with the penultimate layer is sample.py's --clip-skip 2: the official 1.1 demos' hidden_states[-2] then
+    # final_layer_norm (cldm/hack.py)
+    cfg = replace(preset(name).text, layer=layer or preset(name).text.layer)
     hf = hf_model(cfg)
     ours = TextEncoder(cfg).eval()
     sd = from_hf(hf_layout(hf), cfg.layers)
