@@ -41,20 +41,27 @@ def timesteps(steps: int) -> list:
     return [t + 1 for t in range(0, T - 1, T // steps)]
 
 
-def ddim_sample(model, x, steps: int, eta: float = 0.0, parameterization: str = "eps", generator=None):
+def ddim_sample(model, x, steps: int, eta: float = 0.0, parameterization: str = "eps", generator=None, keep=None):
     """Yields (i, x_prev, x0) after each step, from t = ts[-1] down to ts[0] = 1.
 
     model(x, t, i) -> the (guided) model output for all rows of x at integer timestep t and step index i.
     x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z   (arXiv:2010.02502, eq. 12), where
     sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev) and a_prev of the last step is alpha-bar[0].
+    keep = (known latents, mask) for inpainting, as the official sampler's x0 and mask: before each step, where mask
+    is 1, x is replaced by the known latents noised to t with fresh noise, q(x_t | x_0).
     """
     ac = alphas_cumprod().float().double()          # the official buffers are float32
     ts = timesteps(steps)
     a_ts = [ac[t].item() for t in ts]
     a_prevs = [ac[0].item()] + a_ts[:-1]
+    noise_device = generator.device if generator is not None else x.device
+    noise = lambda: torch.randn(x.shape, generator=generator, device=noise_device, dtype=x.dtype).to(x.device)
     for i in reversed(range(len(ts))):
         a_t, a_prev = a_ts[i], a_prevs[i]
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        if keep is not None:
+            known, mask = keep
+            x = mask * (a_t ** 0.5 * known + (1 - a_t) ** 0.5 * noise()) + (1 - mask) * x
         out = model(x, ts[i], i)
         if parameterization == "v":
             e_t = a_t ** 0.5 * out + (1 - a_t) ** 0.5 * x
@@ -64,6 +71,5 @@ def ddim_sample(model, x, steps: int, eta: float = 0.0, parameterization: str = 
             x0 = (x - (1 - a_t) ** 0.5 * e_t) / a_t ** 0.5
         x = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * e_t
         if sigma > 0:
-            noise_device = generator.device if generator is not None else x.device
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=noise_device, dtype=x.dtype).to(x.device)
+            x = x + sigma * noise()
         yield i, x, x0

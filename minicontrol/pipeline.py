@@ -13,7 +13,7 @@ from .ddim import ddim_sample, timesteps
 @dataclass
 class Control:
     net: ControlNet
-    image: torch.Tensor         # (1 or B, 3, H, W) in [0, 1], at pixel resolution
+    image: torch.Tensor         # (1 or B, 3, H, W) in [0, 1] at pixel resolution (-1: pixels to inpaint)
     strength: float = 1.0
     start: float = 0.0          # fraction of the steps before which this control is off
     end: float = 1.0            # fraction of the steps after which it is off
@@ -45,9 +45,10 @@ def residuals(controls, x, t, context, n_cond, guess_mode, step, total):
 
 @torch.no_grad()
 def sample(model: StableDiffusion, prompts, negative, controls=(), steps=20, cfg_scale=9.0, eta=0.0,
-           guess_mode=False, only_mid_control=False, height=None, width=None, generator=None, x_T=None):
+           guess_mode=False, only_mid_control=False, height=None, width=None, generator=None, x_T=None, keep=None):
     """Yields (i, x, x0) at every DDIM step, i counting down to 0; the last x is the final latent. The image size is
-    the control images' (every one the same), or 512x512 without control.
+    the control images' (every one the same), or 512x512 without control. keep = (latents, mask) inpaints: latents
+    (1 or B, C, h, w) kept where mask (1 or B, 1, h, w) is 1 (see ddim_sample).
 
     Initial noise and DDIM noise come from `generator` on the CPU, so a seed gives the same image on any device."""
     if height is None or width is None:
@@ -83,7 +84,8 @@ def sample(model: StableDiffusion, prompts, negative, controls=(), steps=20, cfg
         out_cond, out_uncond = out.chunk(2)
         return out_uncond + cfg_scale * (out_cond - out_uncond)
 
-    yield from ddim_sample(model_fn, x_T, steps, eta, model.config.parameterization, generator)
+    keep = keep and tuple(k.to(device, torch.float32) for k in keep)
+    yield from ddim_sample(model_fn, x_T, steps, eta, model.config.parameterization, generator, keep)
 
 
 @torch.no_grad()

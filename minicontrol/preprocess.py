@@ -106,3 +106,26 @@ def detect(image: np.ndarray, detector: str, low: float = 100, high: float = 200
     if detector == "none":
         return image
     raise ValueError(f"unknown detector {detector!r}; choose canny, invert or none")
+
+
+def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    """OpenCV's GaussianBlur(x, (0, 0), sigma) of a float (H, W) image: a kernel round(8 sigma + 1) | 1 wide,
+    borders mirrored without repeating the edge."""
+    r = (int(np.round(sigma * 8 + 1)) | 1) // 2
+    k = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma ** 2))
+    k /= k.sum()
+    p = np.pad(x.astype(np.float64), r, mode="reflect")
+    p = sum(k[i] * p[i:i + x.shape[0]] for i in range(2 * r + 1))
+    return sum(k[i] * p[:, i:i + x.shape[1]] for i in range(2 * r + 1)).astype(np.float32)
+
+
+def inpaint_inputs(image: np.ndarray, mask: np.ndarray, blur: float = 5.0, down: int = 8):
+    """The official 1.1 inpaint demo's inputs from an HxWx3 uint8 image and an HxW uint8 mask (white: repaint):
+    the soft pixel mask (blurred, in [0, 1]), the latent mask (its area mean over down x down blocks), and the
+    control image (the image in [0, 1] with -1 where the soft mask is over 0.5)."""
+    soft = mask.astype(np.float32) / 255.0
+    soft = gaussian_blur(soft, blur) if blur > 0 else soft
+    h, w = soft.shape
+    latent = soft.reshape(h // down, down, w // down, down).mean(axis=(1, 3))
+    control = np.where(soft[:, :, None] > 0.5, -1.0, image / 255.0).astype(np.float32)
+    return soft, latent, control

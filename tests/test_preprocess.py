@@ -3,7 +3,7 @@ import cv2
 import numpy as np
 import pytest
 
-from minicontrol.preprocess import canny, hwc3, resize_image
+from minicontrol.preprocess import canny, gaussian_blur, hwc3, inpaint_inputs, resize_image
 
 
 def images():
@@ -73,3 +73,23 @@ def test_images_read_as_opencv_reads_them(tmp_path):
     cv2.imwrite(str(tmp_path / "float.tiff"), np.zeros((8, 8), np.float32))
     with pytest.raises(SystemExit):
         sample.read_image(tmp_path / "float.tiff")
+
+
+@pytest.mark.parametrize("h, w, sigma", [(64, 64, 5.0), (80, 128, 0.7), (128, 64, 3.3), (512, 512, 5.0)])
+def test_inpaint_inputs_match_the_official_demos_opencv_steps(h, w, sigma):
+    # gradio_inpaint.py: mask / 255, GaussianBlur(sigma), INTER_AREA down 8x for the latent mask, and the control is
+    # the image / 255 with -255 / 255 where the blurred mask is over 0.5
+    rng = np.random.default_rng(h + w)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    mask[h // 4:h // 2, w // 3:] = 255
+    mask[rng.random((h, w)) < 0.05] = 255
+    soft, latent, control = inpaint_inputs(image, mask, sigma)
+    ref = cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (0, 0), sigma)
+    assert np.abs(soft - ref).max() < 1e-6
+    assert np.abs(gaussian_blur(ref, 1.5) - cv2.GaussianBlur(ref, (0, 0), 1.5)).max() < 1e-6   # a smooth input too
+    assert np.abs(latent - cv2.resize(ref, (w // 8, h // 8), interpolation=cv2.INTER_AREA)).max() < 1e-6
+    official = image.astype(np.float32)
+    official[ref > 0.5] = -255.0
+    clear = np.abs(ref - 0.5) > 1e-5                       # leave out pixels that rounding could put either side
+    assert 0.05 < (ref > 0.5).mean() < 0.5 and np.abs(control - official / 255.0)[clear].max() < 1e-6

@@ -142,3 +142,26 @@ def test_two_controlnets_with_strengths_and_ranges_match_diffusers():
     # sides the UNet cannot halve down to its deepest level (here 8 * 2 ** 1 = 16) are named, not a deep size mismatch
     with pytest.raises(ValueError, match=r"72x64 pixels: .* multiples of 16"):
         next(sample(model, prompts, negative, [], steps=4, height=72, width=64))
+
+
+def test_inpainting_steps_keep_the_known_latents_noised_to_t():
+    # With eps = 0 every latent element follows its own path. Where the mask is 0 the run is exactly the unmasked one;
+    # where it is 1 the model sees q(x_t | known) = sqrt(a_t) known + sqrt(1 - a_t) z, z ~ N(0, 1) fresh at every step.
+    from minicontrol.ddim import alphas_cumprod
+    seen = []
+    zero_eps = lambda x, t, i: (seen.append((t, x.clone())), torch.zeros_like(x))[1]
+    x_T = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    known = torch.randn(x_T.shape, generator=torch.Generator().manual_seed(1)) * 2 + 1
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., :16] = 1
+    plain = [x for _, x, _ in ddim_sample(zero_eps, x_T, 10)]
+    seen.clear()
+    kept = [x for _, x, _ in ddim_sample(zero_eps, x_T, 10, generator=torch.Generator().manual_seed(2),
+                                         keep=(known, mask))]
+    assert all(torch.equal(a[..., 16:], b[..., 16:]) for a, b in zip(plain, kept))
+    ac = alphas_cumprod().float().double()
+    zs = [((x - ac[t].sqrt() * known) / (1 - ac[t]).sqrt())[..., :16].double() for t, x in seen]
+    for z in zs:
+        assert abs(z.mean().item()) < 0.06 and abs(z.std().item() - 1) < 0.05
+    for a, b in zip(zs, zs[1:]):
+        assert abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()) < 0.08
