@@ -52,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
     a("--end", type=float, action="append", default=[], help="fraction of the steps at which control ends "
                                                               "(default 1.0); one for all or one per ControlNet")
     a("--only-mid-control", action="store_true", help="add only the middle-block residual")
+    a("--mask", default=None, help="inpaint: white where the first --control-image is to be repainted (with the "
+                                    "ControlNet 1.1 inpaint model); the rest of the image is kept")
+    a("--mask-blur", type=float, default=5.0, help="Gaussian blur (sigma, pixels) of the --mask edge (default 5.0)")
     a("--clip-skip", type=int, choices=[1, 2], default=None,
       help="text from CLIP's last layer (1, SD1's default) or the one before it (2, SD2's default; the official "
            "ControlNet 1.1 lineart_anime demo uses 2 with its SD1 base), LayerNorm applied after either")
@@ -108,6 +111,12 @@ def check_args(args):
     for f in args.control_image:
         if not Path(f).is_file():
             fail(f"--control-image {f}: no such file")
+    if args.mask and not Path(args.mask).is_file():
+        fail(f"--mask {args.mask}: no such file")
+    if args.mask and (not args.control_image or (args.detector or "none") != "none"):
+        fail("--mask goes with the image to repaint as the first --control-image, used as it is (no --detector)")
+    if args.mask_blur < 0:
+        fail(f"--mask-blur must not be negative, got {args.mask_blur}")
     n = len(args.controlnet)
     args.strength = per_control(args.strength, TINY_STRENGTH if tiny else 1.0, n, "--strength")
     args.start = per_control(args.start, 0.0, n, "--start")
@@ -136,31 +145,38 @@ def check_args(args):
     return tiny
 
 
-def read_image(path) -> np.ndarray:
+def read_image(path, flag="--control-image") -> np.ndarray:
     try:
         im = open_image(path)
         return np.asarray(im.convert("RGBA") if im.mode in ("RGBA", "LA", "P") else im.convert("RGB"))
     except Exception as e:
-        fail(f"--control-image {path}: cannot read it as an image ({type(e).__name__}: {str(e)[:80]})")
+        fail(f"{flag} {path}: cannot read it as an image ({type(e).__name__}: {str(e)[:80]})")
 
 
 def control_maps(args, tiny):
-    """(maps to show, one hint tensor per ControlNet). The tiny model's default draws its own outlines, one per sample."""
-    from minicontrol.preprocess import detect, hwc3, resize_image
+    """(maps to show, one hint tensor per ControlNet, inpainting's (image, soft mask, latent mask) or None). The tiny
+    model's default draws its own outlines, one per sample."""
+    from minicontrol.preprocess import detect, hwc3, inpaint_inputs, resize_image
     if tiny and not args.control_image:
         from minicontrol.world import demo_controls
         prompts, maps = demo_controls(args.num_samples, round64(args.resolution), args.seed)
         args.prompt = args.prompt or prompts
-        return maps, [torch.from_numpy(np.stack(maps)).permute(0, 3, 1, 2).float() / 255.0]
+        return maps, [torch.from_numpy(np.stack(maps)).permute(0, 3, 1, 2).float() / 255.0], None
     if not args.control_image:                       # --base alone: text to image
-        return [], []
+        return [], [], None
     maps = []
     for f in args.control_image:
         img = resize_image(hwc3(read_image(f)), args.resolution)
         maps.append(detect(img, args.detector or "none", args.low_threshold, args.high_threshold))
     size = maps[0].shape[1::-1]                      # every map at the first one's (W, H)
     maps = [maps[0]] + [np.asarray(Image.fromarray(m).resize(size, Image.BILINEAR)) for m in maps[1:]]
-    return maps, [torch.tensor(m[None]).permute(0, 3, 1, 2).float() / 255.0 for m in maps]
+    hints = [torch.tensor(m[None]).permute(0, 3, 1, 2).float() / 255.0 for m in maps]
+    if not args.mask:
+        return maps, hints, None
+    mask = np.asarray(Image.fromarray(hwc3(read_image(args.mask, "--mask"))[:, :, 0]).resize(size, Image.BILINEAR))
+    soft, latent, control = inpaint_inputs(maps[0], mask, args.mask_blur)
+    image, maps[0], hints[0] = maps[0], (control.clip(0, 1) * 255).astype(np.uint8), torch.tensor(control[None])
+    return maps, [hints[0].permute(0, 3, 1, 2)] + hints[1:], (image, soft, latent)
 
 
 def main(argv=None):
@@ -173,7 +189,7 @@ def main(argv=None):
     from minicontrol.pipeline import Control, decode, sample
     from minicontrol.text import token_count
 
-    maps, hints = control_maps(args, tiny)
+    maps, hints, inpaint = control_maps(args, tiny)
     if args.prompt is None:
         fail("--prompt is required with your own control images; the tiny model knows prompts like \"red circle "
              "with blue background\"" if tiny else "--prompt is required with your own model files")
@@ -204,11 +220,20 @@ def main(argv=None):
 
     h, w = maps[0].shape[:2] if maps else (round64(args.resolution),) * 2
     controls = [Control(*c) for c in zip(nets, hints, args.strength, args.start, args.end)]
+    keep = None
+    if inpaint:                                      # the official inpaint demo: known latents kept outside the mask
+        image, soft, latent = inpaint
+        x = torch.tensor(image / 127.5 - 1.0, dtype=torch.float32).permute(2, 0, 1)[None].to(args.device)
+        with torch.no_grad():
+            keep = (model.vae.encode(x, sample=False), torch.tensor(1.0 - latent)[None, None])
     steps = sample(model, prompts, [negative] * len(prompts), controls, args.steps, args.cfg, args.eta,
-                   args.guess_mode, args.only_mid_control, h, w, torch.Generator().manual_seed(args.seed))
+                   args.guess_mode, args.only_mid_control, h, w, torch.Generator().manual_seed(args.seed), keep=keep)
     for _, z, _ in tqdm(steps, total=len(timesteps(args.steps)), desc="DDIM", unit="step"):
         pass
-    write_outputs(args, prompts, negative, maps, decode(model, z))
+    images = decode(model, z)
+    if inpaint:                                      # and the pixels outside the soft mask are the input's
+        images = (images * soft[..., None] + image * (1.0 - soft[..., None])).clip(0, 255).astype(np.uint8)
+    write_outputs(args, prompts, negative, maps, images)
 
 
 def write_outputs(args, prompts, negative, maps, images):
@@ -223,7 +248,8 @@ def write_outputs(args, prompts, negative, maps, images):
                       f"Size: {img.shape[1]}x{img.shape[0]}, Model: {Path(args.base).name}, "
                       f"ControlNet: {', '.join(Path(c).name for c in args.controlnet)}, "
                       f"Strength: {args.strength}, Guess mode: {args.guess_mode}, Start: {args.start}, End: {args.end}"
-                      + (f", Clip skip: {args.clip_skip}" if args.clip_skip else ""))
+                      + (f", Clip skip: {args.clip_skip}" if args.clip_skip else "")
+                      + (f", Mask: {Path(args.mask).name}, Mask blur: {args.mask_blur}" if args.mask else ""))
         Image.fromarray(img).save(out / f"sample_{i}.png", pnginfo=info)
     n = max(len(maps), len(images))
     row = lambda tiles: np.concatenate(list(tiles) + [np.zeros_like(images[0])] * (n - len(tiles)), axis=1)

@@ -115,3 +115,28 @@ def test_default_size_is_the_models_training_size(files, config, size):
     args = sample.parser().parse_args(argv + ["--resolution", "640"])
     sample.check_args(args)
     assert args.resolution == 640
+
+
+def test_inpainting_keeps_the_image_outside_the_blurred_mask(files, tmp_path):
+    # The official inpaint demo's last step: output = sample * soft + image * (1 - soft), soft the mask blurred by
+    # OpenCV's GaussianBlur; pixels the blur does not reach are the input image exactly.
+    import cv2
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:40, 20:44] = 255
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    args = [a for a in base_args(files, tmp_path / "o") if a != "canny"]
+    args[args.index("--detector"):args.index("--detector") + 1] = []
+    args[args.index("--control-image") + 1] = tmp_path / "photo.png"
+    res = run(*args, "--mask", tmp_path / "mask.png", "--mask-blur", 2)
+    assert res.returncode == 0, res.stderr
+    soft = cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (0, 0), 2.0)
+    for i in range(2):
+        out = np.asarray(Image.open(tmp_path / "o" / f"sample_{i}.png")).astype(int)
+        assert (soft == 0).mean() > 0.5 and (out[soft == 0] == image[soft == 0]).all()
+        assert np.abs(out - image)[soft > 0.99].mean() > 10                 # the masked part is drawn anew
+    assert "Mask: mask.png, Mask blur: 2.0" in Image.open(tmp_path / "o" / "sample_0.png").text["parameters"]
+    one_line_error(run(*args, "--mask", tmp_path / "mask.png", "--detector", "canny"), "--mask", "--detector")
+    one_line_error(run(*args, "--mask", tmp_path / "absent.png"), "--mask", "absent.png")
