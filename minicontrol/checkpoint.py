@@ -2,7 +2,9 @@
 (`control_model.*` only) and extracted ControlNets (no prefix), in .ckpt, .pth or .safetensors.
 
 Pickled files are read with `torch.load(weights_only=True)`, which refuses anything but tensors and containers,
-so no code inside a file ever runs."""
+so no code inside a file ever runs. Other objects beside the weights (a training checkpoint's callbacks and
+hyper-parameters) are read as inert stand-ins; weights that would need any code to build are refused."""
+import io
 import os
 import pickle
 import pickletools
@@ -45,20 +47,46 @@ def check_file(path):
         raise CheckpointError(f"{path}: no such file")
 
 
+class Inert:
+    """Stands for a class or function that a pickle names beyond tensors and containers: made and given its state
+    without any of the original running."""
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def load_pickle(path) -> tuple:
+    """(torch.load(weights_only=True), []); where that refuses a global, (the same with Inert for the globals, their
+    names)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), []
+    except pickle.UnpicklingError:
+        other = list(dict.fromkeys(n for n in pickle_imports(path) if not n.startswith(("torch.", "collections."))))
+        if not other:
+            raise
+        with torch.serialization.safe_globals([(Inert, name) for name in other]):
+            return torch.load(path, map_location="cpu", weights_only=True), other
+
+
 def read(path) -> tuple:
     """(state dict, config json or None) from a .safetensors, .ckpt or .pth file, unwrapping {"state_dict": ...}."""
     path = Path(path)
     check_file(path)
     with open(path, "rb") as f:
         head = f.read(9)
-    meta = None
+    meta, stand_ins = None, []
     try:
         if len(head) == 9 and head[8:9] == b"{":               # safetensors: 8-byte header length, then JSON
             sd = safetensors.torch.load_file(str(path))
             with safetensors.safe_open(str(path), "pt") as f:
                 meta = (f.metadata() or {}).get(CONFIG_KEY)
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd, stand_ins = load_pickle(path)
     except pickle.UnpicklingError as e:
         code = [name for name in pickle_imports(path) if not name.startswith(("torch.", "collections."))]
         if code:    # weights_only refused it: loading it the unsafe way would have called these
@@ -71,30 +99,36 @@ def read(path) -> tuple:
                               f"({reason})") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
+    if isinstance(sd, dict) and any(isinstance(v, Inert) for v in sd.values()):
+        raise CheckpointError(f"{path}: refused: the pickle would call {stand_ins[0]} to build the weights; nothing "
+                              "in it was run. Use a trusted file, ideally .safetensors")
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: holds no state dict of tensors; expected an SD or ControlNet checkpoint")
     return sd, meta
 
 
 def pickle_imports(path) -> list:
-    """The module.name pairs a pickle (plain, or data.pkl inside torch's zip format) imports, read without running it."""
+    """The module.name pairs that the pickles in a file (data.pkl of torch's zip format; else the file's pickles one
+    after another, as torch's older format has them before its raw data) import, read without running them."""
+    names, strings = [], []
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
                 data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
         else:
             data = Path(path).read_bytes()
-        names, strings = [], []
-        for op, arg, _ in pickletools.genops(data):
-            if op.name in ("GLOBAL", "INST"):
-                names.append(arg.replace(" ", "."))
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                names.append(".".join(strings[-2:]))
-            elif isinstance(arg, str):
-                strings.append(arg)
-        return names
-    except Exception:
-        return []
+        f = io.BytesIO(data)
+        while f.tell() < len(data):
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("GLOBAL", "INST"):
+                    names.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(".".join(strings[-2:]))
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:                                # the raw tensor data after the pickles, or a damaged file
+        pass
+    return names
 
 
 def kind(sd: dict) -> str:

@@ -176,3 +176,36 @@ def test_pickle_with_code_is_refused_and_never_runs(tmp_path, monkeypatch):
     torch.save({"state_dict": {"x": Boom()}}, tmp_path / "evil2.pth")   # the zip format, same story
     assert "refused" in error(load_controlnet, tmp_path / "evil2.pth")
     assert not (tmp_path / "PWNED_MARKER").exists()
+
+
+class TrainerState:                        # what a training framework pickles beside the weights
+    def __init__(self):
+        self.hparams = {"lr": 1e-5, "monitor": "val/loss"}
+
+
+class Callback:                            # one whose unpickling runs code: it must never be imported or run
+    def __init__(self):
+        self.best = 0.1
+
+    def __setstate__(self, state):
+        open("PWNED_MARKER", "w").close()
+
+
+def test_training_checkpoint_extras_are_read_inert_and_the_weights_load(tmp_path, monkeypatch, tiny):
+    # A Lightning-style .ckpt: weights under state_dict, beside them pickled objects of other libraries (callbacks,
+    # hyper-parameters, numpy scalars) that weights_only refuses. They are read as inert stand-ins: the weights load,
+    # and no code of theirs runs (Callback.__setstate__ would leave a marker file).
+    import numpy as np
+    monkeypatch.chdir(tmp_path)
+    cfg, model, _ = tiny
+    for zip_format in (True, False):                                # torch's zip format and its older one
+        path = tmp_path / f"trained{zip_format}.ckpt"
+        extras = {"callbacks": {"checkpoint": Callback()}, "state": TrainerState(), "global_step": np.int64(1200)}
+        torch.save({"state_dict": full_state_dict(model), **extras}, path, _use_new_zipfile_serialization=zip_format)
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(path, weights_only=True)                    # what plain weights_only says of it
+        loaded = load_base(path, cfg)
+        assert same(loaded.unet, model.unet) and same(loaded.vae, model.vae) and same(loaded.text, model.text)
+        assert not (tmp_path / "PWNED_MARKER").exists()
+    pickle.loads(pickle.dumps(Callback()))                         # the marker test itself works
+    assert (tmp_path / "PWNED_MARKER").exists()
