@@ -29,9 +29,9 @@ def parser() -> argparse.ArgumentParser:
     a("--controlnet", action="append", default=[], help="ControlNet file, 1.0 full or 1.1 control-only; repeat for "
                                                         "several, each paired with the --control-image at its position")
     a("--control-image", action="append", default=[], help="control image for the ControlNet at the same position")
-    a("--detector", choices=["canny", "invert", "none"], default=None,
-      help="turn each control image into a map: canny edges, invert (lineart drawn dark on white), or none (the image "
-           "already is a map; the default)")
+    a("--detector", choices=["canny", "invert", "shuffle", "none"], default=None,
+      help="turn each control image into a map: canny edges, invert (lineart drawn dark on white), shuffle (the 1.1 "
+           "shuffle model's content shuffle, drawn from --seed), or none (the image already is a map; the default)")
     a("--low-threshold", type=float, default=100, help="Canny low threshold (default 100)")
     a("--high-threshold", type=float, default=200, help="Canny high threshold (default 200)")
     a("--prompt", default=None, help="what to draw")
@@ -156,7 +156,7 @@ def read_image(path, flag="--control-image") -> np.ndarray:
 def control_maps(args, tiny):
     """(maps to show, one hint tensor per ControlNet, inpainting's (image, soft mask, latent mask) or None). The tiny
     model's default draws its own outlines, one per sample."""
-    from minicontrol.preprocess import detect, hwc3, inpaint_inputs, resize_image
+    from minicontrol.preprocess import detect, hwc3, inpaint_inputs, resize_image, shuffle
     if tiny and not args.control_image:
         from minicontrol.world import demo_controls
         prompts, maps = demo_controls(args.num_samples, round64(args.resolution), args.seed)
@@ -166,8 +166,12 @@ def control_maps(args, tiny):
         return [], [], None
     maps = []
     for f in args.control_image:
-        img = resize_image(hwc3(read_image(f)), args.resolution)
-        maps.append(detect(img, args.detector or "none", args.low_threshold, args.high_threshold))
+        original = hwc3(read_image(f))
+        img = resize_image(original, args.resolution)
+        if args.detector == "shuffle":               # as the official demo: the whole image shuffled into img's size
+            maps.append(shuffle(original, *img.shape[:2], args.seed))
+        else:
+            maps.append(detect(img, args.detector or "none", args.low_threshold, args.high_threshold))
     size = maps[0].shape[1::-1]                      # every map at the first one's (W, H)
     maps = [maps[0]] + [np.asarray(Image.fromarray(m).resize(size, Image.BILINEAR)) for m in maps[1:]]
     hints = [torch.tensor(m[None]).permute(0, 3, 1, 2).float() / 255.0 for m in maps]

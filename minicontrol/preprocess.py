@@ -129,3 +129,34 @@ def inpaint_inputs(image: np.ndarray, mask: np.ndarray, blur: float = 5.0, down:
     latent = soft.reshape(h // down, down, w // down, down).mean(axis=(1, 3))
     control = np.where(soft[:, :, None] > 0.5, -1.0, image / 255.0).astype(np.float32)
     return soft, latent, control
+
+
+def cubic_resize(x: np.ndarray, h: int, w: int) -> np.ndarray:
+    """OpenCV's resize(x, (w, h), INTER_CUBIC) of a float (H, W) array: Keys' cubic (a = -0.75) at pixel centres,
+    edges repeated."""
+    for axis, n in ((0, h), (1, w)):
+        src = (np.arange(n) + 0.5) * x.shape[axis] / n - 0.5
+        i, f = np.floor(src).astype(int), (src - np.floor(src))[:, None]
+        d = np.abs(f - np.arange(-1, 3))                               # distances to the 4 neighbours
+        k = np.where(d <= 1, (1.25 * d - 2.25) * d * d + 1, ((-0.75 * d + 3.75) * d - 6) * d + 3)
+        idx = np.clip(i[:, None] + np.arange(-1, 3), 0, x.shape[axis] - 1)
+        x = np.moveaxis((np.moveaxis(x, axis, 0)[idx] * k.reshape(k.shape + (1,) * (x.ndim - 1))).sum(1), 0, axis)
+    return x
+
+
+def shuffle(image: np.ndarray, h: int, w: int, seed: int, f: int = 256) -> np.ndarray:
+    """The ControlNet 1.1 shuffle model's "content shuffle" of an HxWx3 uint8 image into h x w: each output pixel
+    reads the image (bilinear) at a smooth random place, from noise on a grid f pixels apart, cubic-interpolated and
+    stretched over the image, drawn as np.random.seed(seed) would."""
+    rng = np.random.RandomState(seed)
+    H, W = image.shape[:2]
+    flow = []
+    for scale in (W - 1, H - 1):
+        noise = cubic_resize(rng.uniform(0, 1, (h // f + 2, w // f + 2)), h + 2 * f, w + 2 * f)[f:f + h, f:f + w]
+        noise = (noise - noise.min()) / (noise - noise.min()).max()
+        flow.append((noise * scale).astype(np.float32))
+    (x, fx), (y, fy) = ((np.floor(v).astype(int), (v - np.floor(v))[..., None]) for v in flow)
+    img = np.pad(image.astype(np.float32), ((0, 1), (0, 1), (0, 0)))    # the pixel past the edge has weight 0
+    top = img[y, x] * (1 - fx) + img[y, x + 1] * fx
+    low = img[y + 1, x] * (1 - fx) + img[y + 1, x + 1] * fx
+    return np.rint(top * (1 - fy) + low * fy).clip(0, 255).astype(np.uint8)

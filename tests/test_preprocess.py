@@ -3,7 +3,7 @@ import cv2
 import numpy as np
 import pytest
 
-from minicontrol.preprocess import canny, gaussian_blur, hwc3, inpaint_inputs, resize_image
+from minicontrol.preprocess import canny, cubic_resize, gaussian_blur, hwc3, inpaint_inputs, resize_image, shuffle
 
 
 def images():
@@ -93,3 +93,29 @@ def test_inpaint_inputs_match_the_official_demos_opencv_steps(h, w, sigma):
     official[ref > 0.5] = -255.0
     clear = np.abs(ref - 0.5) > 1e-5                       # leave out pixels that rounding could put either side
     assert 0.05 < (ref > 0.5).mean() < 0.5 and np.abs(control - official / 255.0)[clear].max() < 1e-6
+
+
+def official_shuffle(image, h, w, seed, f=256):
+    # annotator/shuffle ContentShuffleDetector after gradio_shuffle.py's np.random.seed(seed), on OpenCV
+    np.random.seed(seed)
+    H, W = image.shape[:2]
+
+    def noise_disk():
+        noise = np.random.uniform(0, 1, (h // f + 2, w // f + 2, 1))
+        noise = cv2.resize(noise, (w + 2 * f, h + 2 * f), interpolation=cv2.INTER_CUBIC)[f:f + h, f:f + w]
+        noise = noise - noise.min()
+        return (noise / noise.max())[:, :, None]
+
+    flow = np.concatenate([noise_disk() * float(W - 1), noise_disk() * float(H - 1)], axis=2).astype(np.float32)
+    return cv2.remap(image, flow, None, cv2.INTER_LINEAR)
+
+
+@pytest.mark.parametrize("h, w, seed", [(512, 704, 0), (512, 512, 12345), (64, 64, 3), (768, 576, 7)])
+def test_shuffle_matches_the_official_detector_on_opencv(h, w, seed):
+    image = images()["photo"]
+    ours, ref = shuffle(image, h, w, seed).astype(int), official_shuffle(image, h, w, seed).astype(int)
+    # equal but where float rounding of the flow tips a pixel over a half (OpenCV's cubic weights are float32)
+    assert ours.shape == ref.shape == (h, w, 3) and np.abs(ours - ref).max() <= 1 and (ours == ref).mean() > 0.95
+    assert not np.array_equal(ours, shuffle(image, h, w, seed + 1))          # the seed draws the shuffle
+    x = np.random.default_rng(seed).uniform(0, 1, (4, 5))
+    assert np.abs(cubic_resize(x, h, w) - cv2.resize(x, (w, h), interpolation=cv2.INTER_CUBIC)).max() < 1e-6
