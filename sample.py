@@ -55,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
     a("--mask", default=None, help="inpaint: white where the first --control-image is to be repainted (with the "
                                     "ControlNet 1.1 inpaint model); the rest of the image is kept")
     a("--mask-blur", type=float, default=5.0, help="Gaussian blur (sigma, pixels) of the --mask edge (default 5.0)")
+    a("--denoise", type=float, default=None,
+      help="img2img: start from the first --control-image (as given, before any detector) noised this far, 0 to 1 "
+           "(1: nearly all noise), as the official tile demo does; default: text to image from pure noise")
     a("--clip-skip", type=int, choices=[1, 2], default=None,
       help="text from CLIP's last layer (1, SD1's default) or the one before it (2, SD2's default; the official "
            "ControlNet 1.1 lineart_anime demo uses 2 with its SD1 base), LayerNorm applied after either")
@@ -115,6 +118,9 @@ def check_args(args):
         fail(f"--mask {args.mask}: no such file")
     if args.mask and (not args.control_image or (args.detector or "none") != "none"):
         fail("--mask goes with the image to repaint as the first --control-image, used as it is (no --detector)")
+    if args.denoise is not None and not (0 < args.denoise <= 1 and args.control_image):
+        fail(f"--denoise {args.denoise}: give a value in (0, 1], and the image to start from as the first "
+             "--control-image")
     if args.mask_blur < 0:
         fail(f"--mask-blur must not be negative, got {args.mask_blur}")
     n = len(args.controlnet)
@@ -126,6 +132,9 @@ def check_args(args):
             fail(f"--start {s} and --end {e} must satisfy 0 <= start < end <= 1")
     if not 1 <= args.steps <= 1000:
         fail(f"--steps must be between 1 and 1000, got {args.steps}")
+    if args.denoise and min(int(args.denoise * args.steps), args.steps - 1) < 1:
+        fail(f"--denoise {args.denoise} of --steps {args.steps} runs no step (the official rule runs "
+             "min(int(denoise * steps), steps - 1)); give a larger --denoise or more --steps")
     args.cfg = args.cfg if args.cfg is not None else (TINY_CFG if tiny else 9.0)
     args.num_samples = args.num_samples if args.num_samples is not None else (4 if tiny else 1)
     if args.num_samples < 1 or args.cfg < 0 or args.eta < 0:
@@ -154,9 +163,9 @@ def read_image(path, flag="--control-image") -> np.ndarray:
 
 
 def control_maps(args, tiny):
-    """(maps to show, one hint tensor per ControlNet, inpainting's (image, soft mask, latent mask) or None). The tiny
+    """(maps to show, one hint tensor per ControlNet, the first control image at the output size or None). The tiny
     model's default draws its own outlines, one per sample."""
-    from minicontrol.preprocess import detect, hwc3, inpaint_inputs, resize_image, shuffle
+    from minicontrol.preprocess import detect, hwc3, resize_image, shuffle
     if tiny and not args.control_image:
         from minicontrol.world import demo_controls
         prompts, maps = demo_controls(args.num_samples, round64(args.resolution), args.seed)
@@ -164,23 +173,18 @@ def control_maps(args, tiny):
         return maps, [torch.from_numpy(np.stack(maps)).permute(0, 3, 1, 2).float() / 255.0], None
     if not args.control_image:                       # --base alone: text to image
         return [], [], None
-    maps = []
+    maps, source = [], None
     for f in args.control_image:
         original = hwc3(read_image(f))
         img = resize_image(original, args.resolution)
+        source = img if source is None else source
         if args.detector == "shuffle":               # as the official demo: the whole image shuffled into img's size
             maps.append(shuffle(original, *img.shape[:2], args.seed))
         else:
             maps.append(detect(img, args.detector or "none", args.low_threshold, args.high_threshold))
     size = maps[0].shape[1::-1]                      # every map at the first one's (W, H)
     maps = [maps[0]] + [np.asarray(Image.fromarray(m).resize(size, Image.BILINEAR)) for m in maps[1:]]
-    hints = [torch.tensor(m[None]).permute(0, 3, 1, 2).float() / 255.0 for m in maps]
-    if not args.mask:
-        return maps, hints, None
-    mask = np.asarray(Image.fromarray(hwc3(read_image(args.mask, "--mask"))[:, :, 0]).resize(size, Image.BILINEAR))
-    soft, latent, control = inpaint_inputs(maps[0], mask, args.mask_blur)
-    image, maps[0], hints[0] = maps[0], (control.clip(0, 1) * 255).astype(np.uint8), torch.tensor(control[None])
-    return maps, [hints[0].permute(0, 3, 1, 2)] + hints[1:], (image, soft, latent)
+    return maps, [torch.tensor(m[None]).permute(0, 3, 1, 2).float() / 255.0 for m in maps], source
 
 
 def main(argv=None):
@@ -193,7 +197,13 @@ def main(argv=None):
     from minicontrol.pipeline import Control, decode, sample
     from minicontrol.text import token_count
 
-    maps, hints, inpaint = control_maps(args, tiny)
+    maps, hints, source = control_maps(args, tiny)
+    if args.mask:                                    # the official inpaint demo's control: -1 where to repaint
+        from minicontrol.preprocess import hwc3, inpaint_inputs
+        mask = hwc3(read_image(args.mask, "--mask"))[:, :, 0]
+        mask = np.asarray(Image.fromarray(mask).resize(source.shape[1::-1], Image.BILINEAR))
+        soft, latent, control = inpaint_inputs(source, mask, args.mask_blur)
+        maps[0], hints[0] = (control.clip(0, 1) * 255).astype(np.uint8), torch.tensor(control[None]).permute(0, 3, 1, 2)
     if args.prompt is None:
         fail("--prompt is required with your own control images; the tiny model knows prompts like \"red circle "
              "with blue background\"" if tiny else "--prompt is required with your own model files")
@@ -224,19 +234,19 @@ def main(argv=None):
 
     h, w = maps[0].shape[:2] if maps else (round64(args.resolution),) * 2
     controls = [Control(*c) for c in zip(nets, hints, args.strength, args.start, args.end)]
-    keep = None
-    if inpaint:                                      # the official inpaint demo: known latents kept outside the mask
-        image, soft, latent = inpaint
-        x = torch.tensor(image / 127.5 - 1.0, dtype=torch.float32).permute(2, 0, 1)[None].to(args.device)
-        with torch.no_grad():
-            keep = (model.vae.encode(x, sample=False), torch.tensor(1.0 - latent)[None, None])
+    known = None
+    if args.mask or args.denoise:                    # the first control image's latents: kept, or the start
+        x = torch.tensor(source / 127.5 - 1.0, dtype=torch.float32).permute(2, 0, 1)[None].to(args.device)
+        known = model.vae.encode(x, sample=False)
+    keep = (known, torch.tensor(1.0 - latent)[None, None]) if args.mask else None
     steps = sample(model, prompts, [negative] * len(prompts), controls, args.steps, args.cfg, args.eta,
-                   args.guess_mode, args.only_mid_control, h, w, torch.Generator().manual_seed(args.seed), keep=keep)
+                   args.guess_mode, args.only_mid_control, h, w, torch.Generator().manual_seed(args.seed), keep=keep,
+                   init=known if args.denoise else None, denoise=args.denoise or 1.0)
     for _, z, _ in tqdm(steps, total=len(timesteps(args.steps)), desc="DDIM", unit="step"):
         pass
     images = decode(model, z)
-    if inpaint:                                      # and the pixels outside the soft mask are the input's
-        images = (images * soft[..., None] + image * (1.0 - soft[..., None])).clip(0, 255).astype(np.uint8)
+    if args.mask:                                    # and the pixels outside the soft mask are the input's
+        images = (images * soft[..., None] + source * (1.0 - soft[..., None])).clip(0, 255).astype(np.uint8)
     write_outputs(args, prompts, negative, maps, images)
 
 
@@ -253,7 +263,8 @@ def write_outputs(args, prompts, negative, maps, images):
                       f"ControlNet: {', '.join(Path(c).name for c in args.controlnet)}, "
                       f"Strength: {args.strength}, Guess mode: {args.guess_mode}, Start: {args.start}, End: {args.end}"
                       + (f", Clip skip: {args.clip_skip}" if args.clip_skip else "")
-                      + (f", Mask: {Path(args.mask).name}, Mask blur: {args.mask_blur}" if args.mask else ""))
+                      + (f", Mask: {Path(args.mask).name}, Mask blur: {args.mask_blur}" if args.mask else "")
+                      + (f", Denoise: {args.denoise}" if args.denoise else ""))
         Image.fromarray(img).save(out / f"sample_{i}.png", pnginfo=info)
     n = max(len(maps), len(images))
     row = lambda tiles: np.concatenate(list(tiles) + [np.zeros_like(images[0])] * (n - len(tiles)), axis=1)

@@ -41,14 +41,17 @@ def timesteps(steps: int) -> list:
     return [t + 1 for t in range(0, T - 1, T // steps)]
 
 
-def ddim_sample(model, x, steps: int, eta: float = 0.0, parameterization: str = "eps", generator=None, keep=None):
-    """Yields (i, x_prev, x0) after each step, from t = ts[-1] down to ts[0] = 1.
+def ddim_sample(model, x, steps: int, eta: float = 0.0, parameterization: str = "eps", generator=None, keep=None,
+                start: int = None):
+    """Yields (i, x_prev, x0) after each step, from t = ts[-1] (or ts[start - 1]) down to ts[0] = 1.
 
     model(x, t, i) -> the (guided) model output for all rows of x at integer timestep t and step index i.
     x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z   (arXiv:2010.02502, eq. 12), where
     sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev) and a_prev of the last step is alpha-bar[0].
     keep = (known latents, mask) for inpainting, as the official sampler's x0 and mask: before each step, where mask
     is 1, x is replaced by the known latents noised to t with fresh noise, q(x_t | x_0).
+    start: img2img, as the official sampler's decode(x, t_start): only the steps below index start run, on an x
+    that noised_to(..., start) made (so the first step takes x, noised to ts[start], as being at ts[start - 1]).
     """
     ac = alphas_cumprod().float().double()          # the official buffers are float32
     ts = timesteps(steps)
@@ -56,7 +59,7 @@ def ddim_sample(model, x, steps: int, eta: float = 0.0, parameterization: str = 
     a_prevs = [ac[0].item()] + a_ts[:-1]
     noise_device = generator.device if generator is not None else x.device
     noise = lambda: torch.randn(x.shape, generator=generator, device=noise_device, dtype=x.dtype).to(x.device)
-    for i in reversed(range(len(ts))):
+    for i in reversed(range(len(ts) if start is None else start)):
         a_t, a_prev = a_ts[i], a_prevs[i]
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
         if keep is not None:
@@ -73,3 +76,10 @@ def ddim_sample(model, x, steps: int, eta: float = 0.0, parameterization: str = 
         if sigma > 0:
             x = x + sigma * noise()
         yield i, x, x0
+
+
+def noised_to(x0: torch.Tensor, steps: int, index: int, generator=None) -> torch.Tensor:
+    """x0 at the noise level of DDIM timestep ts[index], sqrt(a) x0 + sqrt(1 - a) z: the official stochastic_encode."""
+    a = alphas_cumprod().float().double()[timesteps(steps)[index]].item()
+    z = torch.randn(x0.shape, generator=generator, device=generator.device if generator is not None else x0.device)
+    return a ** 0.5 * x0 + (1 - a) ** 0.5 * z.to(x0.device, x0.dtype)

@@ -7,7 +7,7 @@ import torch
 
 from .checkpoint import StableDiffusion
 from .controlnet import ControlNet, guess_mode_scales
-from .ddim import ddim_sample, timesteps
+from .ddim import ddim_sample, noised_to, timesteps
 
 
 @dataclass
@@ -45,10 +45,13 @@ def residuals(controls, x, t, context, n_cond, guess_mode, step, total):
 
 @torch.no_grad()
 def sample(model: StableDiffusion, prompts, negative, controls=(), steps=20, cfg_scale=9.0, eta=0.0,
-           guess_mode=False, only_mid_control=False, height=None, width=None, generator=None, x_T=None, keep=None):
+           guess_mode=False, only_mid_control=False, height=None, width=None, generator=None, x_T=None, keep=None,
+           init=None, denoise=1.0):
     """Yields (i, x, x0) at every DDIM step, i counting down to 0; the last x is the final latent. The image size is
     the control images' (every one the same), or 512x512 without control. keep = (latents, mask) inpaints: latents
-    (1 or B, C, h, w) kept where mask (1 or B, 1, h, w) is 1 (see ddim_sample).
+    (1 or B, C, h, w) kept where mask (1 or B, 1, h, w) is 1 (see ddim_sample). init (1 or B, C, h, w): img2img from
+    these latents, noised `denoise` of the way, as the official tile demo: t_enc = min(int(denoise * S), S - 1) of the
+    S steps' timesteps is the noise level, and the steps below it run.
 
     Initial noise and DDIM noise come from `generator` on the CPU, so a seed gives the same image on any device."""
     if height is None or width is None:
@@ -68,10 +71,16 @@ def sample(model: StableDiffusion, prompts, negative, controls=(), steps=20, cfg
     cond = encode(prompts)                                   # prompts: strings, or (B, 77, C) text embeddings
     guided = cfg_scale != 1.0
     context = torch.cat([cond, encode(negative)]) if guided else cond
+    total = len(timesteps(steps))
+    start = None
+    if init is not None:
+        start = min(int(denoise * steps), steps - 1)
+        if start < 1:
+            raise ValueError(f"denoise {denoise} of {steps} steps runs no step: give a larger denoise or more steps")
+        x_T = noised_to(init.to(device, torch.float32).expand(b, -1, -1, -1), steps, start, generator)
     if x_T is None:
         x_T = torch.randn(b, unet.config.in_channels, height // vae_down, width // vae_down, generator=generator)
     x_T = x_T.to(device, torch.float32)
-    total = len(timesteps(steps))
 
     def model_fn(x, t, i):
         xx = torch.cat([x, x]) if guided else x
@@ -85,7 +94,7 @@ def sample(model: StableDiffusion, prompts, negative, controls=(), steps=20, cfg
         return out_uncond + cfg_scale * (out_cond - out_uncond)
 
     keep = keep and tuple(k.to(device, torch.float32) for k in keep)
-    yield from ddim_sample(model_fn, x_T, steps, eta, model.config.parameterization, generator, keep)
+    yield from ddim_sample(model_fn, x_T, steps, eta, model.config.parameterization, generator, keep, start)
 
 
 @torch.no_grad()

@@ -87,6 +87,8 @@ def test_user_mistakes_get_clear_errors(files, tmp_path):
     one_line_error(run(*args[:-4], "--resolution", 8, "--out", tmp_path / "o"), "--resolution")
     one_line_error(run(*args, "--strength", 1, "--strength", 2), "--strength")
     one_line_error(run(*args[:-2], "--out", files / "circle.png"), "--out", "circle.png")      # before any sampling
+    one_line_error(run(*args, "--denoise", 0.01), "--denoise", "runs no step")
+    one_line_error(run("--base", files / "tiny-v1.ckpt", "--prompt", "x", "--denoise", 0.5), "--denoise", "first")
 
 
 def test_long_prompt_says_it_is_truncated(files, tmp_path):

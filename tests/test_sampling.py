@@ -165,3 +165,21 @@ def test_inpainting_steps_keep_the_known_latents_noised_to_t():
         assert abs(z.mean().item()) < 0.06 and abs(z.std().item() - 1) < 0.05
     for a, b in zip(zs, zs[1:]):
         assert abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()) < 0.08
+
+
+@pytest.mark.parametrize("steps, denoise, t_enc", [(10, 0.5, 5), (10, 1.0, 9), (30, 1.0, 29), (20, 0.33, 6)])
+def test_img2img_follows_the_official_tile_demo(steps, denoise, t_enc):
+    # gradio_tile.py: t_enc = min(int(denoise * steps), steps - 1); z_enc = stochastic_encode(z, t_enc), i.e.
+    # sqrt(a) z + sqrt(1 - a) n at DDIM timestep ts[t_enc]; decode(z_enc, t_enc) runs ts[t_enc - 1], ..., ts[0].
+    from minicontrol.ddim import alphas_cumprod
+    _, model, net = tiny_models("tiny-sd1")
+    calls, forward = [], model.unet.forward
+    model.unet.forward = lambda x, t, *a: (calls.append((t[0].item(), x[:1].clone())), forward(x, t, *a))[1]
+    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    list(sample(model, ["a"], [""], [Control(net, torch.rand(1, 3, 64, 64))], steps, 7.5,
+                generator=torch.Generator().manual_seed(3), init=init, denoise=denoise))
+    ts = timesteps(steps)
+    assert [t for t, _ in calls] == ts[:t_enc][::-1]
+    a = alphas_cumprod().float().double()[ts[t_enc]].item()
+    n = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))      # the seed's first draw
+    assert torch.allclose(calls[0][1], a ** 0.5 * init + (1 - a) ** 0.5 * n, atol=1e-6)

@@ -147,3 +147,20 @@ def test_bare_sample_takes_the_asked_count_and_rounds_the_resolution(tmp_path):
     assert len(list((tmp_path / "four").glob("sample_*.png"))) == 4
     one, four = (np.asarray(Image.open(tmp_path / d / "sample_0.png")) for d in ("one", "four"))
     assert one.shape == (128, 128, 3) and np.abs(one.astype(int) - four).max() <= 1
+
+
+@pytest.mark.skipif(not all(p.exists() for p in SHIPPED), reason="the tiny weights are not in weights/")
+def test_img2img_from_a_picture_keeps_its_circle(tmp_path):
+    # --denoise starts from the first control image noised part of the way (the official tile demo): at 0.05 the
+    # circle stays the picture's own (IoU against its disc, a closed form); from pure noise it does not, because
+    # this picture is no outline the tiny ControlNet knows.
+    from minicontrol.eval import scores
+    item = eval_items(1, seed=5)[0]
+    Image.fromarray(draw(*item)[0]).save(tmp_path / "picture.png")
+    common = ["sample.py", "--control-image", tmp_path / "picture.png", "--prompt", f"{item[0]} circle with "
+              f"{item[1]} background", "--num-samples", 2]
+    run(*common, "--denoise", 0.05, "--out", tmp_path / "i2i")
+    run(*common, "--out", tmp_path / "t2i")
+    got = {d: [np.asarray(Image.open(tmp_path / d / f"sample_{i}.png")) for i in range(2)] for d in ("i2i", "t2i")}
+    assert scores(got["i2i"], [item] * 2)[0] > 0.9 > scores(got["t2i"], [item] * 2)[0] + 0.2
+    assert "Denoise: 0.05" in Image.open(tmp_path / "i2i" / "sample_0.png").text["parameters"]
