@@ -242,7 +242,8 @@ def main(argv=None):
     steps = sample(model, prompts, [negative] * len(prompts), controls, args.steps, args.cfg, args.eta,
                    args.guess_mode, args.only_mid_control, h, w, torch.Generator().manual_seed(args.seed), keep=keep,
                    init=known if args.denoise else None, denoise=args.denoise or 1.0)
-    for _, z, _ in tqdm(steps, total=len(timesteps(args.steps)), desc="DDIM", unit="step"):
+    total = min(int(args.denoise * args.steps), args.steps - 1) if args.denoise else len(timesteps(args.steps))
+    for _, z, _ in tqdm(steps, total=total, desc="DDIM", unit="step"):
         pass
     images = decode(model, z)
     if args.mask:                                    # and the pixels outside the soft mask are the input's
