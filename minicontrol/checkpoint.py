@@ -331,6 +331,8 @@ if __name__ == "__main__":
     p.add_argument("--part", choices=["all", "sd", "control"], default="all",
                    help="keep every key, the SD's alone (no control_model.*), or control_model.* alone")
     a = p.parse_args()
+    if Path(a.dst).is_dir() or Path(a.dst).suffix not in (".safetensors", ".ckpt", ".pth"):
+        raise SystemExit(f"error: {a.dst}: give the new file's name, ending in .safetensors (or .ckpt or .pth)")
     try:
         sd, meta = read(a.src)
     except CheckpointError as e:

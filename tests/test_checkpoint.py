@@ -84,6 +84,10 @@ def test_split_a_full_file_into_sd_and_control_files(tmp_path):
     res = cli(tmp_path / "control.safetensors", tmp_path / "x.safetensors", "--part", "sd")
     assert res.returncode != 0 and res.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'control.safetensors'}: no sd part; --part sd and control split a ControlNet 1.0 full file"]
+    for dst in (tmp_path, tmp_path / "notes.txt"):                # a folder, a name of no checkpoint format
+        res = cli(full, dst, "--half")
+        assert res.returncode != 0 and res.stderr.strip().splitlines() == [
+            f"error: {dst}: give the new file's name, ending in .safetensors (or .ckpt or .pth)"]
 
 
 def test_missing_unexpected_and_wrong_shape(tmp_path, tiny):
