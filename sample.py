@@ -5,6 +5,7 @@
         --control-image bird.png --detector canny --prompt "a bird" --out out/
 """
 import argparse
+import random
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -61,7 +62,8 @@ def parser() -> argparse.ArgumentParser:
     a("--clip-skip", type=int, choices=[1, 2], default=None,
       help="text from CLIP's last layer (1, SD1's default) or the one before it (2, SD2's default; the official "
            "ControlNet 1.1 lineart_anime demo uses 2 with its SD1 base), LayerNorm applied after either")
-    a("--seed", type=int, default=12345, help="random seed; the same seed and flags give the same images")
+    a("--seed", type=int, default=12345, help="random seed; the same seed and flags give the same images; -1 draws "
+                                              "one, as the official demos do (it is written in the PNGs)")
     a("--num-samples", type=int, default=None, help="images to generate, one batch (default 1; 4 for the tiny model)")
     a("--resolution", type=int, default=None, help="short side of the output, rounded to a multiple of 64 "
                                                    "(default 512; 768 for v-prediction models, which were trained "
@@ -135,6 +137,7 @@ def check_args(args):
     if args.denoise and min(int(args.denoise * args.steps), args.steps - 1) < 1:
         fail(f"--denoise {args.denoise} of --steps {args.steps} runs no step (the official rule runs "
              "min(int(denoise * steps), steps - 1)); give a larger --denoise or more --steps")
+    args.seed = random.randint(0, 65535) if args.seed == -1 else args.seed
     args.cfg = args.cfg if args.cfg is not None else (TINY_CFG if tiny else 9.0)
     args.num_samples = args.num_samples if args.num_samples is not None else (4 if tiny else 1)
     if args.num_samples < 1 or args.cfg < 0 or args.eta < 0:

@@ -154,3 +154,16 @@ def test_shuffle_detector_shuffles_the_whole_image_with_the_seed(files, tmp_path
     shown = np.asarray(Image.open(tmp_path / "o" / "grid.png"))[:256:4, :256:4]         # tiles are shown 4x
     image = np.asarray(Image.open(files / "circle.png"))
     assert np.array_equal(shown, shuffle(image, 64, 64, 42)) and not np.array_equal(shown, shuffle(image, 64, 64, 1))
+
+
+def test_seed_minus_one_draws_a_seed_that_reproduces_the_images(files, tmp_path):
+    args = base_args(files, tmp_path / "a")
+    args[args.index("--seed") + 1] = -1
+    assert run(*args).returncode == 0
+    params = Image.open(tmp_path / "a" / "sample_0.png").text["parameters"]
+    seed = int(params.split("Seed: ")[1].split(",")[0])
+    assert 0 <= seed <= 65535                                     # the official demos' random.randint(0, 65535)
+    args[args.index("--seed") + 1], args[-1] = seed, tmp_path / "b"
+    assert run(*args).returncode == 0
+    for i in range(2):
+        assert np.array_equal(*(np.asarray(Image.open(tmp_path / d / f"sample_{i}.png")) for d in "ab"))
