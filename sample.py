@@ -59,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     a("--denoise", type=float, default=None,
       help="img2img: start from the first --control-image (as given, before any detector) noised this far, 0 to 1 "
            "(1: nearly all noise), as the official tile demo does; default: text to image from pure noise")
+    a("--prompt-chunks", type=int, default=1,
+      help="prompts in this many pieces of 75 tokens, each encoded alone and then joined (default 1: CLIP's 77 "
+           "tokens; the official ControlNet 1.1 lineart_anime demo uses 3, for prompts of up to 225 tokens)")
     a("--clip-skip", type=int, choices=[1, 2], default=None,
       help="text from CLIP's last layer (1, SD1's default) or the one before it (2, SD2's default; the official "
            "ControlNet 1.1 lineart_anime demo uses 2 with its SD1 base), LayerNorm applied after either")
@@ -132,6 +135,8 @@ def check_args(args):
     for s, e in zip(args.start, args.end):
         if not 0 <= s < e <= 1:
             fail(f"--start {s} and --end {e} must satisfy 0 <= start < end <= 1")
+    if not 1 <= args.prompt_chunks <= 8:
+        fail(f"--prompt-chunks must be from 1 to 8, got {args.prompt_chunks}")
     if not 1 <= args.steps <= 1000:
         fail(f"--steps must be between 1 and 1000, got {args.steps}")
     if args.denoise and min(int(args.denoise * args.steps), args.steps - 1) < 1:
@@ -217,9 +222,10 @@ def main(argv=None):
     prompts = args.prompt if isinstance(args.prompt, list) else [args.prompt] * args.num_samples
     prompts = [p + ", " + a_prompt if a_prompt else p for p in prompts]
     for text, flag in ((prompts[0], "--prompt + --a-prompt"), (negative, "--negative-prompt")):
-        if token_count(text) > 75:
-            print(f"warning: {flag} is {token_count(text)} tokens; it is truncated to the first 75 "
-                  "(CLIP's 77 with its start and end tokens)", file=sys.stderr)
+        if token_count(text) > 75 * args.prompt_chunks:
+            print(f"warning: {flag} is {token_count(text)} tokens; it is truncated to the first "
+                  f"{75 * args.prompt_chunks} ({args.prompt_chunks} x CLIP's 77 with start and end tokens; "
+                  "--prompt-chunks gives more)", file=sys.stderr)
 
     dtype = getattr(torch, args.dtype)
     try:
@@ -227,9 +233,10 @@ def main(argv=None):
         nets = [load_controlnet(f, base=model.config) for f in args.controlnet]
     except (CheckpointError, ValueError) as e:
         fail(str(e))
+    text = replace(model.config.text, chunks=args.prompt_chunks)
     if args.clip_skip:
-        text = replace(model.config.text, layer="last" if args.clip_skip == 1 else "penultimate")
-        model.config, model.text.config = replace(model.config, text=text), text
+        text = replace(text, layer="last" if args.clip_skip == 1 else "penultimate")
+    model.config, model.text.config = replace(model.config, text=text), text
     model.to(args.device)
     model.unet.to(dtype)
     for net in nets:
@@ -267,6 +274,7 @@ def write_outputs(args, prompts, negative, maps, images):
                       f"ControlNet: {', '.join(Path(c).name for c in args.controlnet)}, "
                       f"Strength: {args.strength}, Guess mode: {args.guess_mode}, Start: {args.start}, End: {args.end}"
                       + (f", Clip skip: {args.clip_skip}" if args.clip_skip else "")
+                      + (f", Prompt chunks: {args.prompt_chunks}" if args.prompt_chunks > 1 else "")
                       + (f", Mask: {Path(args.mask).name}, Mask blur: {args.mask_blur}" if args.mask else "")
                       + (f", Denoise: {args.denoise}" if args.denoise else ""))
         Image.fromarray(img).save(out / f"sample_{i}.png", pnginfo=info)

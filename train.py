@@ -27,7 +27,6 @@ from minicontrol.ddim import alphas_cumprod
 from minicontrol.eval import line_plot
 from minicontrol.pipeline import Control, decode, sample
 from minicontrol.preprocess import open_image
-from minicontrol.text import tokenize
 from minicontrol.unet import set_grad_checkpointing
 
 
@@ -186,7 +185,7 @@ def micro_batch_loss(args, model, trained, items, rank, world, gen, cached=None)
     with torch.no_grad():
         mean, logvar = model.vae.moments(target) if cached is None else cached.to(device).chunk(2, dim=1)
         latents = (mean + torch.exp(0.5 * logvar) * posterior) * model.vae.config.scale_factor
-        context = model.text(tokenize(prompts, model.config.text).to(device))
+        context = model.text.encode(prompts)
     a = alphas_cumprod().float().to(device)[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * latents + (1 - a).sqrt() * noise                   # q(x_t | x_0)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x_t.is_cuda):

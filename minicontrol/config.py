@@ -46,6 +46,7 @@ class TextConfig:
     activation: str = "quick_gelu"  # SD1 (OpenAI CLIP); SD2 uses exact "gelu"
     layer: str = "last"             # SD1: last block; SD2: "penultimate" block; ln_final is applied after either
     pad_id: int = 49407             # SD1 pads with <|endoftext|>; open_clip.tokenize pads with 0
+    chunks: int = 1                 # pieces of 75 tokens, each encoded alone (the 1.1 lineart_anime demo uses 3)
 
 
 @dataclass(frozen=True)

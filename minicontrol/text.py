@@ -23,12 +23,15 @@ def token_count(prompt: str) -> int:
 
 
 def tokenize(prompts, cfg: TextConfig) -> torch.Tensor:
-    """(B, context_length) ids: SOT, the BPE tokens (truncated to fit), EOT, then cfg.pad_id up to the length."""
-    n = cfg.context_length
+    """(B * cfg.chunks, context_length) ids: each prompt's BPE tokens in cfg.chunks pieces of context_length - 2 (the
+    rest cut), each piece as SOT, its tokens, EOT, then cfg.pad_id up to the length."""
+    n = cfg.context_length - 2
     rows = []
     for prompt in prompts:
-        ids = [SOT] + bpe().encode(prompt)[: n - 2] + [EOT]
-        rows.append(ids + [cfg.pad_id] * (n - len(ids)))
+        tokens = bpe().encode(prompt)
+        for k in range(cfg.chunks):
+            ids = [SOT] + tokens[k * n:(k + 1) * n] + [EOT]
+            rows.append(ids + [cfg.pad_id] * (cfg.context_length - len(ids)))
     return torch.tensor(rows, dtype=torch.long)
 
 
@@ -60,7 +63,9 @@ class TextEncoder(nn.Module):
         return self.ln_final(x)
 
     def encode(self, prompts):
-        return self(tokenize(prompts, self.config).to(self.positional_embedding.device))
+        """Prompts -> (B, chunks * 77, width): the chunks of a prompt, each encoded alone, one after another."""
+        x = self(tokenize(prompts, self.config).to(self.positional_embedding.device))
+        return x.reshape(len(prompts), -1, x.shape[-1])
 
 
 # HF CLIPTextModel (text_model.*) <-> open_clip names; per layer i. q, k, v are packed into in_proj in that order.

@@ -96,6 +96,9 @@ def test_long_prompt_says_it_is_truncated(files, tmp_path):
     args[args.index("--prompt") + 1] = "circle " * 90
     res = run(*args)
     assert res.returncode == 0 and "truncated" in res.stderr
+    res = run(*args, "--prompt-chunks", 2)                     # 90 tokens fit in two pieces of 75
+    assert res.returncode == 0 and "truncated" not in res.stderr
+    assert "Prompt chunks: 2" in Image.open(args[-1] / "sample_0.png").text["parameters"]
 
 
 def test_control_image_as_the_map_runs_without_warnings(files, tmp_path):

@@ -58,18 +58,43 @@ def test_hf_mapping_round_trips():
 PROMPTS = ["a red circle, on Blue background!!", "", "word " * 100]
 
 
-def test_sd1_tokens_match_hf_clip_tokenizer(tmp_path):
-    # an HF CLIPTokenizer built from the BPE files: pads with <|endoftext|> (49407), as SD1's FrozenCLIPEmbedder
+def hf_tokenizer(folder):
+    """An HF CLIPTokenizer built from the BPE files: pads with <|endoftext|> (49407), as SD1's FrozenCLIPEmbedder."""
     bpe = open_clip.tokenizer.SimpleTokenizer()
     vocab = dict(bpe.encoder)
     vocab["<|startoftext|>"], vocab["<|endoftext|>"] = vocab.pop("<start_of_text>"), vocab.pop("<end_of_text>")
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
     merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    tok = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+
+
+def test_sd1_tokens_match_hf_clip_tokenizer(tmp_path):
+    tok = hf_tokenizer(tmp_path)
     want = tok(PROMPTS, padding="max_length", max_length=77, truncation=True).input_ids
     assert tokenize(PROMPTS, preset("sd15").text).tolist() == want
 
 
 def test_sd2_tokens_match_open_clip_tokenize():
     assert torch.equal(tokenize(PROMPTS, preset("sd21").text), open_clip.tokenize(PROMPTS))
+
+
+def test_three_chunks_and_clip_skip_2_match_the_lineart_anime_demo(tmp_path):
+    # cldm/hack.py, which the official 1.1 lineart_anime demo runs: the untruncated tokens in three pieces of 75, each
+    # as BOS + piece + EOS padded to 77, encoded alone (hidden_states[-2], then final_layer_norm), joined to 231
+    tok = hf_tokenizer(tmp_path)
+    cfg = replace(preset("tiny-sd1").text, layer="penultimate", chunks=3)
+    hf = hf_model(cfg)
+    ours = TextEncoder(cfg).eval()
+    ours.load_state_dict(from_hf(hf_layout(hf), cfg.layers))
+    prompts = ["a red circle", "word " * 160, "", "sky " * 250]                # the last one is cut at 225
+    rows = []
+    for ids in tok(prompts, truncation=False, add_special_tokens=False)["input_ids"]:
+        for piece in (ids[0:75], ids[75:150], ids[150:225]):
+            row = [tok.bos_token_id] + piece + [tok.eos_token_id]
+            rows.append(row + [tok.pad_token_id] * (77 - len(row)))
+    with torch.no_grad():
+        want = hf.final_layer_norm(hf(torch.tensor(rows), output_hidden_states=True).hidden_states[-2])
+        got = ours.encode(prompts)
+    assert got.shape == (4, 231, cfg.width)
+    assert ((got - want.reshape(4, 231, -1)).norm() / want.norm()).item() <= 1e-5
