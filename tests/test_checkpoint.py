@@ -67,8 +67,10 @@ def error(fn, *args, **kw):
     return msg
 
 
+@pytest.mark.filterwarnings("ignore:'minicontrol.checkpoint' found in sys.modules:RuntimeWarning")   # run_module
 def test_split_a_full_file_into_sd_and_control_files(tmp_path):
     # python -m minicontrol.checkpoint --part: the two halves of a 1.0 full file load as a base and a 1.1 ControlNet
+    import runpy
     import subprocess
     import sys
     cfg, model, net = tiny_models("tiny-sd2")
@@ -85,9 +87,11 @@ def test_split_a_full_file_into_sd_and_control_files(tmp_path):
     assert res.returncode != 0 and res.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'control.safetensors'}: no sd part; --part sd and control split a ControlNet 1.0 full file"]
     for dst in (tmp_path, tmp_path / "notes.txt"):                # a folder, a name of no checkpoint format
-        res = cli(full, dst, "--half")
-        assert res.returncode != 0 and res.stderr.strip().splitlines() == [
-            f"error: {dst}: give the new file's name, ending in .safetensors (or .ckpt or .pth)"]
+        with pytest.raises(SystemExit) as e:                          # the module run here: quicker than cli()
+            with pytest.MonkeyPatch.context() as m:
+                m.setattr(sys, "argv", ["checkpoint", str(full), str(dst), "--half"])
+                runpy.run_module("minicontrol.checkpoint", run_name="__main__")
+        assert e.value.code == f"error: {dst}: give the new file's name, ending in .safetensors (or .ckpt or .pth)"
 
 
 def test_missing_unexpected_and_wrong_shape(tmp_path, tiny):

@@ -1,4 +1,6 @@
 """`python sample.py` as a user runs it, on tiny weights written here in the official layout."""
+import contextlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +37,20 @@ def run(*args):
                           cwd=ROOT, timeout=300)
 
 
+def run_here(*args):
+    """sample.py's main in this process, for tests of what it computes rather than of the command line itself: the
+    same result as run(), without starting an interpreter."""
+    import sample
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            sample.main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return subprocess.CompletedProcess(args, code, "", err.getvalue())
+
+
 def base_args(d, out):
     return ["--base", d / "tiny-v1.ckpt", "--config", "tiny-sd1", "--controlnet", d / "control_tiny.pth",
             "--control-image", d / "circle.png", "--detector", "canny", "--prompt", "a red circle",
@@ -43,9 +59,10 @@ def base_args(d, out):
 
 def test_sample_writes_pngs_with_metadata_and_is_reproducible(files, tmp_path):
     first, second, skip = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    for out, extra in ((first, []), (second, ["--clip-skip", 1]), (skip, ["--clip-skip", 2])):
+    for out, extra in ((first, []), (second, ["--clip-skip", 1])):
         res = run(*base_args(files, out), *extra)                  # --clip-skip 1 is SD1's default: same pixels
         assert res.returncode == 0, res.stderr
+    assert run_here(*base_args(files, skip), "--clip-skip", 2).returncode == 0
     grid = Image.open(first / "grid.png")
     samples = [Image.open(first / f"sample_{i}.png") for i in range(2)]
     assert all(s.size == (64, 64) for s in samples)                 # 80x96 -> short side 64, sides multiples of 64
@@ -79,16 +96,17 @@ def one_line_error(res, *words):
 
 
 def test_user_mistakes_get_clear_errors(files, tmp_path):
+    # the first from the command line itself, the rest through main in this process (an exception would escape)
     args = base_args(files, tmp_path / "o")
     one_line_error(run(*[a if a != files / "circle.png" else files / "missing.png" for a in args]), "missing.png")
-    one_line_error(run(*[a if a != files / "circle.png" else files / "broken.png" for a in args]), "broken.png")
+    one_line_error(run_here(*[a if a != files / "circle.png" else files / "broken.png" for a in args]), "broken.png")
     sd2 = [a if a != files / "control_tiny.pth" else files / "control_sd2.pth" for a in args]
-    one_line_error(run(*sd2), "control_sd2.pth", "base")
-    one_line_error(run(*args[:-4], "--resolution", 8, "--out", tmp_path / "o"), "--resolution")
-    one_line_error(run(*args, "--strength", 1, "--strength", 2), "--strength")
-    one_line_error(run(*args[:-2], "--out", files / "circle.png"), "--out", "circle.png")      # before any sampling
-    one_line_error(run(*args, "--denoise", 0.01), "--denoise", "runs no step")
-    one_line_error(run("--base", files / "tiny-v1.ckpt", "--prompt", "x", "--denoise", 0.5), "--denoise", "first")
+    one_line_error(run_here(*sd2), "control_sd2.pth", "base")
+    one_line_error(run_here(*args[:-4], "--resolution", 8, "--out", tmp_path / "o"), "--resolution")
+    one_line_error(run_here(*args, "--strength", 1, "--strength", 2), "--strength")
+    one_line_error(run_here(*args[:-2], "--out", files / "circle.png"), "--out", "circle.png")   # before any sampling
+    one_line_error(run_here(*args, "--denoise", 0.01), "--denoise", "runs no step")
+    one_line_error(run_here("--base", files / "tiny-v1.ckpt", "--prompt", "x", "--denoise", 0.5), "--denoise", "first")
 
 
 def test_long_prompt_says_it_is_truncated(files, tmp_path):
@@ -96,7 +114,7 @@ def test_long_prompt_says_it_is_truncated(files, tmp_path):
     args[args.index("--prompt") + 1] = "circle " * 90
     res = run(*args)
     assert res.returncode == 0 and "truncated" in res.stderr
-    res = run(*args, "--prompt-chunks", 2)                     # 90 tokens fit in two pieces of 75
+    res = run_here(*args, "--prompt-chunks", 2)                     # 90 tokens fit in two pieces of 75
     assert res.returncode == 0 and "truncated" not in res.stderr
     assert "Prompt chunks: 2" in Image.open(args[-1] / "sample_0.png").text["parameters"]
 
@@ -135,7 +153,7 @@ def test_inpainting_keeps_the_image_outside_the_blurred_mask(files, tmp_path):
     args = [a for a in base_args(files, tmp_path / "o") if a != "canny"]
     args[args.index("--detector"):args.index("--detector") + 1] = []
     args[args.index("--control-image") + 1] = tmp_path / "photo.png"
-    res = run(*args, "--mask", tmp_path / "mask.png", "--mask-blur", 2)
+    res = run_here(*args, "--mask", tmp_path / "mask.png", "--mask-blur", 2)
     assert res.returncode == 0, res.stderr
     soft = cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (0, 0), 2.0)
     for i in range(2):
@@ -143,8 +161,8 @@ def test_inpainting_keeps_the_image_outside_the_blurred_mask(files, tmp_path):
         assert (soft == 0).mean() > 0.5 and (out[soft == 0] == image[soft == 0]).all()
         assert np.abs(out - image)[soft > 0.99].mean() > 10                 # the masked part is drawn anew
     assert "Mask: mask.png, Mask blur: 2.0" in Image.open(tmp_path / "o" / "sample_0.png").text["parameters"]
-    one_line_error(run(*args, "--mask", tmp_path / "mask.png", "--detector", "canny"), "--mask", "--detector")
-    one_line_error(run(*args, "--mask", tmp_path / "absent.png"), "--mask", "absent.png")
+    one_line_error(run_here(*args, "--mask", tmp_path / "mask.png", "--detector", "canny"), "--mask", "--detector")
+    one_line_error(run_here(*args, "--mask", tmp_path / "absent.png"), "--mask", "absent.png")
 
 
 def test_shuffle_detector_shuffles_the_whole_image_with_the_seed(files, tmp_path):
@@ -153,7 +171,7 @@ def test_shuffle_detector_shuffles_the_whole_image_with_the_seed(files, tmp_path
     from minicontrol.preprocess import shuffle
     args = base_args(files, tmp_path / "o")
     args[args.index("--detector") + 1] = "shuffle"
-    assert run(*args).returncode == 0
+    assert run_here(*args).returncode == 0
     shown = np.asarray(Image.open(tmp_path / "o" / "grid.png"))[:256:4, :256:4]         # tiles are shown 4x
     image = np.asarray(Image.open(files / "circle.png"))
     assert np.array_equal(shown, shuffle(image, 64, 64, 42)) and not np.array_equal(shown, shuffle(image, 64, 64, 1))
@@ -162,11 +180,11 @@ def test_shuffle_detector_shuffles_the_whole_image_with_the_seed(files, tmp_path
 def test_seed_minus_one_draws_a_seed_that_reproduces_the_images(files, tmp_path):
     args = base_args(files, tmp_path / "a")
     args[args.index("--seed") + 1] = -1
-    assert run(*args).returncode == 0
+    assert run_here(*args).returncode == 0
     params = Image.open(tmp_path / "a" / "sample_0.png").text["parameters"]
     seed = int(params.split("Seed: ")[1].split(",")[0])
     assert 0 <= seed <= 65535                                     # the official demos' random.randint(0, 65535)
     args[args.index("--seed") + 1], args[-1] = seed, tmp_path / "b"
-    assert run(*args).returncode == 0
+    assert run_here(*args).returncode == 0
     for i in range(2):
         assert np.array_equal(*(np.asarray(Image.open(tmp_path / d / f"sample_{i}.png")) for d in "ab"))

@@ -1,4 +1,6 @@
 """train.py: the official recipe on a tiny model, resume after SIGKILL, and torchrun with two CPU processes."""
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -44,6 +46,21 @@ def train(*args, env=None, wait=True):
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     return res
+
+
+def train_here(*args):
+    """train.py's main in this process, for refusals that come before any training: its result as from a new
+    interpreter (a SystemExit's message is what Python prints on stderr), without starting one."""
+    import train as script
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            script.main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = 1 if isinstance(e.code, str) else e.code
+            err.write(f"{e.code}\n" if isinstance(e.code, str) else "")
+    return subprocess.CompletedProcess(args, code, "", err.getvalue())
 
 
 def common(setup, out, steps=6, batch=4, extra=()):
@@ -229,8 +246,7 @@ def test_bad_data_line_is_named(setup, tmp_path):
 def test_flag_mistakes_are_refused_in_one_line(setup, tmp_path, flag, value):
     # --latent-noise outside the decoder stage; counts below 1 (a division by zero; 0 taken as "the data's size")
     d, base = setup
-    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--base", base, "--data", d / "data", "--out",
-                          tmp_path / "o", flag, value], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    res = train_here("--base", base, "--data", d / "data", "--out", tmp_path / "o", flag, value)
     assert res.returncode != 0 and flag in res.stderr.strip().splitlines()[-1]
     assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()
 
@@ -238,9 +254,8 @@ def test_flag_mistakes_are_refused_in_one_line(setup, tmp_path, flag, value):
 def test_image_size_the_model_cannot_take_is_refused(setup, tmp_path):
     # the tiny model halves 3 times in the VAE and twice in the UNet: sides must be multiples of 2 ** 5 = 32
     d, _ = setup
-    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--stage", "vae", "--config", "tiny", "--data",
-                          d / "data", "--out", tmp_path / "o", "--resolution", "100"], capture_output=True, text=True,
-                         cwd=ROOT, timeout=300)
+    res = train_here("--stage", "vae", "--config", "tiny", "--data", d / "data", "--out", tmp_path / "o",
+                     "--resolution", "100")
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "--resolution 96" in res.stderr.strip().splitlines()[-1]
 
@@ -250,9 +265,7 @@ def test_controlnet_for_another_base_is_refused_in_one_line(setup, tmp_path):
     from minicontrol.checkpoint import controlnet_state_dict
     d, base = setup
     torch.save(controlnet_state_dict(tiny_models("tiny-sd2")[2]), tmp_path / "control_sd2.pth")
-    res = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, common(setup, tmp_path / "o")),
-                          "--controlnet", str(tmp_path / "control_sd2.pth")], capture_output=True, text=True, cwd=ROOT,
-                         timeout=300)
+    res = train_here(*common(setup, tmp_path / "o"), "--controlnet", tmp_path / "control_sd2.pth")
     assert res.returncode != 0 and "Traceback" not in res.stderr
     line = res.stderr.strip().splitlines()[-1]
     assert line.startswith("error:") and "control_sd2.pth" in line and "base" in line
