@@ -1,4 +1,9 @@
-"""Shared test helpers: tiny random models in the official layout, and their diffusers twins."""
+"""Shared test helpers: tiny random models in the official layout, and their diffusers twins; a script's main run
+in the test process."""
+import contextlib
+import io
+import subprocess
+
 import torch
 
 from minicontrol.checkpoint import StableDiffusion
@@ -71,3 +76,17 @@ def diffusers_models(cfg, model, net):
 
 def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
+
+
+def run_main(main, *args):
+    """A script's main(argv) in this process, for what it computes rather than its command line: the result as from
+    a new interpreter (exit status and stderr; a SystemExit's message is what Python prints), without starting one."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = 1 if isinstance(e.code, str) else e.code
+            err.write(f"{e.code}\n" if isinstance(e.code, str) else "")
+    return subprocess.CompletedProcess(args, code, "", err.getvalue())

@@ -215,5 +215,5 @@ def test_training_checkpoint_extras_are_read_inert_and_the_weights_load(tmp_path
         loaded = load_base(path, cfg)
         assert same(loaded.unet, model.unet) and same(loaded.vae, model.vae) and same(loaded.text, model.text)
         assert not (tmp_path / "PWNED_MARKER").exists()
-    pickle.loads(pickle.dumps(Callback()))                         # the marker test itself works
+    Callback().__setstate__({})                                    # what unpickling it would run: the marker works
     assert (tmp_path / "PWNED_MARKER").exists()

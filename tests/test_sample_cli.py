@@ -1,6 +1,4 @@
 """`python sample.py` as a user runs it, on tiny weights written here in the official layout."""
-import contextlib
-import io
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import tiny_models
+from helpers import run_main, tiny_models
 from minicontrol.checkpoint import controlnet_state_dict, full_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,17 +36,9 @@ def run(*args):
 
 
 def run_here(*args):
-    """sample.py's main in this process, for tests of what it computes rather than of the command line itself: the
-    same result as run(), without starting an interpreter."""
+    """sample.py's main in this process (helpers.run_main): quicker than run() where the command line is not tested."""
     import sample
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            sample.main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    return subprocess.CompletedProcess(args, code, "", err.getvalue())
+    return run_main(sample.main, *args)
 
 
 def base_args(d, out):

@@ -1,6 +1,4 @@
 """train.py: the official recipe on a tiny model, resume after SIGKILL, and torchrun with two CPU processes."""
-import contextlib
-import io
 import os
 import signal
 import subprocess
@@ -19,6 +17,7 @@ from minicontrol.config import preset
 from minicontrol.controlnet import ControlNet, clone_encoder
 from minicontrol.world import make_dataset
 
+from helpers import run_main
 from test_manifest import manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,18 +48,9 @@ def train(*args, env=None, wait=True):
 
 
 def train_here(*args):
-    """train.py's main in this process, for refusals that come before any training: its result as from a new
-    interpreter (a SystemExit's message is what Python prints on stderr), without starting one."""
+    """train.py's main in this process (helpers.run_main), for refusals that come before any training."""
     import train as script
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            script.main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = 1 if isinstance(e.code, str) else e.code
-            err.write(f"{e.code}\n" if isinstance(e.code, str) else "")
-    return subprocess.CompletedProcess(args, code, "", err.getvalue())
+    return run_main(script.main, *args)
 
 
 def common(setup, out, steps=6, batch=4, extra=()):
