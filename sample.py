@@ -15,6 +15,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from minicontrol.config import PRESETS, preset
+from minicontrol.ddim import img2img_start, timesteps
 from minicontrol.preprocess import open_image, round64
 from minicontrol.world import GUIDANCE as TINY_CFG, STRENGTH as TINY_STRENGTH
 
@@ -139,7 +140,7 @@ def check_args(args):
         fail(f"--prompt-chunks must be from 1 to 8, got {args.prompt_chunks}")
     if not 1 <= args.steps <= 1000:
         fail(f"--steps must be between 1 and 1000, got {args.steps}")
-    if args.denoise and min(int(args.denoise * args.steps), args.steps - 1) < 1:
+    if args.denoise and img2img_start(args.denoise, args.steps) < 1:
         fail(f"--denoise {args.denoise} of --steps {args.steps} runs no step (the official rule runs "
              "min(int(denoise * steps), steps - 1)); give a larger --denoise or more --steps")
     args.seed = random.randint(0, 65535) if args.seed == -1 else args.seed
@@ -201,7 +202,6 @@ def main(argv=None):
     from tqdm import tqdm
 
     from minicontrol.checkpoint import CheckpointError, load_base, load_controlnet
-    from minicontrol.ddim import timesteps
     from minicontrol.pipeline import Control, decode, sample
     from minicontrol.text import token_count
 
@@ -252,7 +252,7 @@ def main(argv=None):
     steps = sample(model, prompts, [negative] * len(prompts), controls, args.steps, args.cfg, args.eta,
                    args.guess_mode, args.only_mid_control, h, w, torch.Generator().manual_seed(args.seed), keep=keep,
                    init=known if args.denoise else None, denoise=args.denoise or 1.0)
-    total = min(int(args.denoise * args.steps), args.steps - 1) if args.denoise else len(timesteps(args.steps))
+    total = img2img_start(args.denoise, args.steps) if args.denoise else len(timesteps(args.steps))
     for _, z, _ in tqdm(steps, total=total, desc="DDIM", unit="step"):
         pass
     images = decode(model, z)

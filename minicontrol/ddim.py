@@ -78,6 +78,11 @@ def ddim_sample(model, x, steps: int, eta: float = 0.0, parameterization: str = 
         yield i, x, x0
 
 
+def img2img_start(denoise: float, steps: int) -> int:
+    """The official tile demo's t_enc: the DDIM index whose noise level img2img starts at; the steps below it run."""
+    return min(int(denoise * steps), steps - 1)
+
+
 def noised_to(x0: torch.Tensor, steps: int, index: int, generator=None) -> torch.Tensor:
     """x0 at the noise level of DDIM timestep ts[index], sqrt(a) x0 + sqrt(1 - a) z: the official stochastic_encode."""
     a = alphas_cumprod().float().double()[timesteps(steps)[index]].item()

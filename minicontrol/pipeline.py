@@ -7,7 +7,7 @@ import torch
 
 from .checkpoint import StableDiffusion
 from .controlnet import ControlNet, guess_mode_scales
-from .ddim import ddim_sample, noised_to, timesteps
+from .ddim import ddim_sample, img2img_start, noised_to, timesteps
 
 
 @dataclass
@@ -74,7 +74,7 @@ def sample(model: StableDiffusion, prompts, negative, controls=(), steps=20, cfg
     total = len(timesteps(steps))
     start = None
     if init is not None:
-        start = min(int(denoise * steps), steps - 1)
+        start = img2img_start(denoise, steps)
         if start < 1:
             raise ValueError(f"denoise {denoise} of {steps} steps runs no step: give a larger denoise or more steps")
         x_T = noised_to(init.to(device, torch.float32).expand(b, -1, -1, -1), steps, start, generator)
