@@ -60,17 +60,25 @@ class Inert:
         pass
 
 
+def refused(path, name: str) -> CheckpointError:
+    return CheckpointError(f"{path}: refused: the pickle would call {name}, not only build tensors; nothing in it was "
+                           "run. Use a trusted file, ideally .safetensors")
+
+
 def load_pickle(path) -> tuple:
     """(torch.load(weights_only=True), []); where that refuses a global, (the same with Inert for the globals, their
-    names)."""
+    names); a CheckpointError where even that is refused (a module torch blocks, such as os)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True), []
     except pickle.UnpicklingError:
         other = list(dict.fromkeys(n for n in pickle_imports(path) if not n.startswith(("torch.", "collections."))))
         if not other:
             raise
-        with torch.serialization.safe_globals([(Inert, name) for name in other]):
-            return torch.load(path, map_location="cpu", weights_only=True), other
+        try:
+            with torch.serialization.safe_globals([(Inert, name) for name in other]):
+                return torch.load(path, map_location="cpu", weights_only=True), other
+        except pickle.UnpicklingError:
+            raise refused(path, other[0]) from None
 
 
 def read(path) -> tuple:
@@ -87,11 +95,9 @@ def read(path) -> tuple:
                 meta = (f.metadata() or {}).get(CONFIG_KEY)
         else:
             sd, stand_ins = load_pickle(path)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as e:
-        code = [name for name in pickle_imports(path) if not name.startswith(("torch.", "collections."))]
-        if code:    # weights_only refused it: loading it the unsafe way would have called these
-            raise CheckpointError(f"{path}: refused: the pickle would call {code[0]}, not only build tensors; nothing "
-                                  "in it was run. Use a trusted file, ideally .safetensors") from None
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({str(e).strip()[:100]})") from None
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
@@ -100,8 +106,7 @@ def read(path) -> tuple:
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if isinstance(sd, dict) and any(isinstance(v, Inert) for v in sd.values()):
-        raise CheckpointError(f"{path}: refused: the pickle would call {stand_ins[0]} to build the weights; nothing "
-                              "in it was run. Use a trusted file, ideally .safetensors")
+        raise refused(path, stand_ins[0])
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: holds no state dict of tensors; expected an SD or ControlNet checkpoint")
     return sd, meta
