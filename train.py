@@ -165,7 +165,7 @@ def micro_batch_loss(args, model, trained, items, rank, world, gen, cached=None)
     these rows' VAE moments from encode_all, else the VAE encodes the targets now."""
     g = len(items) * world
     hint, target, prompts = (torch.stack(x) if i < 2 else list(x) for i, x in enumerate(zip(*items)))
-    down = 2 ** (len(model.vae.config.ch_mult) - 1)
+    down = model.config.vae_down
     zshape = (g, model.vae.config.embed_dim, target.shape[2] // down, target.shape[3] // down)
     drop, posterior = torch.rand(g, generator=gen) < args.drop_prompt, torch.randn(zshape, generator=gen)
     t, noise = torch.randint(0, 1000, (g,), generator=gen), torch.randn(zshape, generator=gen)
@@ -286,7 +286,7 @@ def main(argv=None):
     items = read_index(Path(args.data))
     args.resolution = args.resolution or min(load_item(items[0], None, 1)[1].shape[-2:])
     model, trained, params = build(args, device)
-    need = 2 ** (len(model.config.vae.ch_mult) - 1) * 2 ** (len(model.config.unet.channel_mult) - 1)
+    need = model.config.size_multiple
     if args.resolution % need:
         fit = max(need, args.resolution // need * need)
         raise SystemExit(f"error: training images of {args.resolution} pixels (--resolution, else the data's own "

@@ -56,6 +56,16 @@ class ModelConfig:
     text: TextConfig = TextConfig()
     parameterization: str = "eps"   # "eps" or "v"
 
+    @property
+    def vae_down(self) -> int:
+        """Image pixels per latent pixel, along a side: the VAE halves the size at every level but its last."""
+        return 2 ** (len(self.vae.ch_mult) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this, for the UNet to halve the latents down to its deepest level."""
+        return self.vae_down * 2 ** (len(self.unet.channel_mult) - 1)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 

@@ -61,8 +61,7 @@ def sample(model: StableDiffusion, prompts, negative, controls=(), steps=20, cfg
             raise ValueError(f"a control image batch is {tuple(c.image.shape)} (B, 3, H, W) for {len(prompts)} "
                              f"prompts at {(height, width)} pixels: give one image or one per prompt, at that size")
     unet = model.unet
-    vae_down = 2 ** (len(model.config.vae.ch_mult) - 1)
-    down = vae_down * 2 ** (len(unet.config.channel_mult) - 1)
+    down, vae_down = model.config.size_multiple, model.config.vae_down
     if height % down or width % down:
         raise ValueError(f"an image of {height}x{width} pixels: this model needs sides that are multiples of {down}")
     device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
