@@ -270,7 +270,7 @@ def check_args(args):
 def main(argv=None):
     args = parser().parse_args(argv)
     check_args(args)
-    out, step = Path(args.out), 0
+    out = Path(args.out)
     state_path = out / "state.pt"
     if state_path.is_file() and not args.resume:
         raise SystemExit(f"error: {state_path} exists: --out holds a run already; pass --resume to continue it, or "
@@ -283,6 +283,16 @@ def main(argv=None):
         torch.cuda.set_device(device)                # else every process's NCCL context also lands on GPU 0
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
+    # the run to continue, memory-mapped (read as used), so that every process checks its step before heavy work
+    resume = args.resume and state_path.is_file()
+    state = torch.load(state_path, map_location="cpu", mmap=True, weights_only=True) if resume else None
+    step = state["step"] if resume else 0
+    if world > 1:                                    # rank 0 alone writes state.pt: every node must read that one
+        steps = torch.tensor([step, -step], device=device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        if steps[0] != -steps[1]:
+            raise SystemExit(f"error: the processes resume at steps {-steps[1].item()} to {steps[0].item()} (this "
+                             f"one: {step}): {state_path} must be on a disk every node reads; copy it to the others")
     items = read_index(Path(args.data))
     args.resolution = args.resolution or min(load_item(items[0], None, 1)[1].shape[-2:])
     model, trained, params = build(args, device)
@@ -303,8 +313,7 @@ def main(argv=None):
     moments = encode_all(model, items, args.resolution) if cache else None
     opt = torch.optim.AdamW(params, lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
-    if args.resume and state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)
+    if resume:
         try:
             trained.load_state_dict(state["trained"])
             for p, v in zip(extra, state["extra"]):                # a count that differs fails in the optimizer
@@ -317,7 +326,7 @@ def main(argv=None):
         for group in opt.param_groups:                       # --lr given now wins over the saved one
             group["lr"] = args.lr
         gen.set_state(state["generator"])
-        step = state["step"]
+        del state
     if rank == 0:
         print(f"resumed {state_path} at step {step}" if step else f"starting a new run in {out}")
         if (out / "loss.csv").exists():                      # drop rows logged after the last checkpoint

@@ -199,6 +199,32 @@ def test_torchrun_two_processes_match_one(setup, tmp_path):
     assert (diff <= 1e-5).float().mean() >= 0.999 and diff.max() <= 1e-3 * 3
 
 
+def test_nodes_resuming_from_different_steps_are_refused(setup, tmp_path):
+    """Two torchrun nodes whose --out are not one shared disk: the first holds the run's state.pt (rank 0 wrote it),
+    the second none. Both stop with the reason before training, rather than train from different steps and hang."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    train(*common(setup, first, steps=2, batch=2, extra=["--save-every", 2]))
+    state = (first / "state.pt").read_bytes()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", "29541",
+                               str(ROOT / "train.py"), *map(str, common(setup, out, steps=4, batch=1)), "--resume"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+             for rank, out in enumerate((first, second))]
+    try:
+        results = [node.communicate(timeout=300) + (node.returncode,) for node in nodes]
+    finally:                                        # nodes that hang are stopped with their workers
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    for stdout, stderr, code in results:
+        assert code != 0 and "resume at steps 0 to 2" in stderr, stderr[-2000:]
+        assert "must be on a disk every node reads" in stderr
+    assert (first / "state.pt").read_bytes() == state and not (second / "state.pt").exists()
+    assert not (first / "step0000004.safetensors").exists()
+
+
 def test_cached_latents_give_the_same_loss(setup, tmp_path):
     """--cache-latents encodes the data once: the first step's loss equals the one from encoding at the step."""
     losses = []
