@@ -30,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
                      f"(default: {TINY_BASE.relative_to(WEIGHTS.parent)})")
     a("--controlnet", action="append", default=[], help="ControlNet file, 1.0 full or 1.1 control-only; repeat for "
                                                         "several, each paired with the --control-image at its position")
+    a("--vae", help="a VAE file to use instead of the base's, e.g. vae-ft-mse-840000-ema-pruned.safetensors (or an "
+                    "SD checkpoint, whose VAE is taken)")
     a("--control-image", action="append", default=[], help="control image for the ControlNet at the same position")
     a("--detector", choices=["canny", "invert", "shuffle", "none"], default=None,
       help="turn each control image into a map: canny edges, invert (lineart drawn dark on white), shuffle (the 1.1 "
@@ -109,7 +111,7 @@ def check_args(args):
     elif tiny:
         fail("--controlnet needs --base: the SD 1.x/2.x checkpoint the ControlNet was trained for")
     from minicontrol.checkpoint import CheckpointError, check_file
-    for f in [args.base] + args.controlnet:
+    for f in [args.base] + args.controlnet + ([args.vae] if args.vae else []):
         try:
             check_file(f)
         except CheckpointError as e:
@@ -201,7 +203,7 @@ def main(argv=None):
     tiny = check_args(args)
     from tqdm import tqdm
 
-    from minicontrol.checkpoint import CheckpointError, load_base, load_controlnet
+    from minicontrol.checkpoint import CheckpointError, load_base, load_controlnet, load_vae
     from minicontrol.pipeline import Control, decode, sample
     from minicontrol.text import token_count
 
@@ -231,6 +233,7 @@ def main(argv=None):
     try:
         model = load_base(args.base, preset(args.config) if args.config else None)
         nets = [load_controlnet(f, base=model.config) for f in args.controlnet]
+        model.vae = load_vae(args.vae, model.config) if args.vae else model.vae
     except (CheckpointError, ValueError) as e:
         fail(str(e))
     text = replace(model.config.text, chunks=args.prompt_chunks)
@@ -271,6 +274,7 @@ def write_outputs(args, prompts, negative, maps, images):
         info.add_text("parameters", f"{prompts[i]}\nNegative prompt: {negative}\nSteps: {args.steps}, "
                       f"CFG scale: {args.cfg}, Eta: {args.eta}, Seed: {args.seed}, Sample: {i}, "
                       f"Size: {img.shape[1]}x{img.shape[0]}, Model: {Path(args.base).name}, "
+                      + (f"VAE: {Path(args.vae).name}, " if args.vae else "") +
                       f"ControlNet: {', '.join(Path(c).name for c in args.controlnet)}, "
                       f"Strength: {args.strength}, Guess mode: {args.guess_mode}, Start: {args.start}, End: {args.end}"
                       + (f", Clip skip: {args.clip_skip}" if args.clip_skip else "")

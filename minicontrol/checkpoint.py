@@ -138,7 +138,7 @@ def pickle_imports(path) -> list:
 
 def kind(sd: dict) -> str:
     """'sd' (base), 'controlnet-1.0' (full model), 'controlnet-1.1' (control_model.* only), 'controlnet' (no prefix),
-    'diffusers' (a diffusers model's own file, which is not read) or 'unknown'."""
+    'diffusers' (a diffusers model's own file, which is not read), 'vae' (a VAE alone) or 'unknown'."""
     has_unet, has_control = any(k.startswith(UNET) for k in sd), any(k.startswith(CONTROL) for k in sd)
     if has_unet:
         return "controlnet-1.0" if has_control else "sd"
@@ -146,13 +146,16 @@ def kind(sd: dict) -> str:
         return "controlnet-1.1"
     if "input_hint_block.0.weight" in sd:
         return "controlnet"
-    return "diffusers" if any(k.startswith(("down_blocks.", "encoder.down_blocks.")) for k in sd) else "unknown"
+    if any(k.startswith(("down_blocks.", "encoder.down_blocks.")) for k in sd):
+        return "diffusers"
+    return "vae" if "decoder.conv_in.weight" in sd else "unknown"
 
 
 WHAT = {"sd": "a Stable Diffusion base checkpoint", "controlnet-1.0": "a ControlNet 1.0 file",
         "controlnet-1.1": "a ControlNet 1.1 file", "controlnet": "a ControlNet without the control_model. prefix",
         "diffusers": "a file from a diffusers model folder (down_blocks.* keys); use the original single-file "
                      "checkpoint instead (weights/README.md lists them)",
+        "vae": "a VAE on its own (encoder.* and decoder.* keys); pass it as --vae",
         "unknown": "no model.diffusion_model.* or control_model.* keys"}
 
 
@@ -290,6 +293,20 @@ def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) 
     with torch.device("meta"):
         net = ControlNet(config.unet)
     return fill(path, "ControlNet", net, net_sd, HINT).eval()
+
+
+def load_vae(path, config: ModelConfig) -> AutoencoderKL:
+    """A VAE file to use instead of the base's (such as vae-ft-mse-840000-ema-pruned: the LDM VAE's keys with no
+    prefix, perhaps beside its training loss's LPIPS and discriminator, loss.*, and EMA counters), or the VAE of an
+    SD checkpoint (first_stage_model.*)."""
+    sd, _ = read(path)
+    if kind(sd) not in ("vae", "sd", "controlnet-1.0"):
+        raise CheckpointError(f"{path}: not a VAE: {WHAT[kind(sd)]}")
+    unused = lambda k: k.startswith("loss.") or k in ("model_ema.decay", "model_ema.num_updates")
+    vae_sd = split(sd, VAE) if kind(sd) != "vae" else {k: v for k, v in sd.items() if not unused(k)}
+    with torch.device("meta"):
+        vae = AutoencoderKL(config.vae)
+    return fill(path, "VAE", vae, vae_sd, "Is it a VAE for Stable Diffusion 1.x/2.x?").eval().requires_grad_(False)
 
 
 def save(path, state_dict: dict, config: ModelConfig = None):

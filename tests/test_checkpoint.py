@@ -7,7 +7,7 @@ import torch
 
 from helpers import tiny_models
 from minicontrol.checkpoint import (CONTROL, CheckpointError, controlnet_state_dict, full_state_dict, kind, load_base,
-                                    load_controlnet, read, save)
+                                    load_controlnet, load_vae, read, save)
 from minicontrol.config import preset
 
 
@@ -147,6 +147,37 @@ def test_diffusers_layout_files_are_named_as_such(tmp_path, tiny):
             msg = error(load, path)
             assert path.name in msg and "diffusers model folder" in msg and "single-file" in msg
     assert "unknown" not in error(load_base, write(tmp_path / "x.pth", {"linear.weight": torch.zeros(2, 2)}))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_vae_file_on_its_own_reads_as_diffusers_reads_it(tmp_path, tiny, suffix):
+    # A VAE published alone (vae-ft-mse-840000-ema-pruned and the like: the LDM VAE's keys with no prefix, with its
+    # training loss's weights and EMA counters beside them) gives the same decoder as diffusers' own converter builds.
+    from diffusers import AutoencoderKL as DiffusersVAE
+    from diffusers.loaders import single_file_utils as sfu
+
+    from helpers import ldm_original_config, randomize
+    from minicontrol.vae import AutoencoderKL
+    cfg, model, net = tiny
+    own = randomize(AutoencoderKL(cfg.vae), seed=7).state_dict()
+    extras = {"loss.logvar": torch.zeros(()), "loss.discriminator.main.0.weight": torch.randn(64, 3, 4, 4),
+              "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(840000)}
+    path = write(tmp_path / f"vae{suffix}", own | extras, wrap=True)
+    vae = load_vae(path, cfg)
+    vae_cfg = sfu.create_vae_diffusers_config_from_ldm(ldm_original_config(cfg), full_state_dict(model), image_size=64)
+    reference = DiffusersVAE(**vae_cfg)
+    reference.load_state_dict(sfu.convert_ldm_vae_checkpoint(own | extras, vae_cfg))
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    expected = reference.eval().decode(z / cfg.vae.scale_factor).sample
+    assert ((vae.decode(z) - expected).norm() / expected.norm()).item() <= 1e-5
+    assert not torch.allclose(model.vae.decode(z), expected, atol=1e-2)      # not the base's VAE
+    # an SD checkpoint's VAE is taken from it; files of other kinds, and a VAE with a stray key, are refused
+    assert same(load_vae(write(tmp_path / "sd.pth", full_state_dict(model)), cfg), model.vae)
+    assert "pass it as --vae" in error(load_base, path)
+    assert "not a VAE" in error(load_vae, write(tmp_path / "c.pth", controlnet_state_dict(net)), cfg)
+    stray = write(tmp_path / "stray.pth", own | {"decoder.extra.weight": torch.zeros(1)})
+    assert "unexpected keys (first: decoder.extra.weight)" in error(load_vae, stray, cfg)
 
 
 def test_sd2_controlnet_refused_with_sd1_base(tmp_path):

@@ -99,6 +99,28 @@ def test_user_mistakes_get_clear_errors(files, tmp_path):
     one_line_error(run_here("--base", files / "tiny-v1.ckpt", "--prompt", "x", "--denoise", 0.5), "--denoise", "first")
 
 
+def test_vae_flag_samples_as_a_base_carrying_that_vae(files, tmp_path):
+    # --vae FILE (a VAE published alone, no key prefix) gives the pixels of a base file whose first_stage_model.* is
+    # that VAE, written here by hand; and it is named in the PNGs
+    from helpers import randomize
+    from minicontrol.config import preset
+    from minicontrol.vae import AutoencoderKL
+    vae = randomize(AutoencoderKL(preset("tiny-sd1").vae), seed=7).state_dict()
+    torch.save(vae, files / "vae-tiny.pth")
+    base = torch.load(files / "tiny-v1.ckpt", weights_only=True)["state_dict"]
+    torch.save(base | {"first_stage_model." + k: v for k, v in vae.items()}, tmp_path / "spliced.ckpt")
+    args = base_args(files, tmp_path / "a")
+    assert run_here(*args, "--vae", files / "vae-tiny.pth").returncode == 0
+    args[1], args[-1] = tmp_path / "spliced.ckpt", tmp_path / "b"
+    assert run_here(*args).returncode == 0
+    assert run_here(*base_args(files, tmp_path / "c")).returncode == 0
+    read = lambda out: np.asarray(Image.open(out / "sample_0.png"))
+    assert np.array_equal(read(tmp_path / "a"), read(tmp_path / "b"))
+    assert not np.array_equal(read(tmp_path / "a"), read(tmp_path / "c"))          # the base's own VAE differs
+    assert "VAE: vae-tiny.pth" in Image.open(tmp_path / "a" / "sample_0.png").text["parameters"]
+    one_line_error(run_here(*base_args(files, tmp_path / "o"), "--vae", files / "control_tiny.pth"), "not a VAE")
+
+
 def test_long_prompt_says_it_is_truncated(files, tmp_path):
     args = base_args(files, tmp_path / "o")
     args[args.index("--prompt") + 1] = "circle " * 90
