@@ -56,6 +56,9 @@ def parser():
     a("--sample-every", type=int, default=300, help="sample grid every N steps (official 300; 0: never)")
     a("--sample-steps", type=int, default=50, help="DDIM steps of those grids (official 50)")
     a("--seed", type=int, default=0)
+    a("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="autocast of the UNet and ControlNet; weights "
+      "and optimizer stay fp32 (default: bf16 on CUDA; fp32, the official recipe's, on the CPU); fp16, with loss "
+      "scaling, is for GPUs without bf16 (before Ampere)")
     a("--grad-checkpointing", action="store_true", help="trade compute for memory")
     a("--cache-latents", action="store_true", help="encode every image once (the VAE is frozen outside its own "
       "stage; posteriors are still sampled per step); holds 8 floats per latent pixel per image in each process's RAM")
@@ -188,7 +191,8 @@ def micro_batch_loss(args, model, trained, items, rank, world, gen, cached=None)
         context = model.text.encode(prompts)
     a = alphas_cumprod().float().to(device)[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * latents + (1 - a).sqrt() * noise                   # q(x_t | x_0)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x_t.is_cuda):
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    with torch.autocast(x_t.device.type, dtype=half, enabled=half is not None):
         if args.stage == "controlnet":
             out = model.unet(x_t, t, context, trained(x_t, hint, t, context), args.only_mid_control)
         else:
@@ -278,6 +282,7 @@ def main(argv=None):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     cuda = torch.cuda.is_available()
+    args.precision = args.precision or ("bf16" if cuda else "fp32")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)                # else every process's NCCL context also lands on GPU 0
@@ -312,6 +317,7 @@ def main(argv=None):
     cache = args.cache_latents and args.stage in ("base", "controlnet")      # the other stages run the encoder
     moments = encode_all(model, items, args.resolution) if cache else None
     opt = torch.optim.AdamW(params, lr=args.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")   # fp16 gradients would underflow
     gen = torch.Generator().manual_seed(args.seed)
     if resume:
         try:
@@ -319,6 +325,8 @@ def main(argv=None):
             for p, v in zip(extra, state["extra"]):                # a count that differs fails in the optimizer
                 p.data.copy_(v)
             opt.load_state_dict(state["optimizer"])
+            if state.get("scaler"):                                # a run saved in fp16 keeps its loss scale
+                scaler.load_state_dict(state["scaler"])
         except (RuntimeError, ValueError) as e:
             why = str(e).strip().splitlines()[0][:120]
             raise SystemExit(f"error: {state_path} is a run with other settings ({why}); resume with its --stage, "
@@ -349,9 +357,9 @@ def main(argv=None):
             last = micro == args.grad_accum - 1
             if world > 1 and not last:
                 with ddp.no_sync():
-                    loss.backward()
+                    scaler.scale(loss).backward()
             else:
-                loss.backward()
+                scaler.scale(loss).backward()
             total += loss.item()
         if world > 1:
             for p in extra:
@@ -360,7 +368,8 @@ def main(argv=None):
             t = torch.tensor([total], device=device)
             dist.all_reduce(t)
             total = t.item() / world
-        opt.step()
+        scaler.step(opt)                             # opt.step(), unless fp16 gradients overflowed
+        scaler.update()
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{total:.4f}")
@@ -377,7 +386,8 @@ def main(argv=None):
             export(args, model, trained, out / f"step{step:07d}.safetensors")
             tmp = out / "state.pt.tmp"
             torch.save({"trained": trained.state_dict(), "extra": [p.detach() for p in extra], "step": step,
-                        "optimizer": opt.state_dict(), "generator": gen.get_state()}, tmp)
+                        "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "generator": gen.get_state()},
+                       tmp)
             os.replace(tmp, state_path)                      # atomic: a kill leaves the old state or the new one
             plot_loss(out / "loss.csv", out / "loss.png")
         if args.sample_every and (step % args.sample_every == 0 or step == args.steps):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from minicontrol.checkpoint import CONTROL, UNET, full_state_dict, kind, load_base, load_controlnet, read
@@ -223,6 +224,31 @@ def test_nodes_resuming_from_different_steps_are_refused(setup, tmp_path):
         assert "must be on a disk every node reads" in stderr
     assert (first / "state.pt").read_bytes() == state and not (second / "state.pt").exists()
     assert not (first / "step0000004.safetensors").exists()
+
+
+def test_half_precision_trains_as_fp32_does(setup, tmp_path):
+    """--precision bf16 / fp16 (with loss scaling) autocast the UNet and ControlNet: the loss is fp32's to half
+    precision's rounding, the second step moves the weights the way fp32's does (but not bitwise so), and an fp16
+    run resumed from its state (loss scale included) ends as the uninterrupted one."""
+    runs = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        out = tmp_path / precision
+        res = train_here(*common(setup, out, steps=2, extra=["--save-every", 1, "--precision", precision]))
+        assert res.returncode == 0, res.stderr
+        loss = float(open(out / "loss.csv").read().splitlines()[1].split(",")[1])
+        w1, w2 = weights(out / "step0000001.safetensors"), weights(out / "step0000002.safetensors")
+        runs[precision] = loss, torch.cat([(w2[k] - w1[k]).flatten() for k in sorted(w1)])
+    loss, update = runs["fp32"]
+    for precision in ("bf16", "fp16"):
+        half_loss, half_update = runs[precision]
+        assert abs(half_loss - loss) <= 2e-2 * loss and not torch.equal(half_update, update)   # really half
+        assert F.cosine_similarity(half_update, update, dim=0) >= 0.9
+    cut = tmp_path / "cut"
+    fp16 = ["--save-every", 1, "--precision", "fp16"]
+    assert train_here(*common(setup, cut, steps=1, extra=fp16)).returncode == 0
+    assert train_here(*common(setup, cut, steps=2, extra=[*fp16, "--resume"])).returncode == 0
+    a, b = weights(tmp_path / "fp16" / "step0000002.safetensors"), weights(cut / "step0000002.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cached_latents_give_the_same_loss(setup, tmp_path):
