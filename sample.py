@@ -33,9 +33,11 @@ def parser() -> argparse.ArgumentParser:
     a("--vae", help="a VAE file to use instead of the base's, e.g. vae-ft-mse-840000-ema-pruned.safetensors (or an "
                     "SD checkpoint, whose VAE is taken)")
     a("--control-image", action="append", default=[], help="control image for the ControlNet at the same position")
-    a("--detector", choices=["canny", "invert", "shuffle", "none"], default=None,
-      help="turn each control image into a map: canny edges, invert (lineart drawn dark on white), shuffle (the 1.1 "
-           "shuffle model's content shuffle, drawn from --seed), or none (the image already is a map; the default)")
+    a("--detector", choices=["canny", "invert", "scribble", "shuffle", "none"], default=None,
+      help="turn each control image into a map: canny edges, invert (lineart drawn dark on white), scribble (a "
+           "drawing, dark on light, as the official scribble demo takes it: white where darker than 127), shuffle "
+           "(the 1.1 shuffle model's content shuffle, drawn from --seed), or none (the image already is a map; the "
+           "default)")
     a("--low-threshold", type=float, default=100, help="Canny low threshold (default 100)")
     a("--high-threshold", type=float, default=200, help="Canny high threshold (default 200)")
     a("--prompt", default=None, help="what to draw")

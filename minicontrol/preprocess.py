@@ -97,15 +97,19 @@ def canny(image: np.ndarray, low: float = 100, high: float = 200) -> np.ndarray:
 
 
 def detect(image: np.ndarray, detector: str, low: float = 100, high: float = 200) -> np.ndarray:
-    """The control map (HxWx3 uint8) for a detector: canny, invert (white lines on black from dark lineart), none."""
+    """The control map (HxWx3 uint8) for a detector: canny, invert (white lines on black from dark lineart),
+    scribble (the official scribble demos: white where any channel of a drawing is darker than 127, else black),
+    none."""
     image = hwc3(image)
     if detector == "canny":
         return hwc3(canny(image, low, high))
     if detector == "invert":
         return 255 - image
+    if detector == "scribble":
+        return hwc3(np.where(image.min(axis=2) < 127, 255, 0).astype(np.uint8))
     if detector == "none":
         return image
-    raise ValueError(f"unknown detector {detector!r}; choose canny, invert or none")
+    raise ValueError(f"unknown detector {detector!r}; choose canny, invert, scribble or none")
 
 
 def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:

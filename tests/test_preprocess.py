@@ -3,7 +3,8 @@ import cv2
 import numpy as np
 import pytest
 
-from minicontrol.preprocess import canny, cubic_resize, gaussian_blur, hwc3, inpaint_inputs, resize_image, shuffle
+from minicontrol.preprocess import (canny, cubic_resize, detect, gaussian_blur, hwc3, inpaint_inputs, resize_image,
+                                   shuffle)
 
 
 def images():
@@ -28,6 +29,19 @@ def test_canny_matches_opencv(name, low, high):
     assert ours.dtype == np.uint8 and ours.shape == img.shape[:2] and set(np.unique(ours)) <= {0, 255}
     assert (ref > 0).mean() > 0.005                              # the image really has edges at these thresholds
     assert (ours == ref).mean() >= 0.99
+
+
+@pytest.mark.parametrize("name", ["drawing", "photo", "noise"])
+def test_scribble_map_is_opencvs_inverse_threshold_of_the_darkest_channel(name):
+    # the official scribble demo: 255 where min(R, G, B) < 127, else 0, on all three channels
+    drawing = np.full((120, 160, 3), 250, np.uint8)              # anti-aliased strokes: every grey on their edges
+    cv2.line(drawing, (10, 20), (150, 100), (20, 20, 200), 5, cv2.LINE_AA)
+    cv2.circle(drawing, (60, 60), 30, (0, 0, 0), 3, cv2.LINE_AA)
+    img = drawing if name == "drawing" else images()[name]
+    darkest = cv2.min(cv2.min(img[:, :, 0], img[:, :, 1]), img[:, :, 2])
+    _, ref = cv2.threshold(darkest, 126, 255, cv2.THRESH_BINARY_INV)
+    ours = detect(img, "scribble")
+    assert ours.dtype == np.uint8 and (ours == ref[:, :, None]).all() and 0 < (ref > 0).mean() < 1
 
 
 def test_hwc3():
