@@ -299,6 +299,10 @@ def main(argv=None):
             raise SystemExit(f"error: the processes resume at steps {-steps[1].item()} to {steps[0].item()} (this "
                              f"one: {step}): {state_path} must be on a disk every node reads; copy it to the others")
     items = read_index(Path(args.data))
+    if len(items) < args.batch_size * world:
+        raise SystemExit(f"error: {Path(args.data) / 'prompt.json'} lists {len(items)} items, fewer than one batch of "
+                         f"{args.batch_size * world} (--batch-size {args.batch_size} x {world} processes); give a "
+                         "smaller --batch-size or more data")
     args.resolution = args.resolution or min(load_item(items[0], None, 1)[1].shape[-2:])
     model, trained, params = build(args, device)
     need = model.config.size_multiple

@@ -293,6 +293,12 @@ def test_flag_mistakes_are_refused_in_one_line(setup, tmp_path, flag, value):
     assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()
 
 
+def test_data_smaller_than_one_batch_is_refused(setup, tmp_path):
+    # 16 items, a batch of 17: every step would be short of its batch (and each process's share uneven)
+    res = train_here(*common(setup, tmp_path / "o", steps=1, batch=17))
+    assert res.returncode != 0 and "fewer than one batch of 17" in res.stderr.strip().splitlines()[-1]
+
+
 def test_image_size_the_model_cannot_take_is_refused(setup, tmp_path):
     # the tiny model halves 3 times in the VAE and twice in the UNet: sides must be multiples of 2 ** 5 = 32
     d, _ = setup
