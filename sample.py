@@ -205,7 +205,7 @@ def main(argv=None):
     tiny = check_args(args)
     from tqdm import tqdm
 
-    from minicontrol.checkpoint import CheckpointError, load_base, load_controlnet, load_vae
+    from minicontrol.checkpoint import CheckpointError, load_base, load_controlnet, load_vae, saved_config
     from minicontrol.pipeline import Control, decode, sample
     from minicontrol.text import token_count
 
@@ -238,6 +238,10 @@ def main(argv=None):
         model.vae = load_vae(args.vae, model.config) if args.vae else model.vae
     except (CheckpointError, ValueError) as e:
         fail(str(e))
+    if args.config is None and model.config.unet.use_linear_in_transformer and saved_config(args.base) is None:
+        print(f"warning: {args.base}: an SD 2.x file does not say whether its UNet predicts noise or v; sampling it as "
+              "predicting noise, as the 512 base models do; for the 768 v-prediction model (v2-1_768-ema-pruned) "
+              "pass --config sd21-v", file=sys.stderr)
     text = replace(model.config.text, chunks=args.prompt_chunks)
     if args.clip_skip:
         text = replace(text, layer="last" if args.clip_skip == 1 else "penultimate")

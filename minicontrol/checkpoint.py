@@ -85,14 +85,10 @@ def read(path) -> tuple:
     """(state dict, config json or None) from a .safetensors, .ckpt or .pth file, unwrapping {"state_dict": ...}."""
     path = Path(path)
     check_file(path)
-    with open(path, "rb") as f:
-        head = f.read(9)
     meta, stand_ins = None, []
     try:
-        if len(head) == 9 and head[8:9] == b"{":               # safetensors: 8-byte header length, then JSON
-            sd = safetensors.torch.load_file(str(path))
-            with safetensors.safe_open(str(path), "pt") as f:
-                meta = (f.metadata() or {}).get(CONFIG_KEY)
+        if is_safetensors(path):
+            sd, meta = safetensors.torch.load_file(str(path)), saved_config(path)
         else:
             sd, stand_ins = load_pickle(path)
     except CheckpointError:
@@ -110,6 +106,20 @@ def read(path) -> tuple:
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: holds no state dict of tensors; expected an SD or ControlNet checkpoint")
     return sd, meta
+
+
+def is_safetensors(path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"                # an 8-byte header length, then JSON
+
+
+def saved_config(path):
+    """The config JSON that save() writes in a safetensors file's header, or None (official files have none)."""
+    if not is_safetensors(path):
+        return None
+    with safetensors.safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get(CONFIG_KEY)
 
 
 def pickle_imports(path) -> list:

@@ -121,6 +121,24 @@ def test_vae_flag_samples_as_a_base_carrying_that_vae(files, tmp_path):
     one_line_error(run_here(*base_args(files, tmp_path / "o"), "--vae", files / "control_tiny.pth"), "not a VAE")
 
 
+def test_sd2_file_without_its_prediction_type_is_warned_of(files, tmp_path, monkeypatch):
+    # SD 2.x files do not record eps or v; an official one (no --config, no config of ours in it) gets a warning. The
+    # tiny SD2 stands in for the full-size one here: the preset guessed for an SD2 file is made the tiny one.
+    from minicontrol import config
+    from minicontrol.checkpoint import save
+    cfg, model, _ = tiny_models("tiny-sd2")
+    monkeypatch.setitem(config.PRESETS, "sd21", cfg)
+    torch.save({"state_dict": full_state_dict(model)}, tmp_path / "sd2.ckpt")
+    save(tmp_path / "sd2.safetensors", full_state_dict(model), cfg)
+    common = ["--prompt", "x", "--steps", 1, "--resolution", 64, "--out", tmp_path / "o"]
+    res = run_here("--base", tmp_path / "sd2.ckpt", *common)
+    assert res.returncode == 0 and "warning: " in res.stderr and "--config sd21-v" in res.stderr
+    for given in (["--base", tmp_path / "sd2.ckpt", "--config", "sd21"], ["--base", tmp_path / "sd2.safetensors"],
+                  ["--base", files / "tiny-v1.ckpt", "--config", "tiny-sd1"]):
+        res = run_here(*given, *common)
+        assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+
+
 def test_long_prompt_says_it_is_truncated(files, tmp_path):
     args = base_args(files, tmp_path / "o")
     args[args.index("--prompt") + 1] = "circle " * 90
