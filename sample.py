@@ -238,6 +238,11 @@ def main(argv=None):
         model.vae = load_vae(args.vae, model.config) if args.vae else model.vae
     except (CheckpointError, ValueError) as e:
         fail(str(e))
+    for f, net in zip(args.controlnet, nets):
+        if "shuffle" in Path(f).name.lower() and not net.config.global_average_pooling:
+            print(f"warning: {f}: named as the 1.1 shuffle model, whose residuals are pooled, but no yaml beside it "
+                  f"({Path(f).with_suffix('.yaml').name}, published with it) or --config sd15-shuffle says so; "
+                  "using it unpooled", file=sys.stderr)
     if args.config is None and model.config.unet.use_linear_in_transformer and saved_config(args.base) is None:
         print(f"warning: {args.base}: an SD 2.x file does not say whether its UNet predicts noise or v; sampling it as "
               "predicting noise, as the 512 base models do; for the 768 v-prediction model (v2-1_768-ema-pruned) "

@@ -8,8 +8,10 @@ import io
 import os
 import pickle
 import pickletools
+import re
 import tempfile
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import safetensors.torch
@@ -269,8 +271,17 @@ def load_base(path, config: ModelConfig = None) -> StableDiffusion:
     return model.eval().requires_grad_(False)
 
 
+def yaml_pools(path) -> bool:
+    """Whether the official 1.1 yaml published beside a ControlNet file (control_v11e_sd15_shuffle.yaml next to its
+    .pth) sets global_average_pooling: True, the one setting in which the 1.1 yamls differ; read as text."""
+    yaml = Path(path).with_suffix(".yaml")
+    return yaml.is_file() and bool(re.search(r"^\s*global_average_pooling:\s*true\b", yaml.read_text(errors="replace"),
+                                             re.M | re.I))
+
+
 def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) -> ControlNet:
-    """Any of the three ControlNet layouts. With `base`, a ControlNet made for another family is refused."""
+    """Any of the three ControlNet layouts. With `base`, a ControlNet made for another family is refused. The
+    residuals are pooled (the 1.1 shuffle model) where the config says so or the official yaml beside the file does."""
     sd, meta = read(path)
     k = kind(sd)
     prefix = {"controlnet-1.0": CONTROL, "controlnet-1.1": CONTROL, "controlnet": ""}.get(k)
@@ -300,6 +311,8 @@ def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) 
         if diff:
             raise CheckpointError(f"{path}: this ControlNet was trained on another UNet ({diff} {own[diff]}, the base "
                                   f"model has {other[diff]}); use a ControlNet made for this base")
+    if yaml_pools(path):
+        config = replace(config, unet=replace(config.unet, global_average_pooling=True))
     with torch.device("meta"):
         net = ControlNet(config.unet)
     return fill(path, "ControlNet", net, net_sd, HINT).eval()

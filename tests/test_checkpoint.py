@@ -180,6 +180,39 @@ def test_vae_file_on_its_own_reads_as_diffusers_reads_it(tmp_path, tiny, suffix)
     assert "unexpected keys (first: decoder.extra.weight)" in error(load_vae, stray, cfg)
 
 
+# the head of the official control_v11e_sd15_shuffle.yaml: the one line in which it differs from the other 1.1 yamls
+SHUFFLE_YAML = """model:
+  target: cldm.cldm.ControlLDM
+  params:
+    linear_start: 0.00085
+    only_mid_control: False
+    global_average_pooling: True
+
+    control_stage_config:
+      target: cldm.cldm.ControlNet
+"""
+
+
+@torch.no_grad()
+def test_official_yaml_beside_a_controlnet_turns_on_pooling(tmp_path, tiny):
+    # the 1.1 shuffle model's residuals are averaged over space (cldm.py: mean over dims 2, 3, kept as 1x1)
+    cfg, _, net = tiny
+    path = write(tmp_path / "control_v11e_sd15_shuffle.pth", controlnet_state_dict(net))
+    plain = load_controlnet(path, base=cfg)
+    yaml = tmp_path / "control_v11e_sd15_shuffle.yaml"
+    for text in (SHUFFLE_YAML.replace("True", "False"), SHUFFLE_YAML.replace("    global_average_pooling: True\n", "")):
+        yaml.write_text(text)
+        assert not load_controlnet(path, base=cfg).config.global_average_pooling
+    yaml.write_text(SHUFFLE_YAML)
+    pooled = load_controlnet(path, base=cfg)
+    assert pooled.config.global_average_pooling and not plain.config.global_average_pooling
+    g = torch.Generator().manual_seed(1)
+    x, t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([13, 781]), torch.randn(2, 77, 64, generator=g)
+    hint = torch.rand(2, 3, 64, 64, generator=g)
+    for a, b in zip(plain(x, hint, t, ctx, 0.7), pooled(x, hint, t, ctx, 0.7)):
+        assert b.shape == (*a.shape[:2], 1, 1) and torch.allclose(b, a.mean(dim=(2, 3), keepdim=True), atol=1e-6)
+
+
 def test_sd2_controlnet_refused_with_sd1_base(tmp_path):
     sd2_cfg, _, sd2_net = tiny_models("tiny-sd2")
     path = write(tmp_path / "control_sd21.pth", controlnet_state_dict(sd2_net))

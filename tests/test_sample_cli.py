@@ -139,6 +139,20 @@ def test_sd2_file_without_its_prediction_type_is_warned_of(files, tmp_path, monk
         assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
 
 
+def test_shuffle_model_without_its_yaml_is_warned_of(files, tmp_path):
+    # the official 1.1 shuffle model pools its residuals by its yaml, published beside the .pth; without it, a warning
+    import shutil
+    from test_checkpoint import SHUFFLE_YAML
+    shuffle = tmp_path / "control_v11e_sd15_shuffle.pth"
+    shutil.copy(files / "control_tiny.pth", shuffle)
+    args = [a if a != files / "control_tiny.pth" else shuffle for a in base_args(files, tmp_path / "o")]
+    res = run_here(*args)
+    assert res.returncode == 0 and "warning: " in res.stderr and "control_v11e_sd15_shuffle.yaml" in res.stderr
+    shuffle.with_suffix(".yaml").write_text(SHUFFLE_YAML)
+    res = run_here(*args)
+    assert res.returncode == 0 and "warning" not in res.stderr
+
+
 def test_long_prompt_says_it_is_truncated(files, tmp_path):
     args = base_args(files, tmp_path / "o")
     args[args.index("--prompt") + 1] = "circle " * 90
