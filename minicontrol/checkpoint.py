@@ -247,6 +247,11 @@ def load_base(path, config: ModelConfig = None) -> StableDiffusion:
         raise CheckpointError(f"{path}: not a Stable Diffusion base checkpoint: {WHAT[k]}"
                               + ("; pass it as --controlnet and give the SD file as --base" if "control" in k else ""))
     config = resolve_config(sd, meta, config, UNET)
+    first = sd.get(UNET + "input_blocks.0.0.weight")
+    if first is not None and first.dim() == 4 and first.shape[1] == 9 and config.unet.in_channels == 4:
+        raise CheckpointError(f"{path}: an inpainting base (a UNet of 9 input channels: latents, mask, masked image); "
+                              "ControlNets go with the plain base of 4 (v1-5-pruned); to repaint, use it with the 1.1 "
+                              "inpaint ControlNet and --mask")
     ignored = [k for k in sd if k.startswith(IGNORED_PREFIXES + (CONTROL,)) or k in IGNORED_KEYS]
     parts = {p: split(sd, p) for p in (UNET, VAE, TEXT_HF, TEXT_OC)}
     rest = set(sd) - set(ignored) - {p + k for p, d in parts.items() for k in d}

@@ -213,6 +213,16 @@ def test_official_yaml_beside_a_controlnet_turns_on_pooling(tmp_path, tiny):
         assert b.shape == (*a.shape[:2], 1, 1) and torch.allclose(b, a.mean(dim=(2, 3), keepdim=True), atol=1e-6)
 
 
+def test_inpainting_base_is_named(tmp_path, tiny):
+    # sd-v1-5-inpainting's UNet takes 9 channels (latents, mask, masked-image latents): named, not a shape dump
+    cfg, model, _ = tiny
+    sd = full_state_dict(model)
+    w = sd["model.diffusion_model.input_blocks.0.0.weight"]
+    sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.cat([w, w, w[:, :1]], dim=1)      # (C, 9, 3, 3)
+    msg = error(load_base, write(tmp_path / "sd-v1-5-inpainting.ckpt", sd, wrap=True), cfg)
+    assert "inpainting base" in msg and "--mask" in msg
+
+
 def test_sd2_controlnet_refused_with_sd1_base(tmp_path):
     sd2_cfg, _, sd2_net = tiny_models("tiny-sd2")
     path = write(tmp_path / "control_sd21.pth", controlnet_state_dict(sd2_net))
