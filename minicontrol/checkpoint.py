@@ -150,8 +150,10 @@ def pickle_imports(path) -> list:
 
 def kind(sd: dict) -> str:
     """'sd' (base), 'controlnet-1.0' (full model), 'controlnet-1.1' (control_model.* only), 'controlnet' (no prefix),
-    'diffusers' (a diffusers model's own file, which is not read), 'vae' (a VAE alone) or 'unknown'."""
+    'diffusers' (a diffusers model's own file, which is not read), 'vae' (a VAE alone), 'sdxl' or 'unknown'."""
     has_unet, has_control = any(k.startswith(UNET) for k in sd), any(k.startswith(CONTROL) for k in sd)
+    if any(k.startswith("conditioner.embedders.") for k in sd):
+        return "sdxl"
     if has_unet:
         return "controlnet-1.0" if has_control else "sd"
     if has_control:
@@ -167,6 +169,7 @@ WHAT = {"sd": "a Stable Diffusion base checkpoint", "controlnet-1.0": "a Control
         "controlnet-1.1": "a ControlNet 1.1 file", "controlnet": "a ControlNet without the control_model. prefix",
         "diffusers": "a file from a diffusers model folder (down_blocks.* keys); use the original single-file "
                      "checkpoint instead (weights/README.md lists them)",
+        "sdxl": "an SDXL checkpoint (conditioner.* keys); minicontrol runs Stable Diffusion 1.x and 2.x",
         "vae": "a VAE on its own (encoder.* and decoder.* keys); pass it as --vae",
         "unknown": "no model.diffusion_model.* or control_model.* keys"}
 

@@ -213,7 +213,7 @@ def test_official_yaml_beside_a_controlnet_turns_on_pooling(tmp_path, tiny):
         assert b.shape == (*a.shape[:2], 1, 1) and torch.allclose(b, a.mean(dim=(2, 3), keepdim=True), atol=1e-6)
 
 
-def test_inpainting_base_is_named(tmp_path, tiny):
+def test_inpainting_and_sdxl_bases_are_named(tmp_path, tiny):
     # sd-v1-5-inpainting's UNet takes 9 channels (latents, mask, masked-image latents): named, not a shape dump
     cfg, model, _ = tiny
     sd = full_state_dict(model)
@@ -221,6 +221,9 @@ def test_inpainting_base_is_named(tmp_path, tiny):
     sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.cat([w, w, w[:, :1]], dim=1)      # (C, 9, 3, 3)
     msg = error(load_base, write(tmp_path / "sd-v1-5-inpainting.ckpt", sd, wrap=True), cfg)
     assert "inpainting base" in msg and "--mask" in msg
+    # and an SDXL file (its text encoders under conditioner.embedders.*) is named, not counted as unexpected keys
+    sdxl = {"model.diffusion_model.input_blocks.0.0.weight": w, "conditioner.embedders.0.transformer.x": w[:1].clone()}
+    assert "an SDXL checkpoint" in error(load_base, write(tmp_path / "sd_xl_base_1.0.safetensors", sdxl))
 
 
 def test_sd2_controlnet_refused_with_sd1_base(tmp_path):
