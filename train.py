@@ -10,7 +10,10 @@ import csv
 import json
 import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +59,9 @@ def parser():
     a("--sample-every", type=int, default=300, help="sample grid every N steps (official 300; 0: never)")
     a("--sample-steps", type=int, default=50, help="DDIM steps of those grids (official 50)")
     a("--seed", type=int, default=0)
-    a("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="autocast of the UNet and ControlNet; weights "
-      "and optimizer stay fp32 (default: bf16 on CUDA; fp32, the official recipe's, on the CPU); fp16, with loss "
-      "scaling, is for GPUs without bf16 (before Ampere)")
+    a("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="autocast of the UNet and ControlNet; "
+      "weights and optimizer stay fp32 (default: bf16 on CUDA; fp32, the official recipe's, on the CPU); fp16, with "
+      "loss scaling, is for GPUs without bf16 (before Ampere)")
     a("--grad-checkpointing", action="store_true", help="trade compute for memory")
     a("--cache-latents", action="store_true", help="encode every image once (the VAE is frozen outside its own "
       "stage; posteriors are still sampled per step); holds 8 floats per latent pixel per image in each process's RAM")
@@ -119,6 +122,18 @@ def batch_indices(n_items, global_batch, step, seed):
     epoch, pos = divmod(step, per_epoch)
     perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
     return perm[pos * global_batch:(pos + 1) * global_batch].tolist()
+
+
+def prefetched(load, keys, ahead=2):
+    """load(key) for each key in order, each started `ahead` keys early on a second thread: reading and decoding the
+    next batch's images overlaps this step (on a GPU, the CPU mostly waits for the step)."""
+    keys = iter(keys)
+    with ThreadPoolExecutor(1) as pool:
+        queue = deque(pool.submit(load, key) for key in islice(keys, ahead))
+        while queue:
+            result = queue.popleft().result()
+            queue.extend(pool.submit(load, key) for key in islice(keys, 1))
+            yield result
 
 
 # --------------------------------------------------------------------------------------------------------- model
@@ -347,57 +362,60 @@ def main(argv=None):
             (out / "loss.csv").write_text("\n".join(rows[:1] + keep) + "\n")
         (out / "samples").mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
-    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=args.stage, unit="step")
     global_batch = args.batch_size * world
-    while step < args.steps:
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for micro in range(args.grad_accum):
-            idx = batch_indices(len(items), global_batch, step * args.grad_accum + micro, args.seed)
-            own = idx[rank * args.batch_size:(rank + 1) * args.batch_size]
-            batch = [load_item(items[i], args.resolution, i + 1) for i in own]
-            cached = moments[own] if moments is not None else None
-            loss = micro_batch_loss(args, model, ddp, batch, rank, world, gen, cached) / args.grad_accum
-            last = micro == args.grad_accum - 1
-            if world > 1 and not last:
-                with ddp.no_sync():
+
+    def own_items(n):                                # this process's share of global micro-batch n, read
+        idx = batch_indices(len(items), global_batch, n, args.seed)[rank * args.batch_size:(rank + 1) * args.batch_size]
+        return idx, [load_item(items[i], args.resolution, i + 1) for i in idx]
+    batches = prefetched(own_items, range(step * args.grad_accum, args.steps * args.grad_accum))
+    # the bar is closed on an error too, so that the error's line starts a line of its own
+    with tqdm(total=args.steps, initial=step, disable=rank != 0, desc=args.stage, unit="step") as bar:
+        while step < args.steps:
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for micro in range(args.grad_accum):
+                own, batch = next(batches)
+                cached = moments[own] if moments is not None else None
+                loss = micro_batch_loss(args, model, ddp, batch, rank, world, gen, cached) / args.grad_accum
+                last = micro == args.grad_accum - 1
+                if world > 1 and not last:
+                    with ddp.no_sync():
+                        scaler.scale(loss).backward()
+                else:
                     scaler.scale(loss).backward()
-            else:
-                scaler.scale(loss).backward()
-            total += loss.item()
-        if world > 1:
-            for p in extra:
-                dist.all_reduce(p.grad)
-                p.grad /= world
-            t = torch.tensor([total], device=device)
-            dist.all_reduce(t)
-            total = t.item() / world
-        scaler.step(opt)                             # opt.step(), unless fp16 gradients overflowed
-        scaler.update()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{total:.4f}")
-        if rank != 0:
-            continue
-        new = not (out / "loss.csv").exists()
-        with open(out / "loss.csv", "a") as f:
-            f.write(("step,loss,time\n" if new else "") + f"{step},{total:.6f},{time.time():.1f}\n")
-        if step % args.save_every == 0 or step == args.steps:
-            if args.stage == "vae":
-                s = vae_scale_factor(model, items, args.resolution)
-                model.config = replace(model.config, vae=replace(model.config.vae, scale_factor=s))
-                model.vae.config = model.config.vae
-            export(args, model, trained, out / f"step{step:07d}.safetensors")
-            tmp = out / "state.pt.tmp"
-            torch.save({"trained": trained.state_dict(), "extra": [p.detach() for p in extra], "step": step,
-                        "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "generator": gen.get_state()},
-                       tmp)
-            os.replace(tmp, state_path)                      # atomic: a kill leaves the old state or the new one
-            plot_loss(out / "loss.csv", out / "loss.png")
-        if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
-            sample_grid(args, model, trained, items, out / "samples" / f"step{step:07d}.png")
-            trained.train()
-    bar.close()
+                total += loss.item()
+            if world > 1:
+                for p in extra:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+                t = torch.tensor([total], device=device)
+                dist.all_reduce(t)
+                total = t.item() / world
+            scaler.step(opt)                             # opt.step(), unless fp16 gradients overflowed
+            scaler.update()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}")
+            if rank != 0:
+                continue
+            new = not (out / "loss.csv").exists()
+            with open(out / "loss.csv", "a") as f:
+                f.write(("step,loss,time\n" if new else "") + f"{step},{total:.6f},{time.time():.1f}\n")
+            if step % args.save_every == 0 or step == args.steps:
+                if args.stage == "vae":
+                    s = vae_scale_factor(model, items, args.resolution)
+                    model.config = replace(model.config, vae=replace(model.config.vae, scale_factor=s))
+                    model.vae.config = model.config.vae
+                export(args, model, trained, out / f"step{step:07d}.safetensors")
+                tmp = out / "state.pt.tmp"
+                torch.save({"trained": trained.state_dict(), "extra": [p.detach() for p in extra], "step": step,
+                            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "generator": gen.get_state()},
+                           tmp)
+                os.replace(tmp, state_path)                      # atomic: a kill leaves the old state or the new one
+                plot_loss(out / "loss.csv", out / "loss.png")
+            if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
+                sample_grid(args, model, trained, items, out / "samples" / f"step{step:07d}.png")
+                trained.train()
     if world > 1:
         dist.destroy_process_group()
 

@@ -1,4 +1,5 @@
 """train.py: the official recipe on a tiny model, resume after SIGKILL, and torchrun with two CPU processes."""
+import json
 import os
 import signal
 import subprocess
@@ -282,6 +283,24 @@ def test_bad_data_line_is_named(setup, tmp_path):
                           tmp_path / "o"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode != 0 and "line 1" in res.stderr and "source/0.png" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_unreadable_image_met_while_training_is_named(setup, tmp_path):
+    # images are read a step ahead on another thread: one that cannot be decoded still stops the run, with one line
+    # that names it
+    import shutil
+    d, base = setup
+    data = tmp_path / "data"
+    shutil.copytree(d / "data", data)
+    line = 6                                         # not the first: that one is read before training starts
+    item = json.loads((data / "prompt.json").read_text().splitlines()[line - 1])
+    (data / item["target"]).write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    args = common(setup, tmp_path / "o", steps=4, batch=4)          # 4 steps of 4: every one of the 16 items
+    args[args.index("--data") + 1] = data
+    res = train_here(*args)
+    error = res.stderr.splitlines()[-1]             # a line of its own, after the progress bar's
+    assert res.returncode != 0 and error.startswith("error: prompt.json") and f"line {line}" in error
+    assert item["target"] in error and "Traceback" not in res.stderr
 
 
 @pytest.mark.parametrize("flag, value", [("--latent-noise", "0.3"), ("--batch-size", "0"), ("--resolution", "0")])
