@@ -296,8 +296,9 @@ def from_diffusers(sd: dict) -> dict:
     """A diffusers ControlNetModel's state dict under the official names. Input block n of the official encoder is
     level i's resnet j (n = 1 + i * (blocks + 1) + j, its attention beside it as n.1) or level i's downsampler (n =
     (i + 1) * (blocks + 1)); the hint block's convolutions sit at every other index (its SiLUs between)."""
-    slots = 2 + max(int(k.split(".")[3]) for k in sd if k.startswith("down_blocks.0.resnets."))   # blocks + 1
-    hint_out = 2 + 2 * (1 + max(int(k.split(".")[2]) for k in sd if k.startswith("controlnet_cond_embedding.blocks.")))
+    last = lambda prefix, at: max((int(k.split(".")[at]) for k in sd if k.startswith(prefix)), default=0)
+    slots = 2 + last("down_blocks.0.resnets.", 3)                       # res blocks a level, + 1 for the downsampler
+    hint_out = 2 + 2 * (1 + last("controlnet_cond_embedding.blocks.", 2))
     out = {}
     for key, value in sd.items():
         name, leaf = key.rsplit(".", 1)
