@@ -94,6 +94,44 @@ def test_split_a_full_file_into_sd_and_control_files(tmp_path):
         assert e.value.code == f"error: {dst}: give the new file's name, ending in .safetensors (or .ckpt or .pth)"
 
 
+@pytest.mark.filterwarnings("ignore:'minicontrol.checkpoint' found in sys.modules:RuntimeWarning")   # run_module
+def test_transfer_moves_a_controlnet_to_another_base(tmp_path):
+    # The official tool_transfer_control rule on a fresh trainable copy (clone_encoder, the official add-control rule)
+    # of base A: moved to base B, it is the fresh copy of B, its hint block and zero convolutions kept; in a 1.0 full
+    # file the SD becomes B (VAE and text encoder B's own)
+    import runpy
+    import sys
+
+    from helpers import randomize
+    from minicontrol.controlnet import clone_encoder
+    cfg, a, _ = tiny_models("tiny-sd1", seed=0)
+    _, b, _ = tiny_models("tiny-sd1", seed=5)
+    net = clone_encoder(a.unet)
+    randomize(net.input_hint_block, seed=2)                   # as trained: none of these has a UNet counterpart
+    randomize(net.zero_convs, seed=3)
+    own = ("input_hint_block", "zero_convs", "middle_block_out")
+    expected = clone_encoder(b.unet).state_dict() | {k: v for k, v in net.state_dict().items() if k.startswith(own)}
+    files = {name: write(tmp_path / f"{name}.pth", sd) for name, sd in [
+        ("a", full_state_dict(a)), ("b", full_state_dict(b)), ("control11", controlnet_state_dict(net)),
+        ("control10", full_state_dict(a, net))]}
+
+    def cli(*args):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(sys, "argv", ["checkpoint", *map(str, args)])
+            runpy.run_module("minicontrol.checkpoint", run_name="__main__")
+    for name in ("control11", "control10"):
+        cli(files[name], tmp_path / f"moved-{name}.safetensors", "--transfer", files["a"], files["b"])
+        moved = load_controlnet(tmp_path / f"moved-{name}.safetensors", base=cfg).state_dict()
+        assert all(torch.allclose(moved[k], v, rtol=0, atol=1e-6) for k, v in expected.items())
+    moved_sd = load_base(tmp_path / "moved-control10.safetensors", cfg)
+    assert same(moved_sd.vae, b.vae) and same(moved_sd.text, b.text)
+    assert all(torch.allclose(x, y, rtol=0, atol=1e-6) for x, y in zip(moved_sd.unet.state_dict().values(),
+                                                                       b.unet.state_dict().values()))
+    with pytest.raises(SystemExit) as e:
+        cli(files["a"], tmp_path / "x.safetensors", "--transfer", files["a"], files["b"])
+    assert "--transfer moves a ControlNet" in e.value.code and "\n" not in e.value.code
+
+
 def test_missing_unexpected_and_wrong_shape(tmp_path, tiny):
     cfg, model, net = tiny
     sd = controlnet_state_dict(net)
@@ -237,8 +275,8 @@ def test_diffusers_controlnet_file_loads_as_the_official_one(tmp_path, name):
     from minicontrol.checkpoint import StableDiffusion
     from minicontrol.controlnet import clone_encoder
     if name == "three-levels":                  # two res blocks a level and two downsamplers, as SD's four levels
-        cfg = preset("tiny-sd1")
-        cfg = replace(cfg, unet=replace(cfg.unet, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(1, 2)))
+        unet = replace(preset("tiny-sd1").unet, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(1, 2))
+        cfg = replace(preset("tiny-sd1"), unet=unet)
         model = randomize(StableDiffusion(cfg))
         net = randomize(clone_encoder(model.unet), seed=1)
     else:
@@ -247,8 +285,10 @@ def test_diffusers_controlnet_file_loads_as_the_official_one(tmp_path, name):
     controlnet.save_pretrained(tmp_path / "folder")
     path = tmp_path / "folder" / "diffusion_pytorch_model.safetensors"
     loaded = load_controlnet(path, base=cfg)
-    assert kind(read(path)[0]) == "controlnet-diffusers" and same(loaded, net) and not loaded.config.global_average_pooling
-    assert same(load_controlnet(write(tmp_path / "diffusion_pytorch_model.bin", controlnet.state_dict()), base=cfg), net)
+    assert kind(read(path)[0]) == "controlnet-diffusers" and same(loaded, net)
+    assert not loaded.config.global_average_pooling
+    bin_file = write(tmp_path / "diffusion_pytorch_model.bin", controlnet.state_dict())     # the older pickle form
+    assert same(load_controlnet(bin_file, base=cfg), net)
     config = json.loads((tmp_path / "folder" / "config.json").read_text())
     (tmp_path / "folder" / "config.json").write_text(json.dumps(config | {"global_pool_conditions": True}))
     assert load_controlnet(path, base=cfg).config.global_average_pooling
