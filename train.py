@@ -305,7 +305,11 @@ def main(argv=None):
         dist.init_process_group("nccl" if cuda else "gloo")
     # the run to continue, memory-mapped (read as used), so that every process checks its step before heavy work
     resume = args.resume and state_path.is_file()
-    state = torch.load(state_path, map_location="cpu", mmap=True, weights_only=True) if resume else None
+    try:
+        state = torch.load(state_path, map_location="cpu", mmap=True, weights_only=True) if resume else None
+    except Exception as e:                                    # a copy cut short, or not a file torch.save wrote
+        raise SystemExit(f"error: {state_path}: cannot be read ({str(e).strip().splitlines()[0][:100]}); copy it "
+                         "again, or give another --out")
     step = state["step"] if resume else 0
     if world > 1:                                    # rank 0 alone writes state.pt: every node must read that one
         steps = torch.tensor([step, -step], device=device)

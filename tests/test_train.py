@@ -225,6 +225,10 @@ def test_nodes_resuming_from_different_steps_are_refused(setup, tmp_path):
         assert "must be on a disk every node reads" in stderr
     assert (first / "state.pt").read_bytes() == state and not (second / "state.pt").exists()
     assert not (first / "step0000004.safetensors").exists()
+    second.mkdir()
+    (second / "state.pt").write_bytes(state[:len(state) // 2])          # a copy to the other node, cut short
+    res = train_here(*common(setup, second, steps=4, batch=1), "--resume")
+    assert res.returncode != 0 and "state.pt: cannot be read" in res.stderr.strip().splitlines()[-1]
 
 
 def test_half_precision_trains_as_fp32_does(setup, tmp_path):
