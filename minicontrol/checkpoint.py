@@ -323,15 +323,16 @@ def from_diffusers(sd: dict) -> dict:
     return out
 
 
-def pools(path) -> bool:
+def pools(path, diffusers: bool) -> bool:
     """Whether the config published beside a ControlNet file turns its global average pooling on: the official 1.1
     yaml (control_v11e_sd15_shuffle.yaml next to its .pth; the one setting in which the 1.1 yamls differ, read as
-    text) or a diffusers folder's config.json (global_pool_conditions)."""
-    yaml, folder = Path(path).with_suffix(".yaml"), Path(path).parent / "config.json"
-    if yaml.is_file():
-        return bool(re.search(r"^\s*global_average_pooling:\s*true\b", yaml.read_text(errors="replace"), re.M | re.I))
+    text), or for a diffusers file its folder's config.json (global_pool_conditions)."""
+    yaml, config = Path(path).with_suffix(".yaml"), Path(path).parent / "config.json"
+    if not diffusers:
+        return yaml.is_file() and bool(re.search(r"^\s*global_average_pooling:\s*true\b",
+                                                 yaml.read_text(errors="replace"), re.M | re.I))
     try:
-        return json.loads(folder.read_text()).get("global_pool_conditions") is True
+        return json.loads(config.read_text()).get("global_pool_conditions") is True
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -341,8 +342,8 @@ def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) 
     made for another family is refused. The residuals are pooled (the 1.1 shuffle model) where the config says so or
     the config published beside the file does."""
     sd, meta = read(path)
-    k = kind(sd)
-    if k == "controlnet-diffusers":
+    k, diffusers = kind(sd), kind(sd) == "controlnet-diffusers"
+    if diffusers:
         sd, k = from_diffusers(sd), "controlnet"
     prefix = {"controlnet-1.0": CONTROL, "controlnet-1.1": CONTROL, "controlnet": ""}.get(k)
     if prefix is None:
@@ -371,7 +372,7 @@ def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) 
         if diff:
             raise CheckpointError(f"{path}: this ControlNet was trained on another UNet ({diff} {own[diff]}, the base "
                                   f"model has {other[diff]}); use a ControlNet made for this base")
-    if pools(path):
+    if pools(path, diffusers):
         config = replace(config, unet=replace(config.unet, global_average_pooling=True))
     with torch.device("meta"):
         net = ControlNet(config.unet)

@@ -292,6 +292,8 @@ def test_diffusers_controlnet_file_loads_as_the_official_one(tmp_path, name):
     config = json.loads((tmp_path / "folder" / "config.json").read_text())
     (tmp_path / "folder" / "config.json").write_text(json.dumps(config | {"global_pool_conditions": True}))
     assert load_controlnet(path, base=cfg).config.global_average_pooling
+    official = write(tmp_path / "folder" / "control.pth", controlnet_state_dict(net))    # config.json is not its own
+    assert not load_controlnet(official, base=cfg).config.global_average_pooling
     assert "pass it as --controlnet" in error(load_base, path)
 
 
