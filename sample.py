@@ -28,8 +28,8 @@ def parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--base", help="SD 1.x/2.x base checkpoint (.ckpt/.safetensors) or a ControlNet 1.0 full .pth "
                      f"(default: {TINY_BASE.relative_to(WEIGHTS.parent)})")
-    a("--controlnet", action="append", default=[], help="ControlNet file, 1.0 full or 1.1 control-only (or a diffusers "
-      "ControlNet's); repeat for several, each paired with the --control-image at its position")
+    a("--controlnet", action="append", default=[], help="ControlNet file, 1.0 full or 1.1 control-only; repeat for "
+                                                        "several, each paired with the --control-image at its position")
     a("--vae", help="a VAE file to use instead of the base's, e.g. vae-ft-mse-840000-ema-pruned.safetensors (or an "
                     "SD checkpoint, whose VAE is taken)")
     a("--control-image", action="append", default=[], help="control image for the ControlNet at the same position")

@@ -5,7 +5,6 @@ Pickled files are read with `torch.load(weights_only=True)`, which refuses anyth
 so no code inside a file ever runs. Other objects beside the weights (a training checkpoint's callbacks and
 hyper-parameters) are read as inert stand-ins; weights that would need any code to build are refused."""
 import io
-import json
 import os
 import pickle
 import pickletools
@@ -151,8 +150,7 @@ def pickle_imports(path) -> list:
 
 def kind(sd: dict) -> str:
     """'sd' (base), 'controlnet-1.0' (full model), 'controlnet-1.1' (control_model.* only), 'controlnet' (no prefix),
-    'controlnet-diffusers' (a diffusers ControlNetModel), 'diffusers' (another diffusers model's own file, which is
-    not read), 'vae' (a VAE alone), 'sdxl' or 'unknown'."""
+    'diffusers' (a diffusers model's own file, which is not read), 'vae' (a VAE alone), 'sdxl' or 'unknown'."""
     has_unet, has_control = any(k.startswith(UNET) for k in sd), any(k.startswith(CONTROL) for k in sd)
     if any(k.startswith("conditioner.embedders.") for k in sd):
         return "sdxl"
@@ -162,8 +160,6 @@ def kind(sd: dict) -> str:
         return "controlnet-1.1"
     if "input_hint_block.0.weight" in sd:
         return "controlnet"
-    if "controlnet_cond_embedding.conv_in.weight" in sd:
-        return "controlnet-diffusers"
     if any(k.startswith(("down_blocks.", "encoder.down_blocks.")) for k in sd):
         return "diffusers"
     return "vae" if "decoder.conv_in.weight" in sd else "unknown"
@@ -171,7 +167,6 @@ def kind(sd: dict) -> str:
 
 WHAT = {"sd": "a Stable Diffusion base checkpoint", "controlnet-1.0": "a ControlNet 1.0 file",
         "controlnet-1.1": "a ControlNet 1.1 file", "controlnet": "a ControlNet without the control_model. prefix",
-        "controlnet-diffusers": "a diffusers ControlNetModel file",
         "diffusers": "a file from a diffusers model folder (down_blocks.* keys); use the original single-file "
                      "checkpoint instead (weights/README.md lists them)",
         "sdxl": "an SDXL checkpoint (conditioner.* keys); minicontrol runs Stable Diffusion 1.x and 2.x",
@@ -284,67 +279,19 @@ def load_base(path, config: ModelConfig = None) -> StableDiffusion:
     return model.eval().requires_grad_(False)
 
 
-# diffusers' names for the parts of a ControlNet -> the official ones (diffusers' single-file converter, inverted)
-RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
-          "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-       "time_embedding.linear_2": "time_embed.2", "controlnet_cond_embedding.conv_in": "input_hint_block.0",
-       "controlnet_mid_block": "middle_block_out.0"}
-
-
-def from_diffusers(sd: dict) -> dict:
-    """A diffusers ControlNetModel's state dict under the official names. Input block n of the official encoder is
-    level i's resnet j (n = 1 + i * (blocks + 1) + j, its attention beside it as n.1) or level i's downsampler (n =
-    (i + 1) * (blocks + 1)); the hint block's convolutions sit at every other index (its SiLUs between)."""
-    last = lambda prefix, at: max((int(k.split(".")[at]) for k in sd if k.startswith(prefix)), default=0)
-    slots = 2 + last("down_blocks.0.resnets.", 3)                       # res blocks a level, + 1 for the downsampler
-    hint_out = 2 + 2 * (1 + last("controlnet_cond_embedding.blocks.", 2))
-    out = {}
-    for key, value in sd.items():
-        name, leaf = key.rsplit(".", 1)
-        p = name.split(".")
-        if name in TOP:
-            name = TOP[name]
-        elif name == "controlnet_cond_embedding.conv_out":
-            name = f"input_hint_block.{hint_out}"
-        elif p[0] == "controlnet_cond_embedding":                       # .blocks.b
-            name = f"input_hint_block.{2 * int(p[2]) + 2}"
-        elif p[0] == "controlnet_down_blocks":
-            name = f"zero_convs.{p[1]}.0"
-        elif p[0] == "down_blocks" and p[2] == "downsamplers":          # down_blocks.i.downsamplers.0.conv
-            name = f"input_blocks.{(int(p[1]) + 1) * slots}.0.op"
-        elif p[0] == "down_blocks":                                     # down_blocks.i.{resnets,attentions}.j.*
-            block = f"input_blocks.{1 + int(p[1]) * slots + int(p[3])}"
-            name = f"{block}.0.{RESNET.get(p[4], p[4])}" if p[2] == "resnets" else ".".join([f"{block}.1", *p[4:]])
-        elif p[0] == "mid_block":                                       # mid_block.{resnets,attentions}.j.*
-            name = (f"middle_block.{2 * int(p[2])}.{RESNET.get(p[3], p[3])}" if p[1] == "resnets"
-                    else ".".join(["middle_block.1", *p[3:]]))
-        out[f"{name}.{leaf}"] = value
-    return out
-
-
-def pools(path, diffusers: bool) -> bool:
-    """Whether the config published beside a ControlNet file turns its global average pooling on: the official 1.1
-    yaml (control_v11e_sd15_shuffle.yaml next to its .pth; the one setting in which the 1.1 yamls differ, read as
-    text), or for a diffusers file its folder's config.json (global_pool_conditions)."""
-    yaml, config = Path(path).with_suffix(".yaml"), Path(path).parent / "config.json"
-    if not diffusers:
-        return yaml.is_file() and bool(re.search(r"^\s*global_average_pooling:\s*true\b",
-                                                 yaml.read_text(errors="replace"), re.M | re.I))
-    try:
-        return json.loads(config.read_text()).get("global_pool_conditions") is True
-    except (OSError, ValueError, AttributeError):
-        return False
+def yaml_pools(path) -> bool:
+    """Whether the official 1.1 yaml published beside a ControlNet file (control_v11e_sd15_shuffle.yaml next to its
+    .pth) sets global_average_pooling: True, the one setting in which the 1.1 yamls differ; read as text."""
+    yaml = Path(path).with_suffix(".yaml")
+    return yaml.is_file() and bool(re.search(r"^\s*global_average_pooling:\s*true\b", yaml.read_text(errors="replace"),
+                                             re.M | re.I))
 
 
 def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) -> ControlNet:
-    """Any of the three official ControlNet layouts, or a diffusers ControlNetModel's file. With `base`, a ControlNet
-    made for another family is refused. The residuals are pooled (the 1.1 shuffle model) where the config says so or
-    the config published beside the file does."""
+    """Any of the three ControlNet layouts. With `base`, a ControlNet made for another family is refused. The
+    residuals are pooled (the 1.1 shuffle model) where the config says so or the official yaml beside the file does."""
     sd, meta = read(path)
-    k, diffusers = kind(sd), kind(sd) == "controlnet-diffusers"
-    if diffusers:
-        sd, k = from_diffusers(sd), "controlnet"
+    k = kind(sd)
     prefix = {"controlnet-1.0": CONTROL, "controlnet-1.1": CONTROL, "controlnet": ""}.get(k)
     if prefix is None:
         raise CheckpointError(f"{path}: no ControlNet weights in it (control_model.* keys): {WHAT[k]}")
@@ -372,7 +319,7 @@ def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) 
         if diff:
             raise CheckpointError(f"{path}: this ControlNet was trained on another UNet ({diff} {own[diff]}, the base "
                                   f"model has {other[diff]}); use a ControlNet made for this base")
-    if pools(path, diffusers):
+    if yaml_pools(path):
         config = replace(config, unet=replace(config.unet, global_average_pooling=True))
     with torch.device("meta"):
         net = ControlNet(config.unet)

@@ -173,12 +173,12 @@ def test_truncated_and_foreign_files(tmp_path, tiny):
 
 
 def test_diffusers_layout_files_are_named_as_such(tmp_path, tiny):
-    # A diffusers pipeline's UNet and VAE files (written here by diffusers itself) are not read; the error says so and
+    # A diffusers model folder's own files (written here by diffusers itself) are not read; the error says so and
     # points to the original single-file checkpoints, rather than calling them an unknown file.
     from helpers import diffusers_models
     from safetensors.torch import save_file
-    unet, _, vae = diffusers_models(*tiny)                  # (a diffusers ControlNet is read: the test below)
-    for name, module in [("unet", unet), ("vae", vae)]:
+    unet, controlnet, vae = diffusers_models(*tiny)
+    for name, module in [("unet", unet), ("controlnet", controlnet), ("vae", vae)]:
         path = tmp_path / f"{name}.safetensors"
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, path)
         for load in (load_base, load_controlnet):
@@ -262,39 +262,6 @@ def test_inpainting_and_sdxl_bases_are_named(tmp_path, tiny):
     # and an SDXL file (its text encoders under conditioner.embedders.*) is named, not counted as unexpected keys
     sdxl = {"model.diffusion_model.input_blocks.0.0.weight": w, "conditioner.embedders.0.transformer.x": w[:1].clone()}
     assert "an SDXL checkpoint" in error(load_base, write(tmp_path / "sd_xl_base_1.0.safetensors", sdxl))
-
-
-@pytest.mark.parametrize("name", ["tiny-sd1", "tiny-sd2", "three-levels"])
-def test_diffusers_controlnet_file_loads_as_the_official_one(tmp_path, name):
-    # diffusers' own single-file converter turns our ControlNet into a ControlNetModel; its files (safetensors as
-    # save_pretrained writes, or a .bin) load back to exactly our weights, and its config.json's global_pool_conditions
-    # turns pooling on
-    import json
-
-    from helpers import diffusers_models, randomize
-    from minicontrol.checkpoint import StableDiffusion
-    from minicontrol.controlnet import clone_encoder
-    if name == "three-levels":                  # two res blocks a level and two downsamplers, as SD's four levels
-        unet = replace(preset("tiny-sd1").unet, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(1, 2))
-        cfg = replace(preset("tiny-sd1"), unet=unet)
-        model = randomize(StableDiffusion(cfg))
-        net = randomize(clone_encoder(model.unet), seed=1)
-    else:
-        cfg, model, net = tiny_models(name)
-    _, controlnet, _ = diffusers_models(cfg, model, net)
-    controlnet.save_pretrained(tmp_path / "folder")
-    path = tmp_path / "folder" / "diffusion_pytorch_model.safetensors"
-    loaded = load_controlnet(path, base=cfg)
-    assert kind(read(path)[0]) == "controlnet-diffusers" and same(loaded, net)
-    assert not loaded.config.global_average_pooling
-    bin_file = write(tmp_path / "diffusion_pytorch_model.bin", controlnet.state_dict())     # the older pickle form
-    assert same(load_controlnet(bin_file, base=cfg), net)
-    config = json.loads((tmp_path / "folder" / "config.json").read_text())
-    (tmp_path / "folder" / "config.json").write_text(json.dumps(config | {"global_pool_conditions": True}))
-    assert load_controlnet(path, base=cfg).config.global_average_pooling
-    official = write(tmp_path / "folder" / "control.pth", controlnet_state_dict(net))    # config.json is not its own
-    assert not load_controlnet(official, base=cfg).config.global_average_pooling
-    assert "pass it as --controlnet" in error(load_base, path)
 
 
 def test_sd2_controlnet_refused_with_sd1_base(tmp_path):
