@@ -219,9 +219,11 @@ def micro_batch_loss(args, model, trained, items, rank, world, gen, cached=None)
 def encode_all(model, items, resolution, batch=64):
     """The VAE's moments (mean and logvar, stacked on channels) of every training image, kept on the CPU."""
     device, out = next(model.parameters()).device, []
+
+    def read(i):                                     # the targets of items i .. i + batch - 1
+        return torch.stack([load_item(items[j], resolution, j + 1)[1] for j in range(i, min(i + batch, len(items)))])
     with torch.no_grad():
-        for i in range(0, len(items), batch):
-            x = torch.stack([load_item(items[j], resolution, j + 1)[1] for j in range(i, min(i + batch, len(items)))])
+        for x in prefetched(read, range(0, len(items), batch)):             # the next images read while these encode
             out.append(torch.cat(model.vae.moments(x.to(device)), dim=1).cpu())
     return torch.cat(out)
 
