@@ -41,6 +41,12 @@ def timesteps(steps: int) -> list:
     return [t + 1 for t in range(0, T - 1, T // steps)]
 
 
+def gaussian(x: torch.Tensor, generator=None) -> torch.Tensor:
+    """N(0, 1) noise shaped as x, drawn on the generator's device (so a CPU seed gives the same numbers anywhere)."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
 def ddim_sample(model, x, steps: int, eta: float = 0.0, parameterization: str = "eps", generator=None, keep=None,
                 start: int = None):
     """Yields (i, x_prev, x0) after each step, from t = ts[-1] (or ts[start - 1]) down to ts[0] = 1.
@@ -57,14 +63,12 @@ def ddim_sample(model, x, steps: int, eta: float = 0.0, parameterization: str = 
     ts = timesteps(steps)
     a_ts = [ac[t].item() for t in ts]
     a_prevs = [ac[0].item()] + a_ts[:-1]
-    noise_device = generator.device if generator is not None else x.device
-    noise = lambda: torch.randn(x.shape, generator=generator, device=noise_device, dtype=x.dtype).to(x.device)
     for i in reversed(range(len(ts) if start is None else start)):
         a_t, a_prev = a_ts[i], a_prevs[i]
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
         if keep is not None:
             known, mask = keep
-            x = mask * (a_t ** 0.5 * known + (1 - a_t) ** 0.5 * noise()) + (1 - mask) * x
+            x = mask * (a_t ** 0.5 * known + (1 - a_t) ** 0.5 * gaussian(x, generator)) + (1 - mask) * x
         out = model(x, ts[i], i)
         if parameterization == "v":
             e_t = a_t ** 0.5 * out + (1 - a_t) ** 0.5 * x
@@ -74,7 +78,7 @@ def ddim_sample(model, x, steps: int, eta: float = 0.0, parameterization: str = 
             x0 = (x - (1 - a_t) ** 0.5 * e_t) / a_t ** 0.5
         x = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * e_t
         if sigma > 0:
-            x = x + sigma * noise()
+            x = x + sigma * gaussian(x, generator)
         yield i, x, x0
 
 
@@ -86,5 +90,4 @@ def img2img_start(denoise: float, steps: int) -> int:
 def noised_to(x0: torch.Tensor, steps: int, index: int, generator=None) -> torch.Tensor:
     """x0 at the noise level of DDIM timestep ts[index], sqrt(a) x0 + sqrt(1 - a) z: the official stochastic_encode."""
     a = alphas_cumprod().float().double()[timesteps(steps)[index]].item()
-    z = torch.randn(x0.shape, generator=generator, device=generator.device if generator is not None else x0.device)
-    return a ** 0.5 * x0 + (1 - a) ** 0.5 * z.to(x0.device, x0.dtype)
+    return a ** 0.5 * x0 + (1 - a) ** 0.5 * gaussian(x0, generator)
