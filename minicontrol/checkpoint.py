@@ -331,10 +331,11 @@ def load_vae(path, config: ModelConfig) -> AutoencoderKL:
     prefix, perhaps beside its training loss's LPIPS and discriminator, loss.*, and EMA counters), or the VAE of an
     SD checkpoint (first_stage_model.*)."""
     sd, _ = read(path)
-    if kind(sd) not in ("vae", "sd", "controlnet-1.0"):
-        raise CheckpointError(f"{path}: not a VAE: {WHAT[kind(sd)]}")
-    unused = lambda k: k.startswith("loss.") or k in ("model_ema.decay", "model_ema.num_updates")
-    vae_sd = split(sd, VAE) if kind(sd) != "vae" else {k: v for k, v in sd.items() if not unused(k)}
+    k = kind(sd)
+    if k not in ("vae", "sd", "controlnet-1.0"):
+        raise CheckpointError(f"{path}: not a VAE: {WHAT[k]}")
+    unused = lambda key: key.startswith("loss.") or key in ("model_ema.decay", "model_ema.num_updates")
+    vae_sd = split(sd, VAE) if k != "vae" else {key: v for key, v in sd.items() if not unused(key)}
     with torch.device("meta"):
         vae = AutoencoderKL(config.vae)
     return fill(path, "VAE", vae, vae_sd, "Is it a VAE for Stable Diffusion 1.x/2.x?").eval().requires_grad_(False)
