@@ -6,6 +6,7 @@
 """
 import argparse
 import random
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -112,7 +113,7 @@ def check_args(args):
         args.base, args.controlnet = str(TINY_BASE), [str(TINY_CONTROL)]
     elif tiny:
         fail("--controlnet needs --base: the SD 1.x/2.x checkpoint the ControlNet was trained for")
-    from minicontrol.checkpoint import CheckpointError, check_file
+    from minicontrol.checkpoint import CheckpointError, check_file, check_out_folder
     for f in [args.base] + args.controlnet + ([args.vae] if args.vae else []):
         try:
             check_file(f)
@@ -147,20 +148,32 @@ def check_args(args):
     if args.denoise and img2img_start(args.denoise, args.steps) < 1:
         fail(f"--denoise {args.denoise} of --steps {args.steps} runs no step (the official rule runs "
              "min(int(denoise * steps), steps - 1)); give a larger --denoise or more --steps")
+    if not -1 <= args.seed < 2 ** 32:
+        fail(f"--seed must be from 0 to 2**32 - 1, or -1 to draw one; got {args.seed}")
     args.seed = random.randint(0, 65535) if args.seed == -1 else args.seed
     args.cfg = args.cfg if args.cfg is not None else (TINY_CFG if tiny else 9.0)
     args.num_samples = args.num_samples if args.num_samples is not None else (4 if tiny else 1)
-    if args.num_samples < 1 or args.cfg < 0 or args.eta < 0:
-        fail("--num-samples must be at least 1, and --cfg and --eta must not be negative")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        fail(f"--out {args.out} is a file; give a folder for grid.png and the samples")
+    if args.num_samples < 1:
+        fail(f"--num-samples must be at least 1, got {args.num_samples}")
+    for flag, x in (("--cfg", args.cfg), ("--eta", args.eta)):
+        if x < 0:
+            fail(f"{flag} must not be negative, got {x}")
+    try:
+        check_out_folder(args.out)
+    except CheckpointError as e:
+        fail(str(e))
     v_model = args.config is not None and preset(args.config).parameterization == "v"
-    args.resolution = args.resolution or (64 if tiny else 768 if v_model else 512)
+    if args.resolution is None:
+        args.resolution = 64 if tiny else 768 if v_model else 512
     if args.resolution < 64 or args.resolution > 4096:
         fail(f"--resolution {args.resolution} cannot be used: give 64 to 4096 (multiples of 64 are kept as they are)")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        fail(f"--device {args.device}: give cpu, cuda or cuda:N")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         fail("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if args.device.startswith("cuda:") and int(args.device[5:]) >= torch.cuda.device_count():
+        fail(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s), from cuda:0")
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     if args.device == "cpu" and args.dtype != "float32":
         fail(f"--dtype {args.dtype} is for CUDA; on the CPU use float32")

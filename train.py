@@ -22,8 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from minicontrol.checkpoint import (CheckpointError, StableDiffusion, controlnet_state_dict, full_state_dict,
-                                    load_base, load_controlnet, save)
+from minicontrol.checkpoint import (CheckpointError, StableDiffusion, check_out_folder, controlnet_state_dict,
+                                    full_state_dict, load_base, load_controlnet, save)
 from minicontrol.config import preset
 from minicontrol.controlnet import clone_encoder
 from minicontrol.ddim import alphas_cumprod
@@ -277,15 +277,24 @@ def check_args(args):
     for flag, n in counts.items():
         if n < 1:
             raise SystemExit(f"error: {flag} must be at least 1, got {n}")
-    if args.lr <= 0 or args.sample_every < 0 or not 0 <= args.drop_prompt <= 1 or args.latent_noise < 0:
-        raise SystemExit("error: --lr must be positive, --sample-every and --latent-noise not negative, --drop-prompt "
-                         "from 0 to 1")
+    if args.lr <= 0:
+        raise SystemExit(f"error: --lr must be positive, got {args.lr}")
+    if not 0 <= args.drop_prompt <= 1:
+        raise SystemExit(f"error: --drop-prompt is a probability, from 0 to 1; got {args.drop_prompt}")
+    for flag, x in (("--sample-every", args.sample_every), ("--latent-noise", args.latent_noise)):
+        if x < 0:
+            raise SystemExit(f"error: {flag} must not be negative, got {x}")
     if args.latent_noise and args.stage != "decoder":
         raise SystemExit("error: --latent-noise is for --stage decoder; leave it out for the other stages")
     if args.controlnet and args.stage != "controlnet":
         raise SystemExit(f"error: --controlnet is for --stage controlnet; --stage {args.stage} does not use it")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise SystemExit(f"error: --out {args.out} is a file; give a folder for the run")
+    if args.precision not in (None, "fp32") and args.stage in ("vae", "decoder"):
+        raise SystemExit(f"error: --precision {args.precision} is for the UNet stages (controlnet, base); the VAE "
+                         "stages train in fp32: leave it out")
+    try:
+        check_out_folder(args.out)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
 
 
 def main(argv=None):

@@ -49,6 +49,17 @@ def check_file(path):
         raise CheckpointError(f"{path}: no such file")
 
 
+def check_out_folder(folder, flag="--out"):
+    """A CheckpointError unless files can be written in `folder` (made later if absent), checked without writing."""
+    path = Path(folder).absolute()
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir():
+        raise CheckpointError(f"{flag} {folder}: {path} is a file; give a folder")
+    if not os.access(path, os.W_OK):
+        raise CheckpointError(f"{flag} {folder}: {path} cannot be written; give a folder you can write")
+
+
 class Inert:
     """Stands for a class or function that a pickle names beyond tensors and containers: made and given its state
     without any of the original running."""

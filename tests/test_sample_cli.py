@@ -97,6 +97,15 @@ def test_user_mistakes_get_clear_errors(files, tmp_path):
     one_line_error(run_here(*args[:-2], "--out", files / "circle.png"), "--out", "circle.png")   # before any sampling
     one_line_error(run_here(*args, "--denoise", 0.01), "--denoise", "runs no step")
     one_line_error(run_here("--base", files / "tiny-v1.ckpt", "--prompt", "x", "--denoise", 0.5), "--denoise", "first")
+    # each before any weights are read: a folder inside a file, an unknown device, seeds numpy cannot take, and a
+    # resolution of 0 (once taken as "the default")
+    one_line_error(run_here(*args[:-2], "--out", files / "circle.png" / "sub"), "--out", "circle.png is a file")
+    one_line_error(run_here(*args, "--device", "tpu"), "--device tpu")
+    one_line_error(run_here(*args, "--seed", -5), "--seed")
+    one_line_error(run_here(*args, "--seed", 2 ** 32), "--seed")
+    one_line_error(run_here(*args, "--cfg", -1), "--cfg")
+    one_line_error(run_here(*args[:-4], "--resolution", 0, "--out", tmp_path / "o"), "--resolution 0")
+    assert not (tmp_path / "o").exists()
 
 
 def test_vae_flag_samples_as_a_base_carrying_that_vae(files, tmp_path):

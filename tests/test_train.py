@@ -307,11 +307,17 @@ def test_unreadable_image_met_while_training_is_named(setup, tmp_path):
     assert item["target"] in error and "Traceback" not in res.stderr
 
 
-@pytest.mark.parametrize("flag, value", [("--latent-noise", "0.3"), ("--batch-size", "0"), ("--resolution", "0")])
+@pytest.mark.parametrize("flag, value", [("--latent-noise", "0.3"), ("--batch-size", "0"), ("--resolution", "0"),
+                                         ("--lr", "0"), ("--drop-prompt", "1.5"), ("--out", "x/o"),
+                                         ("--precision", "fp16")])
 def test_flag_mistakes_are_refused_in_one_line(setup, tmp_path, flag, value):
-    # --latent-noise outside the decoder stage; counts below 1 (a division by zero; 0 taken as "the data's size")
+    # --latent-noise outside the decoder stage; counts below 1 (a division by zero; 0 taken as "the data's size"); an
+    # --out inside a file (x); --precision for the VAE stages, which train in fp32 (the flag was passed over)
     d, base = setup
-    res = train_here("--base", base, "--data", d / "data", "--out", tmp_path / "o", flag, value)
+    (tmp_path / "x").write_text("")
+    args = ["--stage", "vae", "--config", "tiny"] if flag == "--precision" else ["--base", base]
+    res = train_here(*args, "--data", d / "data", "--out", tmp_path / "o", flag, str(tmp_path / value)
+                     if flag == "--out" else value)
     assert res.returncode != 0 and flag in res.stderr.strip().splitlines()[-1]
     assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()
 
