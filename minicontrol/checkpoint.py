@@ -420,6 +420,7 @@ if __name__ == "__main__":
     if Path(a.dst).is_dir() or Path(a.dst).suffix not in (".safetensors", ".ckpt", ".pth"):
         raise SystemExit(f"error: {a.dst}: give the new file's name, ending in .safetensors (or .ckpt or .pth)")
     try:
+        check_out_folder(Path(a.dst).parent, "dst")
         sd, meta = read(a.src)
         bases = [read(f)[0] for f in a.transfer or ()]
     except CheckpointError as e:
@@ -439,3 +440,4 @@ if __name__ == "__main__":
     if a.half:
         sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
     save(a.dst, sd, ModelConfig.from_json(meta) if meta else None)
+    print(f"wrote {a.dst}: {len(sd)} tensors, {WHAT[kind(sd)]}")

@@ -86,12 +86,14 @@ def test_split_a_full_file_into_sd_and_control_files(tmp_path):
     res = cli(tmp_path / "control.safetensors", tmp_path / "x.safetensors", "--part", "sd")
     assert res.returncode != 0 and res.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'control.safetensors'}: no sd part; --part sd and control split a ControlNet 1.0 full file"]
-    for dst in (tmp_path, tmp_path / "notes.txt"):                # a folder, a name of no checkpoint format
+    inside_a_file = tmp_path / "full.pth" / "x.safetensors"        # refused before the source is read
+    for dst, error in ((tmp_path, "give the new file's name"), (tmp_path / "notes.txt", "ending in .safetensors"),
+                       (inside_a_file, f"{tmp_path / 'full.pth'} is a file")):
         with pytest.raises(SystemExit) as e:                          # the module run here: quicker than cli()
             with pytest.MonkeyPatch.context() as m:
                 m.setattr(sys, "argv", ["checkpoint", str(full), str(dst), "--half"])
                 runpy.run_module("minicontrol.checkpoint", run_name="__main__")
-        assert e.value.code == f"error: {dst}: give the new file's name, ending in .safetensors (or .ckpt or .pth)"
+        assert str(e.value.code).startswith("error: ") and error in e.value.code
 
 
 @pytest.mark.filterwarnings("ignore:'minicontrol.checkpoint' found in sys.modules:RuntimeWarning")   # run_module
