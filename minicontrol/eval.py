@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_base, load_controlnet
+from .checkpoint import CheckpointError, check_out_folder, load_base, load_controlnet
 from .pipeline import Control, decode, sample
 from .world import COLORS, GUIDANCE, SIZE, STRENGTH, draw, eval_items, prompt
 
@@ -119,10 +119,13 @@ def main():
     p.add_argument("--curve", metavar="RUN", help="instead: IoU at every checkpoint of a ControlNet run folder, "
                    "written to RUN/iou.csv and RUN/iou.png (n held-out colour pairs)")
     a = p.parse_args()
-    if a.n < 1 or not 1 <= a.steps <= 1000:
-        raise SystemExit(f"error: --n must be at least 1 and --steps 1 to 1000; got --n {a.n}, --steps {a.steps}")
+    if a.n < 1 or not 1 <= a.steps <= 1000 or a.cfg < 0:
+        raise SystemExit(f"error: --n must be at least 1, --steps 1 to 1000 and --cfg not negative; got --n {a.n}, "
+                         f"--steps {a.steps}, --cfg {a.cfg}")
     torch.set_grad_enabled(False)
     try:
+        if a.grid:
+            check_out_folder(Path(a.grid).parent, "--grid")
         run(a)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}")

@@ -96,4 +96,11 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=["train", "eval"], default="train", help="eval: only held-out pairs/positions")
     a = p.parse_args()
+    if a.n < 1:
+        raise SystemExit(f"error: --n must be at least 1, got {a.n}")
+    from .checkpoint import CheckpointError, check_out_folder
+    try:
+        check_out_folder(a.out)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
     make_dataset(a.out, a.n, a.seed, a.split)
