@@ -268,6 +268,34 @@ def plot_loss(csv_path, png_path):
     line_plot(np.arange(len(smooth)) + k, smooth, png_path, "loss")
 
 
+def save_state(path, run: dict, extra: list, step: int):
+    """state.pt: what a resumed run needs to go on exactly as this one would (weights, optimizer, loss scale, the data
+    order's and the noise's generator, the step), written to a temporary file and renamed: a kill leaves the old
+    state or the new one."""
+    torch.save({"trained": run["trained"].state_dict(), "extra": [p.detach() for p in extra], "step": step,
+                "optimizer": run["optimizer"].state_dict(), "scaler": run["scaler"].state_dict(),
+                "generator": run["generator"].get_state()}, path.with_suffix(".pt.tmp"))
+    os.replace(path.with_suffix(".pt.tmp"), path)
+
+
+def load_state(state: dict, path, run: dict, extra: list, lr: float):
+    """save_state's contents back into the run's objects; --lr given now wins over the saved one."""
+    try:
+        run["trained"].load_state_dict(state["trained"])
+        for p, v in zip(extra, state["extra"]):                # a count that differs fails in the optimizer
+            p.data.copy_(v)
+        run["optimizer"].load_state_dict(state["optimizer"])
+        if state.get("scaler"):                                # a run saved in fp16 keeps its loss scale
+            run["scaler"].load_state_dict(state["scaler"])
+    except (RuntimeError, ValueError) as e:
+        why = str(e).strip().splitlines()[0][:120]
+        raise SystemExit(f"error: {path} is a run with other settings ({why}); resume with its --stage, --base, "
+                         "--controlnet and --sd-unlocked, or give another --out")
+    for group in run["optimizer"].param_groups:
+        group["lr"] = lr
+    run["generator"].set_state(state["generator"])
+
+
 def check_args(args):
     """Flag mistakes, each one line, before any data or weights are read."""
     counts = {"--steps": args.steps, "--batch-size": args.batch_size, "--grad-accum": args.grad_accum,
@@ -353,21 +381,9 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")   # fp16 gradients would underflow
     gen = torch.Generator().manual_seed(args.seed)
+    run = {"trained": trained, "optimizer": opt, "scaler": scaler, "generator": gen}    # all that state.pt holds
     if resume:
-        try:
-            trained.load_state_dict(state["trained"])
-            for p, v in zip(extra, state["extra"]):                # a count that differs fails in the optimizer
-                p.data.copy_(v)
-            opt.load_state_dict(state["optimizer"])
-            if state.get("scaler"):                                # a run saved in fp16 keeps its loss scale
-                scaler.load_state_dict(state["scaler"])
-        except (RuntimeError, ValueError) as e:
-            why = str(e).strip().splitlines()[0][:120]
-            raise SystemExit(f"error: {state_path} is a run with other settings ({why}); resume with its --stage, "
-                             "--base, --controlnet and --sd-unlocked, or give another --out")
-        for group in opt.param_groups:                       # --lr given now wins over the saved one
-            group["lr"] = args.lr
-        gen.set_state(state["generator"])
+        load_state(state, state_path, run, extra, args.lr)
         del state
     if rank == 0:
         print(f"resumed {state_path} at step {step}" if step else f"starting a new run in {out}")
@@ -422,11 +438,7 @@ def main(argv=None):
                     model.config = replace(model.config, vae=replace(model.config.vae, scale_factor=s))
                     model.vae.config = model.config.vae
                 export(args, model, trained, out / f"step{step:07d}.safetensors")
-                tmp = out / "state.pt.tmp"
-                torch.save({"trained": trained.state_dict(), "extra": [p.detach() for p in extra], "step": step,
-                            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "generator": gen.get_state()},
-                           tmp)
-                os.replace(tmp, state_path)                      # atomic: a kill leaves the old state or the new one
+                save_state(state_path, run, extra, step)
                 plot_loss(out / "loss.csv", out / "loss.png")
             if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
                 sample_grid(args, model, trained, items, out / "samples" / f"step{step:07d}.png")
