@@ -271,13 +271,14 @@ def main(argv=None):
 
     h, w = maps[0].shape[:2] if maps else (round64(args.resolution),) * 2
     controls = [Control(*c) for c in zip(nets, hints, args.strength, args.start, args.end)]
-    known = None
+    known, generator = None, torch.Generator().manual_seed(args.seed)
     if args.mask or args.denoise:                    # the first control image's latents: kept, or the start
-        x = torch.tensor(source / 127.5 - 1.0, dtype=torch.float32).permute(2, 0, 1)[None].to(args.device)
-        known = model.vae.encode(x, sample=False)
+        # as the official inpaint and tile demos encode it: / 127.0 - 1 (sic), a posterior sample for each image
+        x = torch.tensor(source / 127.0 - 1.0, dtype=torch.float32).permute(2, 0, 1)[None]
+        known = model.vae.encode(x.expand(len(prompts), -1, -1, -1).to(args.device), generator)
     keep = (known, torch.tensor(1.0 - latent)[None, None]) if args.mask else None
     steps = sample(model, prompts, [negative] * len(prompts), controls, args.steps, args.cfg, args.eta,
-                   args.guess_mode, args.only_mid_control, h, w, torch.Generator().manual_seed(args.seed), keep=keep,
+                   args.guess_mode, args.only_mid_control, h, w, generator, keep=keep,
                    init=known if args.denoise else None, denoise=args.denoise or 1.0)
     total = img2img_start(args.denoise, args.steps) if args.denoise else len(timesteps(args.steps))
     for _, z, _ in tqdm(steps, total=total, desc="DDIM", unit="step"):

@@ -6,6 +6,7 @@ from einops import rearrange
 
 from .attention import attention
 from .config import VAEConfig
+from .ddim import gaussian
 
 
 def norm(channels: int) -> nn.GroupNorm:
@@ -147,8 +148,7 @@ class AutoencoderKL(nn.Module):
         """Scaled latent: a sample of the posterior, as LDM training uses, or its mean with sample=False."""
         mean, logvar = self.moments(x)
         if sample:
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            mean = mean + torch.exp(0.5 * logvar) * noise
+            mean = mean + torch.exp(0.5 * logvar) * gaussian(mean, generator)
         return mean * self.config.scale_factor
 
     def decode(self, z):

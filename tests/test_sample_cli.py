@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 from helpers import run_main, tiny_models
-from minicontrol.checkpoint import controlnet_state_dict, full_state_dict
+from minicontrol.checkpoint import controlnet_state_dict, full_state_dict, load_base
+from minicontrol.config import preset
+from minicontrol.preprocess import resize_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -191,6 +193,24 @@ def test_default_size_is_the_models_training_size(files, config, size):
     args = sample.parser().parse_args(argv + ["--resolution", "640"])
     sample.check_args(args)
     assert args.resolution == 640
+
+
+def test_img2img_and_inpainting_encode_the_image_as_the_official_demos(files, tmp_path, monkeypatch):
+    # gradio_tile.py and gradio_inpaint.py: x0 = image / 127.0 - 1 (not 127.5), one copy per sample, each encoded to a
+    # posterior sample (mean + std * N(0, 1)) * scale_factor, the noise here the seed's first draws
+    import minicontrol.pipeline
+    seen, real = {}, minicontrol.pipeline.sample
+    monkeypatch.setattr(minicontrol.pipeline, "sample", lambda *a, **k: seen.update(k) or real(*a, **k))
+    vae = load_base(files / "tiny-v1.ckpt", config=preset("tiny-sd1")).vae
+    image = resize_image(np.asarray(Image.open(files / "circle.png")), 64)
+    mean, logvar = vae.moments(torch.tensor(image / 127.0 - 1.0, dtype=torch.float32).permute(2, 0, 1)[None])
+    noise = torch.randn((2, *mean.shape[1:]), generator=torch.Generator().manual_seed(42))        # --seed 42
+    want = (mean + (0.5 * logvar).exp() * noise) * vae.config.scale_factor
+    args = [a for a in base_args(files, tmp_path / "o") if a not in ("--detector", "canny")]     # the image as is
+    for extra, key in ((["--denoise", 0.5], "init"), (["--mask", files / "circle.png"], "keep")):
+        assert run_here(*args, *extra).returncode == 0
+        got = seen[key] if key == "init" else seen[key][0]
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5), key
 
 
 def test_inpainting_keeps_the_image_outside_the_blurred_mask(files, tmp_path):
