@@ -2,7 +2,10 @@
 in the test process."""
 import contextlib
 import io
+import runpy
 import subprocess
+import sys
+import warnings
 
 import torch
 
@@ -90,3 +93,17 @@ def run_main(main, *args):
             code = 1 if isinstance(e.code, str) else e.code
             err.write(f"{e.code}\n" if isinstance(e.code, str) else "")
     return subprocess.CompletedProcess(args, code, "", err.getvalue())
+
+
+def run_module(module, *args):
+    """`python -m module args` in this process (a new interpreter costs seconds): None when it returns, else the
+    code its SystemExit carries (an error's one line); any other exception propagates."""
+    argv, sys.argv = sys.argv, [module, *map(str, args)]
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "'minicontrol.* found in sys.modules", RuntimeWarning)
+            runpy.run_module(module, run_name="__main__")
+    except SystemExit as e:
+        return e.code
+    finally:
+        sys.argv = argv

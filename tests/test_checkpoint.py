@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from helpers import tiny_models
+from helpers import run_module, tiny_models
 from minicontrol.checkpoint import (CONTROL, CheckpointError, controlnet_state_dict, full_state_dict, kind, load_base,
                                     load_controlnet, load_vae, read, save)
 from minicontrol.config import preset
@@ -67,43 +67,30 @@ def error(fn, *args, **kw):
     return msg
 
 
-@pytest.mark.filterwarnings("ignore:'minicontrol.checkpoint' found in sys.modules:RuntimeWarning")   # run_module
 def test_split_a_full_file_into_sd_and_control_files(tmp_path):
     # python -m minicontrol.checkpoint --part: the two halves of a 1.0 full file load as a base and a 1.1 ControlNet
-    import runpy
-    import subprocess
-    import sys
     cfg, model, net = tiny_models("tiny-sd2")
     full = save(tmp_path / "full.pth", full_state_dict(model, net)) or tmp_path / "full.pth"
-    cli = lambda *a: subprocess.run([sys.executable, "-m", "minicontrol.checkpoint", *map(str, a)],
-                                    capture_output=True, text=True)
+    cli = lambda *args: run_module("minicontrol.checkpoint", *args)
     for part in ("sd", "control"):
-        assert cli(full, tmp_path / f"{part}.safetensors", "--part", part).returncode == 0
+        assert cli(full, tmp_path / f"{part}.safetensors", "--part", part) is None
     sd_part, control_part = read(tmp_path / "sd.safetensors")[0], read(tmp_path / "control.safetensors")[0]
     assert kind(sd_part) == "sd" and kind(control_part) == "controlnet-1.1"
     assert same(load_base(tmp_path / "sd.safetensors", config=cfg).unet, model.unet)
     assert same(load_controlnet(tmp_path / "control.safetensors", base=cfg), net)
-    res = cli(tmp_path / "control.safetensors", tmp_path / "x.safetensors", "--part", "sd")
-    assert res.returncode != 0 and res.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'control.safetensors'}: no sd part; --part sd and control split a ControlNet 1.0 full file"]
+    assert cli(tmp_path / "control.safetensors", tmp_path / "x.safetensors", "--part", "sd") == (
+        f"error: {tmp_path / 'control.safetensors'}: no sd part; --part sd and control split a ControlNet 1.0 full file")
     inside_a_file = tmp_path / "full.pth" / "x.safetensors"        # refused before the source is read
     for dst, error in ((tmp_path, "give the new file's name"), (tmp_path / "notes.txt", "ending in .safetensors"),
                        (inside_a_file, f"{tmp_path / 'full.pth'} is a file")):
-        with pytest.raises(SystemExit) as e:                          # the module run here: quicker than cli()
-            with pytest.MonkeyPatch.context() as m:
-                m.setattr(sys, "argv", ["checkpoint", str(full), str(dst), "--half"])
-                runpy.run_module("minicontrol.checkpoint", run_name="__main__")
-        assert str(e.value.code).startswith("error: ") and error in e.value.code
+        code = cli(full, dst, "--half")
+        assert str(code).startswith("error: ") and error in code
 
 
-@pytest.mark.filterwarnings("ignore:'minicontrol.checkpoint' found in sys.modules:RuntimeWarning")   # run_module
 def test_transfer_moves_a_controlnet_to_another_base(tmp_path):
     # The official tool_transfer_control rule on a fresh trainable copy (clone_encoder, the official add-control rule)
     # of base A: moved to base B, it is the fresh copy of B, its hint block and zero convolutions kept; in a 1.0 full
     # file the SD becomes B (VAE and text encoder B's own)
-    import runpy
-    import sys
-
     from helpers import randomize
     from minicontrol.controlnet import clone_encoder
     cfg, a, _ = tiny_models("tiny-sd1", seed=0)
@@ -117,21 +104,17 @@ def test_transfer_moves_a_controlnet_to_another_base(tmp_path):
         ("a", full_state_dict(a)), ("b", full_state_dict(b)), ("control11", controlnet_state_dict(net)),
         ("control10", full_state_dict(a, net))]}
 
-    def cli(*args):
-        with pytest.MonkeyPatch.context() as m:
-            m.setattr(sys, "argv", ["checkpoint", *map(str, args)])
-            runpy.run_module("minicontrol.checkpoint", run_name="__main__")
+    cli = lambda *args: run_module("minicontrol.checkpoint", *args)
     for name in ("control11", "control10"):
-        cli(files[name], tmp_path / f"moved-{name}.safetensors", "--transfer", files["a"], files["b"])
+        assert cli(files[name], tmp_path / f"moved-{name}.safetensors", "--transfer", files["a"], files["b"]) is None
         moved = load_controlnet(tmp_path / f"moved-{name}.safetensors", base=cfg).state_dict()
         assert all(torch.allclose(moved[k], v, rtol=0, atol=1e-6) for k, v in expected.items())
     moved_sd = load_base(tmp_path / "moved-control10.safetensors", cfg)
     assert same(moved_sd.vae, b.vae) and same(moved_sd.text, b.text)
     assert all(torch.allclose(x, y, rtol=0, atol=1e-6) for x, y in zip(moved_sd.unet.state_dict().values(),
                                                                        b.unet.state_dict().values()))
-    with pytest.raises(SystemExit) as e:
-        cli(files["a"], tmp_path / "x.safetensors", "--transfer", files["a"], files["b"])
-    assert "--transfer moves a ControlNet" in e.value.code and "\n" not in e.value.code
+    code = cli(files["a"], tmp_path / "x.safetensors", "--transfer", files["a"], files["b"])
+    assert "--transfer moves a ControlNet" in code and "\n" not in code
 
 
 def test_missing_unexpected_and_wrong_shape(tmp_path, tiny):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import run_module
 from minicontrol.checkpoint import kind, load_base, load_controlnet, read
 from minicontrol.world import COLORS, HELD_OUT_PAIRS, draw, eval_items, held_out_position, make_dataset
 
@@ -94,19 +95,15 @@ def test_recipe_runs_every_stage_from_scratch(tmp_path):
         assert (tmp_path / stage / "samples" / "step0000002.png").exists() and (tmp_path / stage / "loss.png").exists()
 
 
-@pytest.mark.filterwarnings("ignore:'minicontrol.*' found in sys.modules:RuntimeWarning")    # run_module
-def test_dataset_and_eval_mistakes_are_refused_in_one_line(tmp_path, monkeypatch):
+def test_dataset_and_eval_mistakes_are_refused_in_one_line(tmp_path):
     # before any item is drawn or model read: a count of none, and outputs inside a file (the modules run here, where
     # any other exception would escape)
-    import runpy
     (tmp_path / "x").write_text("")
     for module, args, flag in (("world", ["--out", tmp_path / "d", "--n", 0], "--n"),
                                ("world", ["--out", tmp_path / "x" / "d"], "--out"),
                                ("eval", ["--grid", tmp_path / "x" / "g.png"], "--grid")):
-        monkeypatch.setattr(sys, "argv", [module, *map(str, args)])
-        with pytest.raises(SystemExit) as e:
-            runpy.run_module(f"minicontrol.{module}", run_name="__main__")
-        assert str(e.value.code).startswith(f"error: {flag}"), e.value.code
+        code = run_module(f"minicontrol.{module}", *args)
+        assert str(code).startswith(f"error: {flag}"), code
     assert not (tmp_path / "d").exists()
 
 
