@@ -122,11 +122,11 @@ def main():
     if a.n < 1 or not 1 <= a.steps <= 1000 or a.cfg < 0:
         raise SystemExit(f"error: --n must be at least 1, --steps 1 to 1000 and --cfg not negative; got --n {a.n}, "
                          f"--steps {a.steps}, --cfg {a.cfg}")
-    torch.set_grad_enabled(False)
     try:
         if a.grid:
             check_out_folder(Path(a.grid).parent, "--grid")
-        run(a)
+        with torch.no_grad():
+            run(a)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}")
 
