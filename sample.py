@@ -77,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
     a("--resolution", type=int, default=None, help="short side of the output, rounded to a multiple of 64 "
                                                    "(default 512; 768 for v-prediction models, which were trained "
                                                    "at 768; 64 for the tiny model)")
-    a("--out", default="out", help="output folder: grid.png and sample_N.png (default out/)")
+    a("--out", default="out", help="output folder: grid.png, sample_N.png and control_N.png (default out/)")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
       help="UNet and ControlNet precision; the VAE stays float32 (default: float16 on CUDA, float32 on CPU)")
@@ -290,8 +290,8 @@ def main(argv=None):
 
 
 def write_outputs(args, prompts, negative, maps, images):
-    """sample_N.png with the settings in a PNG text chunk named `parameters`; grid.png: control maps (if any) above
-    samples."""
+    """sample_N.png with the settings in a PNG text chunk named `parameters`; control_N.png: each control map as the
+    ControlNet saw it (reusable with --detector none); grid.png: control maps (if any) above samples."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
@@ -307,6 +307,8 @@ def write_outputs(args, prompts, negative, maps, images):
                       + (f", Mask: {Path(args.mask).name}, Mask blur: {args.mask_blur}" if args.mask else "")
                       + (f", Denoise: {args.denoise}" if args.denoise else ""))
         Image.fromarray(img).save(out / f"sample_{i}.png", pnginfo=info)
+    for j, m in enumerate(maps):
+        Image.fromarray(m).save(out / f"control_{j}.png")
     n = max(len(maps), len(images))
     row = lambda tiles: np.concatenate(list(tiles) + [np.zeros_like(images[0])] * (n - len(tiles)), axis=1)
     grid = Image.fromarray(np.concatenate(([row(maps)] if maps else []) + [row(images)], axis=0))

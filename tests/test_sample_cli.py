@@ -57,6 +57,15 @@ def test_sample_writes_pngs_with_metadata_and_is_reproducible(files, tmp_path):
     assert run_here(*base_args(files, skip), "--clip-skip", 2).returncode == 0
     grid = Image.open(first / "grid.png")
     samples = [Image.open(first / f"sample_{i}.png") for i in range(2)]
+    # control_0.png is OpenCV's Canny of the resized image, and given back as the map it gives the same pixels
+    import cv2
+    control = np.asarray(Image.open(first / "control_0.png"))
+    edges = cv2.Canny(resize_image(np.asarray(Image.open(files / "circle.png")), 64), 100, 200)
+    assert control.shape == (64, 64, 3) and (control == edges[:, :, None]).all() and edges.any()
+    again = [a if a != files / "circle.png" else first / "control_0.png" for a in base_args(files, tmp_path / "again")]
+    assert run_here(*[a for a in again if a not in ("--detector", "canny")]).returncode == 0
+    assert all(np.array_equal(np.asarray(Image.open(tmp_path / "again" / f"sample_{i}.png")), np.asarray(samples[i]))
+               for i in range(2))
     assert all(s.size == (64, 64) for s in samples)                 # 80x96 -> short side 64, sides multiples of 64
     assert grid.size == (512, 512)              # control map row above two samples, 64-pixel tiles shown 4x
     params = samples[1].text["parameters"]
