@@ -76,7 +76,7 @@ def read_index(folder: Path):
     if not index.is_file():
         raise SystemExit(f"error: {index}: no such file; --data must be a folder with prompt.json (fill50k layout)")
     items = []
-    for n, line in enumerate(open(index), 1):
+    for n, line in enumerate(index.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -259,7 +259,7 @@ def sample_grid(args, model, net, items, path):
 
 def plot_loss(csv_path, png_path):
     """loss.csv as a line (mean over 1% windows)."""
-    rows = list(csv.DictReader(open(csv_path)))
+    rows = list(csv.DictReader(Path(csv_path).read_text().splitlines()))
     if len(rows) < 2:
         return
     loss = np.array([float(r["loss"]) for r in rows])
@@ -388,7 +388,7 @@ def main(argv=None):
     if rank == 0:
         print(f"resumed {state_path} at step {step}" if step else f"starting a new run in {out}")
         if (out / "loss.csv").exists():                      # drop rows logged after the last checkpoint
-            rows = open(out / "loss.csv").read().splitlines()
+            rows = (out / "loss.csv").read_text().splitlines()
             keep = [r for r in rows[1:] if int(r.split(",")[0]) <= step]
             (out / "loss.csv").write_text("\n".join(rows[:1] + keep) + "\n")
         (out / "samples").mkdir(parents=True, exist_ok=True)
