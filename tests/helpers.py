@@ -1,5 +1,5 @@
-"""Shared test helpers: tiny random models in the official layout, and their diffusers twins; a script's main run
-in the test process."""
+"""Shared test helpers: tiny random models in the official layout, and their diffusers twins; a script's main or a
+module's command line run in the test process."""
 import contextlib
 import io
 import runpy
