@@ -170,10 +170,10 @@ def check_args(args):
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         fail(f"--device {args.device}: give cpu, cuda or cuda:N")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        fail("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    if args.device.startswith("cuda:") and int(args.device[5:]) >= torch.cuda.device_count():
-        fail(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s), from cuda:0")
+    count = torch.cuda.device_count()
+    if args.device != "cpu" and int(args.device[5:] or 0) >= count:
+        fail(f"--device {args.device}: this machine has {count} CUDA device(s); use --device cpu"
+             + (f" or cuda:0 to cuda:{count - 1}" if count else ""))
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     if args.device == "cpu" and args.dtype != "float32":
         fail(f"--dtype {args.dtype} is for CUDA; on the CPU use float32")
@@ -275,7 +275,7 @@ def main(argv=None):
     if args.mask or args.denoise:                    # the first control image's latents: kept, or the start
         # as the official inpaint and tile demos encode it: / 127.0 - 1 (sic), a posterior sample for each image
         x = torch.tensor(source / 127.0 - 1.0, dtype=torch.float32).permute(2, 0, 1)[None]
-        known = model.vae.encode(x.expand(len(prompts), -1, -1, -1).to(args.device), generator)
+        known = model.vae.encode(x.to(args.device), generator, n=len(prompts))
     keep = (known, torch.tensor(1.0 - latent)[None, None]) if args.mask else None
     steps = sample(model, prompts, [negative] * len(prompts), controls, args.steps, args.cfg, args.eta,
                    args.guess_mode, args.only_mid_control, h, w, generator, keep=keep,

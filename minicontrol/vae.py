@@ -144,10 +144,12 @@ class AutoencoderKL(nn.Module):
         mean, logvar = self.moments(x)
         return self.decoder(self.post_quant_conv(mean + torch.exp(0.5 * logvar) * noise + extra)), mean, logvar
 
-    def encode(self, x, generator=None, sample=True):
-        """Scaled latent: a sample of the posterior, as LDM training uses, or its mean with sample=False."""
+    def encode(self, x, generator=None, sample=True, n=1):
+        """Scaled latent: a sample of the posterior (n of each image, one after another: the encoder runs once), as
+        LDM training uses, or its mean with sample=False."""
         mean, logvar = self.moments(x)
         if sample:
+            mean, logvar = mean.repeat_interleave(n, dim=0), logvar.repeat_interleave(n, dim=0)
             mean = mean + torch.exp(0.5 * logvar) * gaussian(mean, generator)
         return mean * self.config.scale_factor
 
