@@ -36,6 +36,8 @@ class GroupNorm32(nn.GroupNorm):
 
 
 class ResBlock(nn.Module):
+    """skip(x) + out_layers(in_layers(x) + emb_layers(emb)), each layer stack GroupNorm, SiLU, conv: the time step
+    enters as a per-channel shift. skip is a 1x1 conv where the width changes; the last conv starts at zero."""
     def __init__(self, channels: int, emb_channels: int, out_channels: int):
         super().__init__()
         self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
@@ -51,6 +53,7 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
+    """Multi-head attention of image tokens to themselves (attn1, context None) or to the text tokens (attn2)."""
     def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int):
         super().__init__()
         inner = heads * dim_head
@@ -61,7 +64,7 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim))  # official: Linear then Dropout, hence to_out.0
 
     def forward(self, x, context=None):
-        context = x if context is None else context
+        context = x if context is None else context          # x: (B, h*w, C) image tokens; context: (B, 77, C_text)
         q, k, v = (rearrange(f(a), "b n (h d) -> b h n d", h=self.heads)
                    for f, a in ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
         return self.to_out(rearrange(attention(q, k, v), "b h n d -> b n (h d)"))
@@ -78,6 +81,7 @@ class GEGLU(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm transformer layer: self-attention, cross-attention to the text, GEGLU feed-forward."""
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
         super().__init__()
         self.attn1 = CrossAttention(dim, dim, heads, dim_head)
@@ -93,6 +97,8 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
+    """The feature map as h*w tokens through transformer layers, added back to it: where the prompt enters the UNet.
+    proj_out starts at zero, so a fresh block passes x through unchanged."""
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, linear: bool):
         super().__init__()
         inner = heads * dim_head
@@ -176,6 +182,7 @@ def build_encoder(cfg: UNetConfig):
     block's output channels (the skip widths)."""
     mc, emb_ch = cfg.model_channels, cfg.model_channels * 4
     time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+    # ds: how many times the latent has been halved so far; attention runs where ds is in attention_resolutions
     blocks, chans, ch, ds = [Block(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))], [mc], mc, 1
     for level, mult in enumerate(cfg.channel_mult):
         for _ in range(cfg.num_res_blocks):
@@ -202,8 +209,8 @@ class UNet(nn.Module):
         self.time_embed, self.input_blocks, self.middle_block, chans = build_encoder(cfg)
         mc, emb_ch = cfg.model_channels, cfg.model_channels * 4
         ch, ds, blocks = chans[-1], 2 ** (len(cfg.channel_mult) - 1), []
-        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-            for i in range(cfg.num_res_blocks + 1):
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):     # the decoder mirrors the encoder
+            for i in range(cfg.num_res_blocks + 1):       # one block more per level: each takes one encoder skip
                 layers = [ResBlock(ch + chans.pop(), emb_ch, mc * mult)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
@@ -219,7 +226,7 @@ class UNet(nn.Module):
         """x: (B, 4, h, w) latent; timesteps: (B,); context: (B, 77, context_dim); control: None or one residual
         per input block plus one for the middle (13 for SD), already scaled, as ControlNet returns them."""
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
-        h, skips = x, []
+        h, skips = x, []                    # SD: (B, 320, h, w) after the first block, (B, 1280, h/8, w/8) last
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
@@ -233,5 +240,5 @@ class UNet(nn.Module):
                 residual = control.pop()
                 if not only_mid_control:
                     skip = skip + residual
-            h = block(torch.cat([h, skip], dim=1), emb, context)
+            h = block(torch.cat([h, skip], dim=1), emb, context)           # channels: h's, then the skip's
         return self.out(h)

@@ -10,10 +10,13 @@ from .ddim import gaussian
 
 
 def norm(channels: int) -> nn.GroupNorm:
+    # every VAE norm: 32 groups, eps 1e-6 (the UNet's ResBlocks use 1e-5)
     return nn.GroupNorm(32, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
+    """x + conv(swish(norm(conv(swish(norm(x)))))): the UNet's ResBlock without the time step; a 1x1 shortcut where
+    the width changes."""
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
         self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
@@ -74,6 +77,8 @@ def level(blocks, resample=None) -> nn.Module:
 
 
 class Encoder(nn.Module):
+    """(B, 3, H, W) image -> (B, 2 * z_channels, H/f, W/f): the posterior's mean and log-variance, f = 2 ** (levels
+    - 1), 8 for SD."""
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         widths = [cfg.ch * m for m in cfg.ch_mult]
@@ -99,6 +104,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """(B, z_channels, H/f, W/f) latent -> (B, 3, H, W) image in about [-1, 1]; the encoder's mirror with one block more
+    per level."""
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         widths = [cfg.ch * m for m in cfg.ch_mult]
@@ -125,7 +132,10 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    """Images in [-1, 1], (B, 3, H, W) <-> latents (B, 4, H/8, W/8) already multiplied by scale_factor."""
+    """Images in [-1, 1], (B, 3, H, W) <-> latents (B, 4, H/8, W/8) already multiplied by scale_factor.
+
+    The diffusion model works on these latents (LDM arXiv:2112.10752); SD's scale_factor 0.18215 brings them to about
+    unit variance, the scale that the noise schedule assumes."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -136,7 +146,7 @@ class AutoencoderKL(nn.Module):
 
     def moments(self, x):
         mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
-        return mean, logvar.clamp(-30.0, 20.0)
+        return mean, logvar.clamp(-30.0, 20.0)          # as the official posterior, so exp(logvar) stays finite
 
     def forward(self, x, noise, extra=0.0):
         """Reconstruction through a posterior sample (noise ~ N(0, I) of the latent's shape) plus `extra` (added
