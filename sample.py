@@ -113,7 +113,7 @@ def check_args(args):
         args.base, args.controlnet = str(TINY_BASE), [str(TINY_CONTROL)]
     elif tiny:
         fail("--controlnet needs --base: the SD 1.x/2.x checkpoint the ControlNet was trained for")
-    from minicontrol.checkpoint import CheckpointError, check_file, check_out_folder
+    from minicontrol.checkpoint import CheckpointError, check_file, check_out_folder, stated_prediction
     for f in [args.base] + args.controlnet + ([args.vae] if args.vae else []):
         try:
             check_file(f)
@@ -162,7 +162,10 @@ def check_args(args):
         check_out_folder(args.out)
     except CheckpointError as e:
         fail(str(e))
-    v_model = args.config is not None and preset(args.config).parameterization == "v"
+    try:
+        v_model = stated_prediction(args.base, preset(args.config) if args.config else None) == "v"
+    except Exception:                                # a file that cannot be read: load_base names the problem
+        v_model = False
     if args.resolution is None:
         args.resolution = 64 if tiny else 768 if v_model else 512
     if args.resolution < 64 or args.resolution > 4096:
@@ -218,7 +221,7 @@ def main(argv=None):
     tiny = check_args(args)
     from tqdm import tqdm
 
-    from minicontrol.checkpoint import CheckpointError, load_base, load_controlnet, load_vae, saved_config
+    from minicontrol.checkpoint import CheckpointError, guessed_prediction, load_base, load_controlnet, load_vae
     from minicontrol.pipeline import Control, decode, sample
     from minicontrol.text import token_count
 
@@ -244,9 +247,9 @@ def main(argv=None):
                   f"{75 * args.prompt_chunks} ({args.prompt_chunks} x CLIP's 77 with start and end tokens; "
                   "--prompt-chunks gives more)", file=sys.stderr)
 
-    dtype = getattr(torch, args.dtype)
+    dtype, config = getattr(torch, args.dtype), preset(args.config) if args.config else None
     try:
-        model = load_base(args.base, preset(args.config) if args.config else None)
+        model = load_base(args.base, config)
         nets = [load_controlnet(f, base=model.config) for f in args.controlnet]
         model.vae = load_vae(args.vae, model.config) if args.vae else model.vae
     except (CheckpointError, ValueError) as e:
@@ -256,10 +259,9 @@ def main(argv=None):
             print(f"warning: {f}: named as the 1.1 shuffle model, whose residuals are pooled, but no yaml beside it "
                   f"({Path(f).with_suffix('.yaml').name}, published with it) or --config sd15-shuffle says so; "
                   "using it unpooled", file=sys.stderr)
-    if args.config is None and model.config.unet.use_linear_in_transformer and saved_config(args.base) is None:
-        print(f"warning: {args.base}: an SD 2.x file does not say whether its UNet predicts noise or v; sampling it as "
-              "predicting noise, as the 512 base models do; for the 768 v-prediction model (v2-1_768-ema-pruned) "
-              "pass --config sd21-v", file=sys.stderr)
+    warning = guessed_prediction(args.base, model, config)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     text = replace(model.config.text, chunks=args.prompt_chunks)
     if args.clip_skip:
         text = replace(text, layer="last" if args.clip_skip == 1 else "penultimate")

@@ -9,6 +9,7 @@ import argparse
 import csv
 import json
 import os
+import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from minicontrol.checkpoint import (CheckpointError, StableDiffusion, check_out_folder, controlnet_state_dict,
-                                    full_state_dict, load_base, load_controlnet, save)
+                                    full_state_dict, guessed_prediction, load_base, load_controlnet, save)
 from minicontrol.config import preset
 from minicontrol.controlnet import clone_encoder
 from minicontrol.ddim import alphas_cumprod
@@ -40,7 +41,8 @@ def parser():
       help="what trains: the ControlNet (base locked; official), the base UNet, the VAE, or the VAE's decoder alone "
            "(encoder frozen, so the latent space and every UNet trained on it stay valid)")
     a("--base", help="SD checkpoint to start from (ControlNet: built from its UNet by the official rule)")
-    a("--config", help="preset for a model built from scratch (e.g. tiny) when there is no --base")
+    a("--config", help="preset for a model built from scratch (e.g. tiny) when there is no --base, or for a --base "
+                       "whose prediction type its file does not tell (sd21-v: the 768 SD 2.x models predict v)")
     a("--controlnet", help="existing ControlNet file (1.0 or 1.1) to fine-tune instead of a fresh copy")
     a("--data", required=True, help="folder with prompt.json (fill50k layout: source, target, prompt per line)")
     a("--out", required=True, help="run folder: checkpoints, samples, loss.csv, loss.png, state.pt")
@@ -363,6 +365,10 @@ def main(argv=None):
                          "smaller --batch-size or more data")
     args.resolution = args.resolution or min(load_item(items[0], None, 1)[1].shape[-2:])
     model, trained, params = build(args, device)
+    given = preset(args.config) if args.config else None
+    warning = args.base and args.stage in ("controlnet", "base") and guessed_prediction(args.base, model, given)
+    if rank == 0 and warning:
+        print(f"warning: {warning}", file=sys.stderr)
     need = model.config.size_multiple
     if args.resolution % need:
         fit = max(need, args.resolution // need * need)

@@ -256,11 +256,16 @@ HINT = "Is it a Stable Diffusion 1.x/2.x checkpoint? For a model of another size
 def load_base(path, config: ModelConfig = None) -> StableDiffusion:
     """An SD base checkpoint, or the SD part of a ControlNet 1.0 full file, loaded strictly."""
     sd, meta = read(path)
+    prediction = stated_prediction(path, config)
     k = kind(sd)
     if k not in ("sd", "controlnet-1.0"):
         raise CheckpointError(f"{path}: not a Stable Diffusion base checkpoint: {WHAT[k]}"
                               + ("; pass it as --controlnet and give the SD file as --base" if "control" in k else ""))
+    if prediction not in (None, "eps", "v"):
+        raise CheckpointError(f"{Path(path).with_suffix('.yaml')}: parameterization {prediction}: minicontrol runs "
+                              "models that predict noise (eps) or v")
     config = resolve_config(sd, meta, config, UNET)
+    config = replace(config, parameterization=prediction or config.parameterization)
     first = sd.get(UNET + "input_blocks.0.0.weight")
     if first is not None and first.dim() == 4 and first.shape[1] == 9 and config.unet.in_channels == 4:
         raise CheckpointError(f"{path}: an inpainting base (a UNet of 9 input channels: latents, mask, masked image); "
@@ -290,12 +295,32 @@ def load_base(path, config: ModelConfig = None) -> StableDiffusion:
     return model.eval().requires_grad_(False)
 
 
-def yaml_pools(path) -> bool:
-    """Whether the official 1.1 yaml published beside a ControlNet file (control_v11e_sd15_shuffle.yaml next to its
-    .pth) sets global_average_pooling: True, the one setting in which the 1.1 yamls differ; read as text."""
+def yaml_beside(path, key: str):
+    """The value of `key:` in the official yaml kept beside a file under its name (read as text), or None: the 1.1
+    shuffle model's control_v11e_sd15_shuffle.yaml sets global_average_pooling: True, the one setting in which the 1.1
+    yamls differ; SD 2.x's v2-inference-v.yaml (kept as v2-1_768-ema-pruned.yaml) sets parameterization: "v"."""
     yaml = Path(path).with_suffix(".yaml")
-    return yaml.is_file() and bool(re.search(r"^\s*global_average_pooling:\s*true\b", yaml.read_text(errors="replace"),
-                                             re.M | re.I))
+    found = yaml.is_file() and re.search(rf"^\s*{key}:\s*[\"']?([^\"'#\s]+)", yaml.read_text(errors="replace"), re.M)
+    return found.group(1) if found else None
+
+
+def stated_prediction(path, config: ModelConfig = None):
+    """What the UNet predicts, "eps" or "v", where something says so: the config given, the one save() wrote in the
+    file, or the official yaml beside it; None for an official file alone (SD 2.x has both kinds: 512 eps, 768 v)."""
+    if config is not None:
+        return config.parameterization
+    meta = saved_config(path)
+    return ModelConfig.from_json(meta).parameterization if meta else yaml_beside(path, "parameterization")
+
+
+def guessed_prediction(path, model: StableDiffusion, config: ModelConfig = None):
+    """A warning where load_base(path, config) took an SD 2.x file as predicting noise for want of anything that says
+    so; else None."""
+    if not model.config.unet.use_linear_in_transformer or stated_prediction(path, config):
+        return None
+    return (f"{path}: an SD 2.x file does not say whether its UNet predicts noise or v; taken as predicting noise, as "
+            "the 512 base models do; for the 768 v-prediction model (v2-1_768-ema-pruned) pass --config sd21-v, or "
+            f"keep the official v2-inference-v.yaml beside it as {Path(path).with_suffix('.yaml').name}")
 
 
 def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) -> ControlNet:
@@ -330,7 +355,7 @@ def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) 
         if diff:
             raise CheckpointError(f"{path}: this ControlNet was trained on another UNet ({diff} {own[diff]}, the base "
                                   f"model has {other[diff]}); use a ControlNet made for this base")
-    if yaml_pools(path):
+    if (yaml_beside(path, "global_average_pooling") or "").lower() == "true":
         config = replace(config, unet=replace(config.unet, global_average_pooling=True))
     with torch.device("meta"):
         net = ControlNet(config.unet)

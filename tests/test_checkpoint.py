@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from helpers import run_module, tiny_models
-from minicontrol.checkpoint import (CONTROL, CheckpointError, controlnet_state_dict, full_state_dict, kind, load_base,
-                                    load_controlnet, load_vae, read, save)
+from minicontrol.checkpoint import (CONTROL, CheckpointError, controlnet_state_dict, full_state_dict,
+                                    guessed_prediction, kind, load_base, load_controlnet, load_vae, read, save)
 from minicontrol.config import preset
 
 
@@ -234,6 +234,40 @@ def test_official_yaml_beside_a_controlnet_turns_on_pooling(tmp_path, tiny):
     hint = torch.rand(2, 3, 64, 64, generator=g)
     for a, b in zip(plain(x, hint, t, ctx, 0.7), pooled(x, hint, t, ctx, 0.7)):
         assert b.shape == (*a.shape[:2], 1, 1) and torch.allclose(b, a.mean(dim=(2, 3), keepdim=True), atol=1e-6)
+
+
+# the head of the official SD 2.x v2-inference-v.yaml, for the 768 models (v2-inference.yaml, for the 512 ones, has no
+# parameterization line: LDM's default, eps)
+V_YAML = """model:
+  base_learning_rate: 1.0e-4
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    parameterization: "v"
+    linear_start: 0.00085
+"""
+
+
+def test_official_yaml_beside_an_sd2_file_says_it_predicts_v(tmp_path, tiny, monkeypatch):
+    # an SD 2.x file does not record eps or v: alone it is taken as eps with a warning; the official yaml kept beside it
+    # under its name says which; a config given wins; a yaml of a kind not sampled here (x0) is refused by name
+    from minicontrol import config
+    cfg, model, _ = tiny_models("tiny-sd2")
+    monkeypatch.setitem(config.PRESETS, "sd21", cfg)                    # the preset taken for an SD2 file, made tiny
+    path = write(tmp_path / "v2-1_768-ema-pruned.ckpt", full_state_dict(model), wrap=True)
+    alone = load_base(path)
+    assert alone.config.parameterization == "eps" and "--config sd21-v" in guessed_prediction(path, alone)
+    yaml = path.with_suffix(".yaml")
+    yaml.write_text(V_YAML)
+    loaded = load_base(path)
+    assert loaded.config == replace(cfg, parameterization="v") and guessed_prediction(path, loaded) is None
+    assert same(loaded.unet, model.unet)
+    assert load_base(path, cfg).config.parameterization == "eps"
+    yaml.write_text(V_YAML.replace('"v"', '"eps"'))
+    assert load_base(path).config.parameterization == "eps" and guessed_prediction(path, alone) is None
+    yaml.write_text(V_YAML.replace('"v"', '"x0"'))
+    assert f"{yaml}: parameterization x0" in error(load_base, path)
+    sd1 = write(tmp_path / "v1-5-pruned.ckpt", full_state_dict(tiny[1]), wrap=True)
+    assert guessed_prediction(sd1, load_base(sd1, tiny[0])) is None                  # SD1 is eps alone: no guess
 
 
 def test_inpainting_and_sdxl_bases_are_named(tmp_path, tiny):

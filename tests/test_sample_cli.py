@@ -1,6 +1,7 @@
 """`python sample.py` as a user runs it, on tiny weights written here in the official layout."""
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from PIL import Image
 
 from helpers import run_main, tiny_models
+from test_checkpoint import V_YAML
 from minicontrol.checkpoint import controlnet_state_dict, full_state_dict, load_base
 from minicontrol.config import preset
 from minicontrol.preprocess import resize_image
@@ -151,12 +153,20 @@ def test_sd2_file_without_its_prediction_type_is_warned_of(files, tmp_path, monk
     torch.save({"state_dict": full_state_dict(model)}, tmp_path / "sd2.ckpt")
     save(tmp_path / "sd2.safetensors", full_state_dict(model), cfg)
     common = ["--prompt", "x", "--steps", 1, "--resolution", 64, "--out", tmp_path / "o"]
-    res = run_here("--base", tmp_path / "sd2.ckpt", *common)
+    res = run_here("--base", tmp_path / "sd2.ckpt", *common[:-1], tmp_path / "eps")
     assert res.returncode == 0 and "warning: " in res.stderr and "--config sd21-v" in res.stderr
     for given in (["--base", tmp_path / "sd2.ckpt", "--config", "sd21"], ["--base", tmp_path / "sd2.safetensors"],
                   ["--base", files / "tiny-v1.ckpt", "--config", "tiny-sd1"]):
         res = run_here(*given, *common)
         assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+    # the official v2-inference-v.yaml beside it says v: sampled as --config sd21-v samples it, without a warning
+    monkeypatch.setitem(config.PRESETS, "sd21-v", replace(cfg, parameterization="v"))
+    (tmp_path / "sd2.yaml").write_text(V_YAML)
+    for out, extra in (("yaml", []), ("v", ["--config", "sd21-v"])):
+        res = run_here("--base", tmp_path / "sd2.ckpt", *common[:-1], tmp_path / out, *extra)
+        assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+    pixels = [np.asarray(Image.open(tmp_path / out / "sample_0.png")) for out in ("yaml", "v", "eps")]
+    assert np.array_equal(pixels[0], pixels[1]) and not np.array_equal(pixels[0], pixels[2])
 
 
 def test_shuffle_model_without_its_yaml_is_warned_of(files, tmp_path):
@@ -191,7 +201,7 @@ def test_control_image_as_the_map_runs_without_warnings(files, tmp_path):
 
 
 @pytest.mark.parametrize("config, size", [("sd15", 512), ("sd21", 512), ("sd21-v", 768), (None, 512)])
-def test_default_size_is_the_models_training_size(files, config, size):
+def test_default_size_is_the_models_training_size(files, config, size, tmp_path):
     # SD 2.1-v (v2-1_768-ema-pruned) was trained at 768x768 and SD 1.5 / 2.1-base at 512 (diffusers' default height
     # for each is unet.sample_size * 8: 96 * 8 and 64 * 8); an explicit --resolution wins.
     import sample
@@ -202,6 +212,12 @@ def test_default_size_is_the_models_training_size(files, config, size):
     args = sample.parser().parse_args(argv + ["--resolution", "640"])
     sample.check_args(args)
     assert args.resolution == 640
+    if config == "sd21-v":                           # the official v2-inference-v.yaml beside the file says v too
+        (tmp_path / "v2.yaml").write_text(V_YAML)
+        (tmp_path / "v2.ckpt").write_bytes((files / "tiny-v1.ckpt").read_bytes())
+        args = sample.parser().parse_args(["--base", str(tmp_path / "v2.ckpt"), "--prompt", "x"])
+        sample.check_args(args)
+        assert args.resolution == 768
 
 
 def test_img2img_and_inpainting_encode_the_image_as_the_official_demos(files, tmp_path, monkeypatch):

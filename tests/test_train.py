@@ -366,3 +366,45 @@ def test_images_are_resized_and_centre_cropped_as_torchvision_does(tmp_path, w, 
     Image.fromarray(np.zeros((h + 1, w, 3), np.uint8)).save(paths[1])
     with pytest.raises(SystemExit, match="same size"):
         load_item((*paths, "p"), res, 1)
+
+
+def test_v_model_learns_v_as_diffusers_defines_it(tmp_path, monkeypatch):
+    """An SD 2.x file alone does not say eps or v: trained on eps, with a warning. With the official
+    v2-inference-v.yaml beside it under its name, the target is v = sqrt(a) eps - sqrt(1 - a) z0 on x_t, diffusers'
+    DDPMScheduler.get_velocity on its add_noise, without a warning."""
+    from diffusers import DDPMScheduler
+    from minicontrol import config
+    from test_checkpoint import V_YAML
+    from train import build, load_item, micro_batch_loss, parser, read_index
+    from helpers import randomize, tiny_models
+    cfg, model, _ = tiny_models("tiny-sd2")
+    monkeypatch.setitem(config.PRESETS, "sd21", cfg)                    # the preset taken for an SD2 file, made tiny
+    base = tmp_path / "v2-1_768-ema-pruned.ckpt"
+    torch.save({"state_dict": full_state_dict(model)}, base)
+    make_dataset(tmp_path / "data", 4, seed=3)
+    items = read_index(tmp_path / "data")
+    batch = [load_item(items[i], 64, i + 1) for i in range(4)]
+    argv = ["--base", base, "--data", tmp_path / "data", "--batch-size", 4, "--sample-every", 0, "--drop-prompt", 1]
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    for yaml, want in ((None, "eps"), (V_YAML, "v")):
+        if yaml:
+            base.with_suffix(".yaml").write_text(yaml)
+        res = train_here(*argv, "--out", tmp_path / want, "--steps", 1)
+        assert res.returncode == 0 and ("warning: " in res.stderr) == (want == "eps"), res.stderr
+        args = parser().parse_args([str(a) for a in argv + ["--out", tmp_path / "x"]])
+        model, net, _ = build(args, torch.device("cpu"))
+        assert model.config.parameterization == want
+        randomize(net, 1)                                               # residuals that are not zero
+        with torch.no_grad():
+            loss = micro_batch_loss(args, model, net, batch, 0, 1, torch.Generator().manual_seed(7))
+            g = torch.Generator().manual_seed(7)                        # its draws: dropout, posterior, t, noise
+            torch.rand(4, generator=g)
+            posterior = torch.randn(4, 4, 8, 8, generator=g)
+            t, noise = torch.randint(0, 1000, (4,), generator=g), torch.randn(4, 4, 8, 8, generator=g)
+            hint, target = (torch.stack([item[i] for item in batch]) for i in (0, 1))
+            mean, logvar = model.vae.moments(target)
+            z0 = (mean + (0.5 * logvar).exp() * posterior) * cfg.vae.scale_factor
+            x_t, context = sched.add_noise(z0, noise, t), model.text.encode([""] * 4)
+            out = model.unet(x_t, t, context, net(x_t, hint, t, context))
+        expected = F.mse_loss(out, sched.get_velocity(z0, noise, t) if want == "v" else noise)
+        assert abs(loss.item() - expected.item()) <= 1e-4 * expected.item()
