@@ -56,3 +56,33 @@ def test_scales_and_shuffle_pooling_closed_form():
     for p, s, a, k in zip(plain, scaled, avg, scales):
         assert torch.allclose(s, p * k, atol=1e-6)
         assert a.shape[2:] == (1, 1) and torch.allclose(a, (p * k).mean(dim=(2, 3), keepdim=True), atol=1e-6)
+
+
+def test_grad_checkpointing_recomputes_each_block_and_keeps_the_gradients():
+    # --grad-checkpointing: every Block's forward runs again in the backward pass (torch.utils.checkpoint), and the
+    # ControlNet's gradients through the locked UNet are those of plain autograd
+    from minicontrol.unet import ResBlock, set_grad_checkpointing
+    cfg = preset("tiny-sd1").unet
+    unet = randomize(UNet(cfg)).requires_grad_(False)
+    net = randomize(clone_encoder(unet), 1)
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([3, 600])
+    ctx, hint = torch.randn(2, 77, cfg.context_dim), torch.rand(2, 3, 128, 128)
+    calls = []
+    for m in list(unet.modules()) + list(net.modules()):
+        if isinstance(m, ResBlock):                  # its first layers: a recomputation may stop once past them
+            m.in_layers.register_forward_hook(lambda *_: calls.append(1))
+    runs = []
+    for on in (False, True):
+        set_grad_checkpointing(unet, on)
+        set_grad_checkpointing(net, on)
+        net.zero_grad()
+        unet(x, t, ctx, net(x, hint, t, ctx)).square().mean().backward()
+        forward_calls = len(calls)
+        runs.append((forward_calls, torch.cat([p.grad.flatten() for p in net.parameters()])))
+        calls.clear()
+    (plain_calls, plain), (ckpt_calls, ckpt) = runs
+    # recomputed: the blocks on the gradient's path, the ControlNet's and the UNet's output blocks (the locked UNet's
+    # encoder and middle get no gradient, so they are not run again)
+    on_path = [m for part in (net, unet.output_blocks) for m in part.modules() if isinstance(m, ResBlock)]
+    assert ckpt_calls == plain_calls + len(on_path) and len(on_path) < plain_calls
+    assert torch.allclose(ckpt, plain, rtol=1e-5, atol=1e-8)

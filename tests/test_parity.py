@@ -34,6 +34,11 @@ def test_controlnet_and_unet_match_diffusers(pair):
     ref = d_unet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
     assert rel_err(controlled, ref) <= 1e-4
     assert rel_err(controlled, plain) > 1e-2            # the residuals really changed the output
+    # only_mid_control (the official ControlledUnetModel's flag): the middle residual alone is added
+    zeros = [torch.zeros_like(d) for d in down]
+    ref = d_unet(x, t, ctx, down_block_additional_residuals=zeros, mid_block_additional_residual=mid).sample
+    mid_only = model.unet(x, t, ctx, control=ours, only_mid_control=True)
+    assert rel_err(mid_only, ref) <= 1e-4 and rel_err(mid_only, controlled) > 1e-2 and rel_err(mid_only, plain) > 1e-3
 
 
 @torch.no_grad()
