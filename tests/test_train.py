@@ -408,3 +408,21 @@ def test_v_model_learns_v_as_diffusers_defines_it(tmp_path, monkeypatch):
             out = model.unet(x_t, t, context, net(x_t, hint, t, context))
         expected = F.mse_loss(out, sched.get_velocity(z0, noise, t) if want == "v" else noise)
         assert abs(loss.item() - expected.item()) <= 1e-4 * expected.item()
+
+
+def test_controlnet_flag_fine_tunes_the_given_file(setup, tmp_path):
+    """--controlnet FILE trains that ControlNet (a 1.1 file, or a 1.0 full file's control_model.*), not a fresh copy
+    of the base's encoder: its weights, every one of them trained."""
+    from train import build, parser
+    from helpers import randomize
+    _, base = setup
+    model = load_base(base)
+    start = randomize(clone_encoder(model.unet), 3).state_dict()
+    torch.save({CONTROL + k: v for k, v in start.items()}, tmp_path / "control_1.1.pth")
+    torch.save(full_state_dict(model) | {CONTROL + k: v for k, v in start.items()}, tmp_path / "control_1.0.pth")
+    for name in ("control_1.1.pth", "control_1.0.pth"):
+        argv = common(setup, tmp_path / "x", extra=["--controlnet", tmp_path / name])
+        _, net, params = build(parser().parse_args([str(a) for a in argv]), torch.device("cpu"))
+        trained = net.state_dict()
+        assert trained.keys() == start.keys() and all(torch.equal(trained[k], v) for k, v in start.items())
+        assert [id(p) for p in params] == [id(p) for p in net.parameters()]         # all of it trains
