@@ -80,16 +80,20 @@ def refused(path, name: str) -> CheckpointError:
 
 def load_pickle(path) -> tuple:
     """(torch.load(weights_only=True), []); where that refuses a global, (the same with Inert for the globals, their
-    names); a CheckpointError where even that is refused (a module torch blocks, such as os)."""
+    names); a CheckpointError where even that is refused (a module torch blocks, such as os).
+    torch's zip format is memory-mapped: tensors are read as they are used, so what is not loaded (EMA weights, the SD
+    copy in a 1.0 ControlNet file) is never read, and the weights loaded stay backed by the file until moved (so a file in
+    use is replaced by writing a new one and renaming it, as save() does, never rewritten in place)."""
+    mmap = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), []
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), []
     except pickle.UnpicklingError:
         other = list(dict.fromkeys(n for n in pickle_imports(path) if not n.startswith(("torch.", "collections."))))
         if not other:
             raise
         try:
             with torch.serialization.safe_globals([(Inert, name) for name in other]):
-                return torch.load(path, map_location="cpu", weights_only=True), other
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), other
         except pickle.UnpicklingError:
             raise refused(path, other[0]) from None
 

@@ -307,6 +307,22 @@ class Boom:
         return (os.system, ("touch PWNED_MARKER",))
 
 
+def test_zip_files_are_memory_mapped(tmp_path, tiny):
+    # torch's zip format is mapped, not read whole: the weights loaded are backed by the file (mapped in this process
+    # while they live; the sizes here are too small to show the memory saved, bench/load_memory.py measures it); a
+    # file in torch's older format is read whole
+    import gc
+    cfg, model, _ = tiny
+    for zip_format in (True, False):
+        path = tmp_path / f"zip_{zip_format}.ckpt"
+        torch.save({"state_dict": full_state_dict(model)}, path, _use_new_zipfile_serialization=zip_format)
+        loaded = load_base(path, cfg)
+        assert same(loaded.unet, model.unet) and (str(path) in open("/proc/self/maps").read()) == zip_format
+        del loaded
+        gc.collect()
+        assert str(path) not in open("/proc/self/maps").read()
+
+
 def test_pickle_with_code_is_refused_and_never_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.ckpt"
