@@ -266,10 +266,9 @@ def main(argv=None):
     if args.clip_skip:
         text = replace(text, layer="last" if args.clip_skip == 1 else "penultimate")
     model.config, model.text.config = replace(model.config, text=text), text
+    for part in [model.unet] + nets:                 # cast while moved, tensor by tensor: no float32 copy on the GPU
+        part.to(args.device, dtype)
     model.to(args.device)
-    model.unet.to(dtype)
-    for net in nets:
-        net.to(args.device, dtype)
 
     h, w = maps[0].shape[:2] if maps else (round64(args.resolution),) * 2
     controls = [Control(*c) for c in zip(nets, hints, args.strength, args.start, args.end)]
