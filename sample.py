@@ -27,8 +27,9 @@ TINY_BASE, TINY_CONTROL = WEIGHTS / "tiny_sd.safetensors", WEIGHTS / "tiny_contr
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--base", help="SD 1.x/2.x base checkpoint (.ckpt/.safetensors) or a ControlNet 1.0 full .pth "
-                     f"(default: {TINY_BASE.relative_to(WEIGHTS.parent)})")
+    a("--base", help="SD 1.x/2.x base checkpoint (.ckpt/.safetensors) or a ControlNet 1.0 full .pth, which is "
+                     "also the ControlNet when none is given (default: "
+                     f"{TINY_BASE.relative_to(WEIGHTS.parent)})")
     a("--controlnet", action="append", default=[], help="ControlNet file, 1.0 full or 1.1 control-only; repeat for "
                                                         "several, each paired with the --control-image at its position")
     a("--vae", help="a VAE file to use instead of the base's, e.g. vae-ft-mse-840000-ema-pruned.safetensors (or an "
@@ -113,15 +114,22 @@ def check_args(args):
         args.base, args.controlnet = str(TINY_BASE), [str(TINY_CONTROL)]
     elif tiny:
         fail("--controlnet needs --base: the SD 1.x/2.x checkpoint the ControlNet was trained for")
-    from minicontrol.checkpoint import CheckpointError, check_file, check_out_folder, stated_prediction
+    from minicontrol.checkpoint import (CheckpointError, check_file, check_out_folder, holds_controlnet,
+                                        stated_prediction)
     for f in [args.base] + args.controlnet + ([args.vae] if args.vae else []):
         try:
             check_file(f)
         except CheckpointError as e:
             fail(str(e))
+    if args.control_image and not args.controlnet:   # a 1.0 file holds its ControlNet too: the official demos' model
+        try:
+            args.controlnet = [args.base] if holds_controlnet(args.base) else []
+        except CheckpointError as e:
+            fail(str(e))
     if len(args.control_image) != len(args.controlnet) and not (tiny and not args.control_image):
         fail(f"{len(args.controlnet)} --controlnet but {len(args.control_image)} --control-image; "
-             "give one control image per ControlNet, in the same order")
+             "give one control image per ControlNet, in the same order"
+             + ("" if args.controlnet else f" ({args.base} holds no ControlNet: it is not a 1.0 file)"))
     for f in args.control_image:
         if not Path(f).is_file():
             fail(f"--control-image {f}: no such file")

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from minicontrol.checkpoint import (CheckpointError, StableDiffusion, check_out_folder, controlnet_state_dict,
-                                    full_state_dict, guessed_prediction, load_base, load_controlnet, save)
+                                    full_state_dict, guessed_prediction, holds_controlnet, load_base,
+                                    load_controlnet, save)
 from minicontrol.config import preset
 from minicontrol.controlnet import clone_encoder
 from minicontrol.ddim import alphas_cumprod
@@ -40,7 +41,8 @@ def parser():
     a("--stage", choices=["controlnet", "base", "vae", "decoder"], default="controlnet",
       help="what trains: the ControlNet (base locked; official), the base UNet, the VAE, or the VAE's decoder alone "
            "(encoder frozen, so the latent space and every UNet trained on it stay valid)")
-    a("--base", help="SD checkpoint to start from (ControlNet: built from its UNet by the official rule)")
+    a("--base", help="SD checkpoint to start from (ControlNet: built from its UNet by the official rule; a ControlNet "
+                     "1.0 full file gives its own, as the official tutorial's resume_path does)")
     a("--config", help="preset for a model built from scratch (e.g. tiny) when there is no --base, or for a --base "
                        "whose prediction type its file does not tell (sd21-v: the 768 SD 2.x models predict v)")
     a("--controlnet", help="existing ControlNet file (1.0 or 1.1) to fine-tune instead of a fresh copy")
@@ -144,6 +146,8 @@ def build(args, device):
     try:
         config = preset(args.config) if args.config else None
         model = load_base(args.base, config) if args.base else None
+        if model and args.stage == "controlnet" and not args.controlnet and holds_controlnet(args.base):
+            args.controlnet = args.base              # its ControlNet too, as the official tutorial's resume_path does
         net = load_controlnet(args.controlnet, base=model.config) if args.controlnet and model else None
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")

@@ -82,8 +82,8 @@ def load_pickle(path) -> tuple:
     """(torch.load(weights_only=True), []); where that refuses a global, (the same with Inert for the globals, their
     names); a CheckpointError where even that is refused (a module torch blocks, such as os).
     torch's zip format is memory-mapped: tensors are read as they are used, so what is not loaded (EMA weights, the SD
-    copy in a 1.0 ControlNet file) is never read, and the weights loaded stay backed by the file until moved (so a file in
-    use is replaced by writing a new one and renaming it, as save() does, never rewritten in place)."""
+    copy in a 1.0 ControlNet file) is never read, and the weights loaded stay backed by the file until moved (so a file
+    in use is replaced by writing a new one and renaming it, as save() does, never rewritten in place)."""
     mmap = zipfile.is_zipfile(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), []
@@ -187,6 +187,11 @@ WHAT = {"sd": "a Stable Diffusion base checkpoint", "controlnet-1.0": "a Control
         "sdxl": "an SDXL checkpoint (conditioner.* keys); minicontrol runs Stable Diffusion 1.x and 2.x",
         "vae": "a VAE on its own (encoder.* and decoder.* keys); pass it as --vae",
         "unknown": "no model.diffusion_model.* or control_model.* keys"}
+
+
+def holds_controlnet(path) -> bool:
+    """Whether a file is a ControlNet 1.0 full file: an SD and its ControlNet (control_model.*) in one."""
+    return kind(read(path)[0]) == "controlnet-1.0"
 
 
 def family(sd: dict, prefix: str = UNET) -> str:

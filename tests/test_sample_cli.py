@@ -81,6 +81,23 @@ def test_sample_writes_pngs_with_metadata_and_is_reproducible(files, tmp_path):
     assert not np.array_equal(np.asarray(samples[0]), np.asarray(Image.open(skip / "sample_0.png")))
 
 
+def test_controlnet_1_0_file_alone_is_base_and_controlnet(files, tmp_path):
+    # the official 1.0 demos load one file, an SD and its ControlNet: as --base with no --controlnet it is both
+    _, model, net = tiny_models("tiny-sd1")
+    torch.save(full_state_dict(model, net), tmp_path / "control_sd15_tiny.pth")
+    args = base_args(files, None)[:-1]
+    args[1], args[5] = tmp_path / "control_sd15_tiny.pth", tmp_path / "control_sd15_tiny.pth"
+    twice, once, apart = tmp_path / "twice", tmp_path / "once", tmp_path / "apart"
+    assert run_here(*args, twice).returncode == 0
+    assert run_here(*(args[:4] + args[6:]), once).returncode == 0
+    assert run_here(*base_args(files, apart)).returncode == 0          # the same weights as an SD file and a 1.1 file
+    pixels = [np.asarray(Image.open(out / "sample_1.png")) for out in (twice, once, apart)]
+    assert np.array_equal(pixels[0], pixels[1]) and np.array_equal(pixels[0], pixels[2])
+    assert "ControlNet: control_sd15_tiny.pth" in Image.open(once / "sample_0.png").text["parameters"]
+    plain = base_args(files, tmp_path / "o")                          # an SD file alone has no ControlNet to use
+    one_line_error(run_here(*(plain[:4] + plain[6:])), "tiny-v1.ckpt holds no ControlNet")
+
+
 def test_base_alone_samples_text_to_image(files, tmp_path):
     res = run("--base", files / "tiny-v1.ckpt", "--config", "tiny-sd1", "--prompt", "a red circle", "--steps", 3,
               "--num-samples", 2, "--resolution", 100, "--out", tmp_path)
