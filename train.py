@@ -50,7 +50,8 @@ def parser():
     a("--out", required=True, help="run folder: checkpoints, samples, loss.csv, loss.png, state.pt")
     a("--steps", type=int, default=10000, help="optimizer steps")
     a("--batch-size", type=int, default=4, help="images per step and process (official 4)")
-    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step: the same training as one batch "
+                                                 "that many times larger")
     a("--lr", type=float, default=1e-5, help="AdamW learning rate (official 1e-5), torch defaults otherwise")
     a("--sd-unlocked", action="store_true", help="also train the UNet's output_blocks and out (official sd_locked=False)")
     a("--only-mid-control", action="store_true", help="train and use only the middle-block residual")
@@ -183,17 +184,18 @@ def export(args, model, net, path):
 
 
 # ------------------------------------------------------------------------------------------------------ training
-def micro_batch_loss(args, model, trained, items, rank, world, gen, cached=None):
-    """Loss of this rank's rows of one global micro-batch. Every rank draws the random numbers of the whole global
-    batch from the same generator and keeps its own rows, so N processes compute what one process would. `cached`:
-    these rows' VAE moments from encode_all, else the VAE encodes the targets now."""
-    g = len(items) * world
+def micro_batch_loss(args, model, trained, items, part, parts, gen, cached=None):
+    """Loss of part `part` of a step's batch, split in `parts` equal parts (processes x micro-batches). Every part
+    draws the random numbers of the whole batch from the same generator state and keeps its own rows, so N processes
+    or N micro-batches compute what one process would with the whole batch. `cached`: these rows' VAE moments from
+    encode_all, else the VAE encodes the targets now."""
+    g = len(items) * parts
     hint, target, prompts = (torch.stack(x) if i < 2 else list(x) for i, x in enumerate(zip(*items)))
     down = model.config.vae_down
     zshape = (g, model.vae.config.embed_dim, target.shape[2] // down, target.shape[3] // down)
     drop, posterior = torch.rand(g, generator=gen) < args.drop_prompt, torch.randn(zshape, generator=gen)
     t, noise = torch.randint(0, 1000, (g,), generator=gen), torch.randn(zshape, generator=gen)
-    rows = slice(rank * len(items), (rank + 1) * len(items))
+    rows = slice(part * len(items), (part + 1) * len(items))
     device = next(model.parameters()).device
     hint, target, posterior, t, noise = (x[rows] if x.shape[0] == g else x for x in (hint, target, posterior, t, noise))
     hint, target, posterior, t, noise = (x.to(device) for x in (hint, target, posterior, t, noise))
@@ -363,10 +365,11 @@ def main(argv=None):
             raise SystemExit(f"error: the processes resume at steps {-steps[1].item()} to {steps[0].item()} (this "
                              f"one: {step}): {state_path} must be on a disk every node reads; copy it to the others")
     items = read_index(Path(args.data))
-    if len(items) < args.batch_size * world:
+    step_batch = args.batch_size * world * args.grad_accum
+    if len(items) < step_batch:
         raise SystemExit(f"error: {Path(args.data) / 'prompt.json'} lists {len(items)} items, fewer than one batch of "
-                         f"{args.batch_size * world} (--batch-size {args.batch_size} x {world} processes); give a "
-                         "smaller --batch-size or more data")
+                         f"{step_batch} (--batch-size {args.batch_size} x {world} processes x --grad-accum "
+                         f"{args.grad_accum}); give a smaller --batch-size or --grad-accum, or more data")
     args.resolution = args.resolution or min(load_item(items[0], None, 1)[1].shape[-2:])
     model, trained, params = build(args, device)
     given = preset(args.config) if args.config else None
@@ -403,21 +406,25 @@ def main(argv=None):
             (out / "loss.csv").write_text("\n".join(rows[:1] + keep) + "\n")
         (out / "samples").mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
-    global_batch = args.batch_size * world
+    parts = world * args.grad_accum                  # a step's batch: micro-batch m of process r is part m * world + r
 
-    def own_items(n):                                # this process's share of global micro-batch n, read
-        idx = batch_indices(len(items), global_batch, n, args.seed)[rank * args.batch_size:(rank + 1) * args.batch_size]
+    def own_items(n):                                # micro-batch n (of step n // grad_accum): this process's part
+        step, micro = divmod(n, args.grad_accum)
+        first = (micro * world + rank) * args.batch_size
+        idx = batch_indices(len(items), step_batch, step, args.seed)[first:first + args.batch_size]
         return idx, [load_item(items[i], args.resolution, i + 1) for i in idx]
     batches = prefetched(own_items, range(step * args.grad_accum, args.steps * args.grad_accum))
     # the bar is closed on an error too, so that the error's line starts a line of its own
     with tqdm(total=args.steps, initial=step, disable=rank != 0, desc=args.stage, unit="step") as bar:
         while step < args.steps:
             opt.zero_grad(set_to_none=True)
-            total = 0.0
+            total, start = 0.0, gen.get_state()
             for micro in range(args.grad_accum):
                 own, batch = next(batches)
                 cached = moments[own] if moments is not None else None
-                loss = micro_batch_loss(args, model, ddp, batch, rank, world, gen, cached) / args.grad_accum
+                gen.set_state(start)                 # each micro-batch draws the step's numbers and keeps its rows
+                loss = micro_batch_loss(args, model, ddp, batch, micro * world + rank, parts, gen, cached)
+                loss = loss / args.grad_accum
                 last = micro == args.grad_accum - 1
                 if world > 1 and not last:
                     with ddp.no_sync():

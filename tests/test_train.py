@@ -182,23 +182,28 @@ def test_sigkill_and_resume_equals_uninterrupted(setup, tmp_path):
     assert "--stage" in res.stderr.strip().splitlines()[-1] and (full / "state.pt").read_bytes() == state
 
 
-def test_torchrun_two_processes_match_one(setup, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
+def test_torchrun_two_processes_and_gradient_accumulation_match_one(setup, tmp_path):
+    """A step's batch of 4 as one process, as two processes of 2 (torchrun), and as two micro-batches of 2
+    (--grad-accum 2): the same items, random numbers and loss, so the same training."""
+    one, two, accum = tmp_path / "one", tmp_path / "two", tmp_path / "accum"
     train(*common(setup, one, steps=3, batch=4, extra=["--save-every", 3]))
+    train(*common(setup, accum, steps=3, batch=2, extra=["--save-every", 3, "--grad-accum", 2]))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            str(ROOT / "train.py"), *map(str, common(setup, two, steps=3, batch=2, extra=["--save-every", 3]))]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     la = [float(line.split(",")[1]) for line in open(one / "loss.csv").read().splitlines()[1:]]
-    lb = [float(line.split(",")[1]) for line in open(two / "loss.csv").read().splitlines()[1:]]
-    assert len(la) == len(lb) == 3 and all(abs(x - y) < 1e-5 for x, y in zip(la, lb))
-    a, b = weights(one / "step0000003.safetensors"), weights(two / "step0000003.safetensors")
-    assert a.keys() == b.keys()
-    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
-    # gradients agree to float rounding, but Adam's update lr * m / (sqrt(v) + eps) turns rounding noise on
-    # near-zero gradients into steps of up to lr: so nearly all weights agree to 1e-5, and none by more than lr * steps
-    assert (diff <= 1e-5).float().mean() >= 0.999 and diff.max() <= 1e-3 * 3
+    a = weights(one / "step0000003.safetensors")
+    for other in (two, accum):
+        lb = [float(line.split(",")[1]) for line in open(other / "loss.csv").read().splitlines()[1:]]
+        assert len(la) == len(lb) == 3 and all(abs(x - y) < 1e-5 for x, y in zip(la, lb)), (other, la, lb)
+        b = weights(other / "step0000003.safetensors")
+        assert a.keys() == b.keys()
+        diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+        # gradients agree to float rounding, but Adam's update lr * m / (sqrt(v) + eps) turns rounding noise on
+        # near-zero gradients into steps of up to lr: so nearly all weights agree to 1e-5, none by more than lr * steps
+        assert (diff <= 1e-5).float().mean() >= 0.999 and diff.max() <= 1e-3 * 3
 
 
 def test_nodes_resuming_from_different_steps_are_refused(setup, tmp_path):
