@@ -293,6 +293,8 @@ def load_state(state: dict, path, run: dict, extra: list, lr: float):
         for p, v in zip(extra, state["extra"]):                # a count that differs fails in the optimizer
             p.data.copy_(v)
         run["optimizer"].load_state_dict(state["optimizer"])
+        for kept in run["optimizer"].state.values():  # copies, not views of the file that the next save replaces
+            kept.update({k: v.clone() for k, v in kept.items() if torch.is_tensor(v)})
         if state.get("scaler"):                                # a run saved in fp16 keeps its loss scale
             run["scaler"].load_state_dict(state["scaler"])
     except (RuntimeError, ValueError) as e:

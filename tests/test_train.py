@@ -434,3 +434,28 @@ def test_controlnet_flag_fine_tunes_the_given_file(setup, tmp_path):
         trained = net.state_dict()
         assert trained.keys() == start.keys() and all(torch.equal(trained[k], v) for k, v in start.items())
         assert [id(p) for p in params] == [id(p) for p in net.parameters()]         # all of it trains
+
+
+def test_resumed_state_keeps_no_view_of_the_replaced_file(tmp_path):
+    """state.pt is read memory-mapped; what load_state puts in the run (weights, optimizer moments) are copies, so the
+    file, replaced at the next save, is not held open (a deleted state.pt would keep its disk space until the end)."""
+    import gc
+    from train import load_state, save_state
+    path = tmp_path / "state.pt"
+
+    def new_run():
+        net = torch.nn.Linear(16, 16)
+        return {"trained": net, "optimizer": torch.optim.AdamW(net.parameters()),
+                "scaler": torch.amp.GradScaler("cpu", enabled=False), "generator": torch.Generator().manual_seed(1)}
+    run = new_run()
+    run["trained"](torch.randn(4, 16)).square().sum().backward()
+    run["optimizer"].step()
+    save_state(path, run, [], 1)
+    resumed = new_run()
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    load_state(state, path, resumed, [], 1e-3)
+    del state
+    gc.collect()
+    assert str(path) not in open("/proc/self/maps").read()
+    a, b = run["optimizer"].state_dict()["state"], resumed["optimizer"].state_dict()["state"]
+    assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
