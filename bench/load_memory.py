@@ -1,7 +1,7 @@
 """Loading the official SD1.5 + ControlNet files, then one UNet + ControlNet forward (which touches every weight that
 was loaded), on CPU: minicontrol's loader, which memory-maps torch's zip files, beside the same loader reading every
-file whole, as the official code does (cldm/model.py: torch.load(path, map_location="cpu")). Each side in its own
-process; time from the first read to the forward's end, and peak resident memory.
+file whole, as the official code's cldm/model.py does (torch.load to the CPU, no mmap). Each side in its own process;
+time from the first read to the forward's end, and peak resident memory.
 
 The files are SD1.5-sized random weights in the official layouts, written once to --files (about 15 GB):
 v1-5-pruned.ckpt (SD and the UNet's EMA copy, float32, as the released file), control_v11p_sd15_canny.pth (1.1,
