@@ -1,6 +1,7 @@
 """The loader on the four official file kinds, made here from tiny weights, and its one-line errors."""
 import pickle
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -307,6 +308,7 @@ class Boom:
         return (os.system, ("touch PWNED_MARKER",))
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
 def test_zip_files_are_memory_mapped(tmp_path, tiny):
     # torch's zip format is mapped, not read whole: the weights loaded are backed by the file (mapped in this process
     # while they live; the sizes here are too small to show the memory saved, bench/load_memory.py measures it); a

@@ -436,6 +436,7 @@ def test_controlnet_flag_fine_tunes_the_given_file(setup, tmp_path):
         assert [id(p) for p in params] == [id(p) for p in net.parameters()]         # all of it trains
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
 def test_resumed_state_keeps_no_view_of_the_replaced_file(tmp_path):
     """state.pt is read memory-mapped; what load_state puts in the run (weights, optimizer moments) are copies, so the
     file, replaced at the next save, is not held open (a deleted state.pt would keep its disk space until the end)."""
