@@ -265,16 +265,17 @@ HINT = "Is it a Stable Diffusion 1.x/2.x checkpoint? For a model of another size
 def load_base(path, config: ModelConfig = None) -> StableDiffusion:
     """An SD base checkpoint, or the SD part of a ControlNet 1.0 full file, loaded strictly."""
     sd, meta = read(path)
-    prediction = stated_prediction(path, config)
     k = kind(sd)
     if k not in ("sd", "controlnet-1.0"):
         raise CheckpointError(f"{path}: not a Stable Diffusion base checkpoint: {WHAT[k]}"
                               + ("; pass it as --controlnet and give the SD file as --base" if "control" in k else ""))
-    if prediction not in (None, "eps", "v"):
-        raise CheckpointError(f"{Path(path).with_suffix('.yaml')}: parameterization {prediction}: minicontrol runs "
+    # as stated_prediction, without reading the file again: a config given, then the file's own, then the yaml beside it
+    yaml = yaml_beside(path, "parameterization") if config is None and meta is None else None
+    if yaml not in (None, "eps", "v"):
+        raise CheckpointError(f"{Path(path).with_suffix('.yaml')}: parameterization {yaml}: minicontrol runs "
                               "models that predict noise (eps) or v")
     config = resolve_config(sd, meta, config, UNET)
-    config = replace(config, parameterization=prediction or config.parameterization)
+    config = replace(config, parameterization=yaml) if yaml else config
     first = sd.get(UNET + "input_blocks.0.0.weight")
     if first is not None and first.dim() == 4 and first.shape[1] == 9 and config.unet.in_channels == 4:
         raise CheckpointError(f"{path}: an inpainting base (a UNet of 9 input channels: latents, mask, masked image); "
