@@ -72,8 +72,9 @@ def parser() -> argparse.ArgumentParser:
     a("--clip-skip", type=int, choices=[1, 2], default=None,
       help="text from CLIP's last layer (1, SD1's default) or the one before it (2, SD2's default; the official "
            "ControlNet 1.1 lineart_anime demo uses 2 with its SD1 base), LayerNorm applied after either")
-    a("--seed", type=int, default=12345, help="random seed; the same seed and flags give the same images; -1 draws "
-                                              "one, as the official demos do (it is written in the PNGs)")
+    a("--seed", type=int, default=12345, help="random seed of the first sample, seed + i of sample i: each image "
+                                              "is its own seed's, whatever the batch, and that seed is written in "
+                                              "its PNG; -1 draws one, as the official demos do")
     a("--num-samples", type=int, default=None, help="images to generate, one batch (default 1; 4 for the tiny model)")
     a("--resolution", type=int, default=None, help="short side of the output, rounded to a multiple of 64 "
                                                    "(default 512; 768 for v-prediction models, which were trained "
@@ -280,7 +281,7 @@ def main(argv=None):
 
     h, w = maps[0].shape[:2] if maps else (round64(args.resolution),) * 2
     controls = [Control(*c) for c in zip(nets, hints, args.strength, args.start, args.end)]
-    known, generator = None, torch.Generator().manual_seed(args.seed)
+    known, generator = None, [torch.Generator().manual_seed(seed) for seed in seeds(args)]
     if args.mask or args.denoise:                    # the first control image's latents: kept, or the start
         # as the official inpaint and tile demos encode it: / 127.0 - 1 (sic), a posterior sample for each image
         x = torch.tensor(source / 127.0 - 1.0, dtype=torch.float32).permute(2, 0, 1)[None]
@@ -298,6 +299,11 @@ def main(argv=None):
     write_outputs(args, prompts, negative, maps, images)
 
 
+def seeds(args) -> list:
+    """Sample i's seed: --seed + i (wrapping at 2**32), so an image is made again alone with its own seed."""
+    return [(args.seed + i) % 2 ** 32 for i in range(args.num_samples)]
+
+
 def write_outputs(args, prompts, negative, maps, images):
     """sample_N.png with the settings in a PNG text chunk named `parameters`; control_N.png: each control map as the
     ControlNet saw it (reusable with --detector none); grid.png: control maps (if any) above samples."""
@@ -306,7 +312,7 @@ def write_outputs(args, prompts, negative, maps, images):
     for i, img in enumerate(images):
         info = PngImagePlugin.PngInfo()
         info.add_text("parameters", f"{prompts[i]}\nNegative prompt: {negative}\nSteps: {args.steps}, "
-                      f"CFG scale: {args.cfg}, Eta: {args.eta}, Seed: {args.seed}, Sample: {i}, "
+                      f"CFG scale: {args.cfg}, Eta: {args.eta}, Seed: {seeds(args)[i]}, "
                       f"Size: {img.shape[1]}x{img.shape[0]}, Model: {Path(args.base).name}, "
                       + (f"VAE: {Path(args.vae).name}, " if args.vae else "") +
                       f"ControlNet: {', '.join(Path(c).name for c in args.controlnet)}, "

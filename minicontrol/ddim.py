@@ -42,7 +42,13 @@ def timesteps(steps: int) -> list:
 
 
 def gaussian(x: torch.Tensor, generator=None) -> torch.Tensor:
-    """N(0, 1) noise shaped as x, drawn on the generator's device (so a CPU seed gives the same numbers anywhere)."""
+    """N(0, 1) noise shaped as x, drawn on the generator's device (so a CPU seed gives the same numbers anywhere).
+    A list of generators, one per row of x, draws each row from its own: a sample's noise is then its seed's alone,
+    whatever batch it is in."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}: give one per sample")
+        return torch.cat([gaussian(row, g) for row, g in zip(x.split(1), generator)])
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 

@@ -7,7 +7,7 @@ import torch
 
 from .checkpoint import StableDiffusion
 from .controlnet import ControlNet, guess_mode_scales
-from .ddim import ddim_sample, img2img_start, noised_to, timesteps
+from .ddim import ddim_sample, gaussian, img2img_start, noised_to, timesteps
 
 
 @dataclass
@@ -53,7 +53,8 @@ def sample(model: StableDiffusion, prompts, negative, controls=(), steps=20, cfg
     these latents, noised `denoise` of the way, as the official tile demo: t_enc = min(int(denoise * S), S - 1) of the
     S steps' timesteps is the noise level, and the steps below it run.
 
-    Initial noise and DDIM noise come from `generator` on the CPU, so a seed gives the same image on any device."""
+    Initial noise and DDIM noise come from `generator` on the CPU, so a seed gives the same image on any device; a
+    list of generators, one per prompt, gives each sample its own (see ddim.gaussian)."""
     if height is None or width is None:
         height, width = controls[0].image.shape[-2:] if controls else (512, 512)
     for c in controls:
@@ -78,7 +79,7 @@ def sample(model: StableDiffusion, prompts, negative, controls=(), steps=20, cfg
             raise ValueError(f"denoise {denoise} of {steps} steps runs no step: give a larger denoise or more steps")
         x_T = noised_to(init.to(device, torch.float32).expand(b, -1, -1, -1), steps, start, generator)
     if x_T is None:
-        x_T = torch.randn(b, unet.config.in_channels, height // vae_down, width // vae_down, generator=generator)
+        x_T = gaussian(torch.empty(b, unet.config.in_channels, height // vae_down, width // vae_down), generator)
     x_T = x_T.to(device, torch.float32)
 
     def model_fn(x, t, i):

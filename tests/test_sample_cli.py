@@ -71,7 +71,7 @@ def test_sample_writes_pngs_with_metadata_and_is_reproducible(files, tmp_path):
     assert all(s.size == (64, 64) for s in samples)                 # 80x96 -> short side 64, sides multiples of 64
     assert grid.size == (512, 512)              # control map row above two samples, 64-pixel tiles shown 4x
     params = samples[1].text["parameters"]
-    for expected in ("a red circle", "Steps: 3", "CFG scale: 9.0", "Seed: 42", "tiny-v1.ckpt", "control_tiny.pth"):
+    for expected in ("a red circle", "Steps: 3", "CFG scale: 9.0", "Seed: 43,", "tiny-v1.ckpt", "control_tiny.pth"):
         assert expected in params
     for i in range(2):
         assert np.array_equal(np.asarray(samples[i]), np.asarray(Image.open(second / f"sample_{i}.png")))
@@ -239,14 +239,14 @@ def test_default_size_is_the_models_training_size(files, config, size, tmp_path)
 
 def test_img2img_and_inpainting_encode_the_image_as_the_official_demos(files, tmp_path, monkeypatch):
     # gradio_tile.py and gradio_inpaint.py: x0 = image / 127.0 - 1 (not 127.5), one copy per sample, each encoded to a
-    # posterior sample (mean + std * N(0, 1)) * scale_factor, the noise here the seed's first draws
+    # posterior sample (mean + std * N(0, 1)) * scale_factor, the noise here each sample's seed's first draws
     import minicontrol.pipeline
     seen, real = {}, minicontrol.pipeline.sample
     monkeypatch.setattr(minicontrol.pipeline, "sample", lambda *a, **k: seen.update(k) or real(*a, **k))
     vae = load_base(files / "tiny-v1.ckpt", config=preset("tiny-sd1")).vae
     image = resize_image(np.asarray(Image.open(files / "circle.png")), 64)
     mean, logvar = vae.moments(torch.tensor(image / 127.0 - 1.0, dtype=torch.float32).permute(2, 0, 1)[None])
-    noise = torch.randn((2, *mean.shape[1:]), generator=torch.Generator().manual_seed(42))        # --seed 42
+    noise = torch.cat([torch.randn(mean.shape, generator=torch.Generator().manual_seed(s)) for s in (42, 43)])
     want = (mean + (0.5 * logvar).exp() * noise) * vae.config.scale_factor
     args = [a for a in base_args(files, tmp_path / "o") if a not in ("--detector", "canny")]     # the image as is
     for extra, key in ((["--denoise", 0.5], "init"), (["--mask", files / "circle.png"], "keep")):
@@ -290,6 +290,25 @@ def test_shuffle_detector_shuffles_the_whole_image_with_the_seed(files, tmp_path
     shown = np.asarray(Image.open(tmp_path / "o" / "grid.png"))[:256:4, :256:4]         # tiles are shown 4x
     image = np.asarray(Image.open(files / "circle.png"))
     assert np.array_equal(shown, shuffle(image, 64, 64, 42)) and not np.array_equal(shown, shuffle(image, 64, 64, 1))
+
+
+def test_each_sample_is_its_own_seeds_in_any_batch(files, tmp_path):
+    # sample i of --seed s is the image of --seed s + i alone, with every random draw (initial noise, DDIM noise at
+    # eta > 0, the posterior sample of img2img and inpainting, the inpainting's re-noised known latents)
+    args = [a for a in base_args(files, None)[:-1] if a not in ("--detector", "canny")]
+    n = args.index("--num-samples") + 1
+    for extra in (["--eta", 1.0, "--denoise", 0.7], ["--eta", 0.5, "--mask", files / "circle.png"]):
+        args[n] = 3
+        assert run_here(*args, tmp_path / "batch", *extra).returncode == 0
+        args[n], args[args.index("--seed") + 1] = 1, 44
+        assert run_here(*args, tmp_path / "alone", *extra).returncode == 0
+        args[args.index("--seed") + 1] = 42
+        batch, alone = (Image.open(tmp_path / d / f"sample_{i}.png") for d, i in (("batch", 2), ("alone", 0)))
+        assert "Seed: 44," in batch.text["parameters"] and "Seed: 44," in alone.text["parameters"]
+        diff = np.abs(np.asarray(batch).astype(int) - np.asarray(alone))
+        assert diff.max() <= 1, (extra, diff.max())                  # float sums of another batch size, at most
+        others = [np.asarray(Image.open(tmp_path / "batch" / f"sample_{i}.png")).astype(int) for i in (0, 1)]
+        assert all(np.abs(o - np.asarray(alone)).mean() > 5 for o in others)
 
 
 def test_seed_minus_one_draws_a_seed_that_reproduces_the_images(files, tmp_path):
