@@ -75,7 +75,9 @@ def parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=12345, help="random seed of the first sample, seed + i of sample i: each image "
                                               "is its own seed's, whatever the batch, and that seed is written in "
                                               "its PNG; -1 draws one, as the official demos do")
-    a("--num-samples", type=int, default=None, help="images to generate, one batch (default 1; 4 for the tiny model)")
+    a("--num-samples", type=int, default=None, help="images to generate (default 1; 4 for the tiny model)")
+    a("--batch-size", type=int, default=None, help="images drawn at once (default: all of them); any batch size "
+                                                   "gives the same images, as each draws from its own seed")
     a("--resolution", type=int, default=None, help="short side of the output, rounded to a multiple of 64 "
                                                    "(default 512; 768 for v-prediction models, which were trained "
                                                    "at 768; 64 for the tiny model)")
@@ -164,6 +166,9 @@ def check_args(args):
     args.num_samples = args.num_samples if args.num_samples is not None else (4 if tiny else 1)
     if args.num_samples < 1:
         fail(f"--num-samples must be at least 1, got {args.num_samples}")
+    args.batch_size = args.num_samples if args.batch_size is None else args.batch_size
+    if args.batch_size < 1:
+        fail(f"--batch-size must be at least 1, got {args.batch_size}")
     for flag, x in (("--cfg", args.cfg), ("--eta", args.eta)):
         if x < 0:
             fail(f"{flag} must not be negative, got {x}")
@@ -281,19 +286,26 @@ def main(argv=None):
 
     h, w = maps[0].shape[:2] if maps else (round64(args.resolution),) * 2
     controls = [Control(*c) for c in zip(nets, hints, args.strength, args.start, args.end)]
-    known, generator = None, [torch.Generator().manual_seed(seed) for seed in seeds(args)]
+    x = None
     if args.mask or args.denoise:                    # the first control image's latents: kept, or the start
         # as the official inpaint and tile demos encode it: / 127.0 - 1 (sic), a posterior sample for each image
-        x = torch.tensor(source / 127.0 - 1.0, dtype=torch.float32).permute(2, 0, 1)[None]
-        known = model.vae.encode(x.to(args.device), generator, n=len(prompts))
-    keep = (known, torch.tensor(1.0 - latent)[None, None]) if args.mask else None
-    steps = sample(model, prompts, [negative] * len(prompts), controls, args.steps, args.cfg, args.eta,
-                   args.guess_mode, args.only_mid_control, h, w, generator, keep=keep,
-                   init=known if args.denoise else None, denoise=args.denoise or 1.0)
-    total = img2img_start(args.denoise, args.steps) if args.denoise else len(timesteps(args.steps))
-    for _, z, _ in tqdm(steps, total=total, desc="DDIM", unit="step"):
-        pass
-    images = decode(model, z)
+        x = torch.tensor(source / 127.0 - 1.0, dtype=torch.float32).permute(2, 0, 1)[None].to(args.device)
+    images = []
+    for lo in range(0, len(prompts), args.batch_size):
+        part = slice(lo, lo + args.batch_size)
+        generator = [torch.Generator().manual_seed(seed) for seed in seeds(args)[part]]
+        known = x if x is None else model.vae.encode(x, generator, n=len(generator))
+        keep = (known, torch.tensor(1.0 - latent)[None, None]) if args.mask else None
+        # a control image per sample (the tiny model's own outlines) is taken for this batch's samples
+        batch = [replace(c, image=c.image[part]) if c.image.shape[0] > 1 else c for c in controls]
+        steps = sample(model, prompts[part], [negative] * len(generator), batch, args.steps, args.cfg, args.eta,
+                       args.guess_mode, args.only_mid_control, h, w, generator, keep=keep,
+                       init=known if args.denoise else None, denoise=args.denoise or 1.0)
+        total = img2img_start(args.denoise, args.steps) if args.denoise else len(timesteps(args.steps))
+        for _, z, _ in tqdm(steps, total=total, desc="DDIM", unit="step"):
+            pass
+        images.append(decode(model, z))
+    images = np.concatenate(images)
     if args.mask:                                    # and the pixels outside the soft mask are the input's
         images = (images * soft[..., None] + source * (1.0 - soft[..., None])).clip(0, 255).astype(np.uint8)
     write_outputs(args, prompts, negative, maps, images)

@@ -292,7 +292,7 @@ def test_shuffle_detector_shuffles_the_whole_image_with_the_seed(files, tmp_path
     assert np.array_equal(shown, shuffle(image, 64, 64, 42)) and not np.array_equal(shown, shuffle(image, 64, 64, 1))
 
 
-def test_each_sample_is_its_own_seeds_in_any_batch(files, tmp_path):
+def test_each_sample_is_its_own_seeds_in_any_batch_and_batch_size(files, tmp_path):
     # sample i of --seed s is the image of --seed s + i alone, with every random draw (initial noise, DDIM noise at
     # eta > 0, the posterior sample of img2img and inpainting, the inpainting's re-noised known latents)
     args = [a for a in base_args(files, None)[:-1] if a not in ("--detector", "canny")]
@@ -309,6 +309,18 @@ def test_each_sample_is_its_own_seeds_in_any_batch(files, tmp_path):
         assert diff.max() <= 1, (extra, diff.max())                  # float sums of another batch size, at most
         others = [np.asarray(Image.open(tmp_path / "batch" / f"sample_{i}.png")).astype(int) for i in (0, 1)]
         assert all(np.abs(o - np.asarray(alone)).mean() > 5 for o in others)
+        args[n] = 3                                                   # batches of 2 and 1 give the same 3 images
+        assert run_here(*args, tmp_path / "parts", *extra, "--batch-size", 2).returncode == 0
+        for i in range(3):
+            parts, batch = (np.asarray(Image.open(tmp_path / d / f"sample_{i}.png")) for d in ("parts", "batch"))
+            assert np.abs(parts.astype(int) - batch).max() <= 1
+    # the tiny model's own outlines, one per sample, go with their samples
+    for out, extra in (("whole", []), ("split", ["--batch-size", 2])):
+        assert run_here("--num-samples", 3, "--steps", 2, "--out", tmp_path / out, *extra).returncode == 0
+    for name in ("grid.png", "sample_2.png"):
+        whole, split = (np.asarray(Image.open(tmp_path / d / name)).astype(int) for d in ("whole", "split"))
+        assert np.abs(whole - split).max() <= 1, name
+    one_line_error(run_here(*args, tmp_path / "o", "--batch-size", 0), "--batch-size")
 
 
 def test_seed_minus_one_draws_a_seed_that_reproduces_the_images(files, tmp_path):
