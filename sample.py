@@ -211,7 +211,7 @@ def control_maps(args, tiny):
     from minicontrol.preprocess import detect, hwc3, resize_image, shuffle
     if tiny and not args.control_image:
         from minicontrol.world import demo_controls
-        prompts, maps = demo_controls(args.num_samples, round64(args.resolution), args.seed)
+        prompts, maps = demo_controls(seeds(args), round64(args.resolution))
         args.prompt = args.prompt or prompts
         return maps, [torch.from_numpy(np.stack(maps)).permute(0, 3, 1, 2).float() / 255.0], None
     if not args.control_image:                       # --base alone: text to image

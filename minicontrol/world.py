@@ -37,12 +37,18 @@ def draw(circle: str, background: str, cx: float, cy: float, r: float, size: int
     return target, control
 
 
+def random_circle(rng):
+    """(cx, cy, r) in pixels: radius 8 to 20, the whole circle at least 2 pixels inside the image."""
+    r = rng.uniform(8, 20)
+    cx, cy = rng.uniform(r + 2, SIZE - r - 2, size=2)
+    return cx, cy, r
+
+
 def random_item(rng, split: str):
     """Draw until the item belongs to the split: 'train' excludes held-out pairs and positions, 'eval' needs one."""
     while True:
         circle, background = rng.choice(NAMES, size=2, replace=False)
-        r = rng.uniform(8, 20)
-        cx, cy = rng.uniform(r + 2, SIZE - r - 2, size=2)
+        cx, cy, r = random_circle(rng)
         held = (circle, background) in HELD_OUT_PAIRS or held_out_position(cx, cy)
         if held == (split == "eval"):
             return str(circle), str(background), float(cx), float(cy), float(r)
@@ -80,10 +86,22 @@ def make_dataset(folder, n: int, seed: int = 0, split: str = "train"):
                                 "prompt": prompt(circle, background), "circle": [cx, cy, r]}) + "\n")
 
 
-def demo_controls(n: int, resolution: int = SIZE, seed: int = 0):
-    """Held-out colour pairs with new outlines for `python sample.py` with the tiny model: (prompts, HxWx3 maps)."""
-    items = eval_items(n, seed)[:n]
-    scale = resolution / SIZE
+def demo_items(seeds):
+    """The tiny model's examples for `python sample.py`, one item per seed (as each sample's noise is): held-out pair
+    number seed mod 8 of the sorted held-out pairs, so consecutive seeds differ, and a circle drawn from the seed,
+    outside the held-out corner."""
+    pairs, items = sorted(HELD_OUT_PAIRS), []
+    for seed in seeds:
+        rng, (cx, cy) = np.random.default_rng(seed), (0, 0)
+        while held_out_position(cx, cy):
+            cx, cy, r = random_circle(rng)
+        items.append((*pairs[seed % len(pairs)], cx, cy, r))
+    return items
+
+
+def demo_controls(seeds, resolution: int = SIZE):
+    """demo_items' prompts and outlines (HxWx3 maps) at this resolution."""
+    items, scale = demo_items(seeds), resolution / SIZE
     maps = [draw(c, b, cx * scale, cy * scale, r * scale, resolution)[1] for c, b, cx, cy, r in items]
     return [prompt(c, b) for c, b, *_ in items], maps
 

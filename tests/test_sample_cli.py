@@ -314,12 +314,15 @@ def test_each_sample_is_its_own_seeds_in_any_batch_and_batch_size(files, tmp_pat
         for i in range(3):
             parts, batch = (np.asarray(Image.open(tmp_path / d / f"sample_{i}.png")) for d in ("parts", "batch"))
             assert np.abs(parts.astype(int) - batch).max() <= 1
-    # the tiny model's own outlines, one per sample, go with their samples
-    for out, extra in (("whole", []), ("split", ["--batch-size", 2])):
-        assert run_here("--num-samples", 3, "--steps", 2, "--out", tmp_path / out, *extra).returncode == 0
+    # the tiny model's own prompts and outlines, one from each sample's seed, go with their samples
+    for out, extra in (("whole", []), ("split", ["--batch-size", 2]), ("one", ["--num-samples", 1, "--seed", 9])):
+        assert run_here("--num-samples", 3, "--steps", 2, "--seed", 7, "--out", tmp_path / out, *extra).returncode == 0
     for name in ("grid.png", "sample_2.png"):
         whole, split = (np.asarray(Image.open(tmp_path / d / name)).astype(int) for d in ("whole", "split"))
         assert np.abs(whole - split).max() <= 1, name
+    third, one = Image.open(tmp_path / "whole" / "sample_2.png"), Image.open(tmp_path / "one" / "sample_0.png")
+    assert third.text["parameters"].split("\n")[0] == one.text["parameters"].split("\n")[0]      # the prompt
+    assert np.abs(np.asarray(third).astype(int) - np.asarray(one)).max() <= 1
     one_line_error(run_here(*args, tmp_path / "o", "--batch-size", 0), "--batch-size")
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from helpers import run_module
 from minicontrol.checkpoint import kind, load_base, load_controlnet, read
-from minicontrol.world import COLORS, HELD_OUT_PAIRS, draw, eval_items, held_out_position, make_dataset
+from minicontrol.world import COLORS, HELD_OUT_PAIRS, demo_items, draw, eval_items, held_out_position, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,7 +146,12 @@ def test_bare_sample_draws_the_circles_on_their_outlines(tmp_path):
     params = Image.open(tmp_path / "sample_0.png").text["parameters"]
     assert f"CFG scale: {GUIDANCE}," in params and f"Strength: [{STRENGTH}]" in params
     from sample import parser
-    iou, colour_error = scores(images, eval_items(8, seed=parser().get_default("seed"))[:8])   # the outlines drawn
+    seed = parser().get_default("seed")
+    items = demo_items(range(seed, seed + 8))                                 # the outlines drawn
+    shown = np.asarray(Image.open(tmp_path / "control_7.png"))
+    assert np.array_equal(shown, draw(*items[7])[1]) and len({it[:2] for it in items}) == 8   # 8 different pairs
+    assert all(it[:2] in HELD_OUT_PAIRS and not held_out_position(*it[2:4]) for it in items)
+    iou, colour_error = scores(images, items)
     assert iou > 0.8 and colour_error < 0.1
 
 
