@@ -63,7 +63,7 @@ def parser():
     a("--save-every", type=int, default=500, help="checkpoint every N steps (atomic)")
     a("--sample-every", type=int, default=300, help="sample grid every N steps (official 300; 0: never)")
     a("--sample-steps", type=int, default=50, help="DDIM steps of those grids (official 50)")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="seed of new weights, the data order and the noise (default 0)")
     a("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="autocast of the UNet and ControlNet; "
       "weights and optimizer stay fp32 (default: bf16 on CUDA; fp32, the official recipe's, on the CPU); fp16, with "
       "loss scaling, is for GPUs without bf16 (before Ampere)")
