@@ -290,11 +290,11 @@ def main(argv=None):
     if args.mask or args.denoise:                    # the first control image's latents: kept, or the start
         # as the official inpaint and tile demos encode it: / 127.0 - 1 (sic), a posterior sample for each image
         x = torch.tensor(source / 127.0 - 1.0, dtype=torch.float32).permute(2, 0, 1)[None].to(args.device)
-    images = []
+    images, batches = [], -(-len(prompts) // args.batch_size)
     for lo in range(0, len(prompts), args.batch_size):
         part = slice(lo, lo + args.batch_size)
         generator = [torch.Generator().manual_seed(seed) for seed in seeds(args)[part]]
-        known = x if x is None else model.vae.encode(x, generator, n=len(generator))
+        known = None if x is None else model.vae.encode(x, generator, n=len(generator))
         keep = (known, torch.tensor(1.0 - latent)[None, None]) if args.mask else None
         # a control image per sample (the tiny model's own outlines) is taken for this batch's samples
         batch = [replace(c, image=c.image[part]) if c.image.shape[0] > 1 else c for c in controls]
@@ -302,7 +302,8 @@ def main(argv=None):
                        args.guess_mode, args.only_mid_control, h, w, generator, keep=keep,
                        init=known if args.denoise else None, denoise=args.denoise or 1.0)
         total = img2img_start(args.denoise, args.steps) if args.denoise else len(timesteps(args.steps))
-        for _, z, _ in tqdm(steps, total=total, desc="DDIM", unit="step"):
+        desc = f"DDIM {lo // args.batch_size + 1}/{batches}" if batches > 1 else "DDIM"
+        for _, z, _ in tqdm(steps, total=total, desc=desc, unit="step"):
             pass
         images.append(decode(model, z))
     images = np.concatenate(images)
