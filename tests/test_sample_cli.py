@@ -81,6 +81,37 @@ def test_sample_writes_pngs_with_metadata_and_is_reproducible(files, tmp_path):
     assert not np.array_equal(np.asarray(samples[0]), np.asarray(Image.open(skip / "sample_0.png")))
 
 
+def test_flags_reach_the_sampler_as_given(files, tmp_path, monkeypatch):
+    # every sampling flag arrives in pipeline.sample (whose guidance, guess mode, start/end and middle-only control
+    # are checked against diffusers in test_parity.py and test_sampling.py) with the value given
+    import cv2
+    import minicontrol.pipeline
+    seen, real = {}, minicontrol.pipeline.sample
+    monkeypatch.setattr(minicontrol.pipeline, "sample", lambda *a, **k: seen.update(a=a) or real(*a, **k))
+    yy, xx = np.mgrid[:64, :64]
+    image = np.full((64, 64, 3), 200, np.uint8)                       # a faint circle and a clear one
+    image[(yy - 32) ** 2 + (xx - 20) ** 2 < 12 ** 2], image[(yy - 32) ** 2 + (xx - 46) ** 2 < 12 ** 2] = 180, 120
+    Image.fromarray(image).save(tmp_path / "circles.png")
+    args = [a if a != files / "circle.png" else tmp_path / "circles.png" for a in base_args(files, tmp_path / "o")]
+    assert run_here(*args, "--a-prompt", "sharp", "--negative-prompt", "blurry", "--guess-mode", "--start", 0.25,
+                    "--end", 0.75, "--only-mid-control", "--strength", 0.6, "--low-threshold", 40,
+                    "--high-threshold", 90, "--cfg", 4.5, "--eta", 0.3).returncode == 0
+    _, prompts, negative, (control,), steps, cfg, eta, guess_mode, only_mid = seen["a"][:9]
+    assert prompts == ["a red circle, sharp"] * 2 and negative == ["blurry"] * 2
+    assert (steps, cfg, eta, guess_mode, only_mid) == (3, 4.5, 0.3, True, True)
+    assert (control.strength, control.start, control.end) == (0.6, 0.25, 0.75)
+    edges = torch.tensor(cv2.Canny(image, 40, 90) / 255.0, dtype=torch.float32)
+    assert torch.equal(control.image, edges.expand(1, 3, -1, -1))
+    assert (cv2.Canny(image, 40, 90) > cv2.Canny(image, 100, 200)).any()          # the faint circle's edges
+    # with no such flags, the official demos' (gradio_canny2image.py) added and negative prompts, guidance 9, eta 0
+    assert run_here(*args).returncode == 0
+    _, prompts, negative, (control,), _, cfg, eta, guess_mode, only_mid = seen["a"][:9]
+    assert prompts[0] == "a red circle, best quality, extremely detailed" and (cfg, eta) == (9.0, 0.0)
+    assert negative[0] == ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, "
+                           "cropped, worst quality, low quality")
+    assert (control.strength, control.start, control.end, guess_mode, only_mid) == (1.0, 0.0, 1.0, False, False)
+
+
 def test_controlnet_1_0_file_alone_is_base_and_controlnet(files, tmp_path):
     # the official 1.0 demos load one file, an SD and its ControlNet: as --base with no --controlnet it is both
     _, model, net = tiny_models("tiny-sd1")

@@ -261,6 +261,24 @@ def test_half_precision_trains_as_fp32_does(setup, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_only_mid_control_and_grad_checkpointing_flags(setup, tmp_path, monkeypatch):
+    """--only-mid-control: the UNet takes the middle residual alone, so the input blocks' zero convs get no gradient
+    and stay zero while middle_block_out learns. --grad-checkpointing: blocks are recomputed, and the training is the
+    same as without it."""
+    import minicontrol.unet
+    runs, calls, real = {}, [], minicontrol.unet.checkpoint
+    monkeypatch.setattr(minicontrol.unet, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name, extra in (("plain", []), ("mid", ["--only-mid-control"]), ("recompute", ["--grad-checkpointing"])):
+        assert train_here(*common(setup, tmp_path / name, steps=3, extra=["--save-every", 3, *extra])).returncode == 0
+        runs[name] = weights(tmp_path / name / "step0000003.safetensors")
+        assert bool(calls) == (name == "recompute")
+    zero = lambda sd: {k for k in sd if ".zero_convs." in k and not sd[k].any()}
+    every = {k for k in runs["mid"] if ".zero_convs." in k}                       # weights and biases
+    assert every and zero(runs["mid"]) == every and not zero(runs["plain"])
+    assert runs["mid"][CONTROL + "middle_block_out.0.weight"].any()
+    assert all(torch.allclose(runs["recompute"][k], runs["plain"][k], rtol=1e-5, atol=1e-7) for k in runs["plain"])
+
+
 def test_cached_latents_give_the_same_loss(setup, tmp_path):
     """--cache-latents encodes the data once: the first step's loss equals the one from encoding at the step."""
     losses = []
