@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minicontrol.checkpoint import CONTROL, TEXT_HF, TEXT_OC, UNET, VAE, StableDiffusion, controlnet_state_dict
+from minicontrol.checkpoint import TEXT_HF, TEXT_OC, UNET, VAE, StableDiffusion, controlnet_state_dict
 from minicontrol.config import preset
 from minicontrol.controlnet import ControlNet
 from minicontrol.ddim import schedule_buffers
