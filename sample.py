@@ -291,6 +291,7 @@ def main(argv=None):
         # as the official inpaint and tile demos encode it: / 127.0 - 1 (sic), a posterior sample for each image
         x = torch.tensor(source / 127.0 - 1.0, dtype=torch.float32).permute(2, 0, 1)[None].to(args.device)
     images, batches = [], -(-len(prompts) // args.batch_size)
+    total = img2img_start(args.denoise, args.steps) if args.denoise else len(timesteps(args.steps))
     for lo in range(0, len(prompts), args.batch_size):
         part = slice(lo, lo + args.batch_size)
         generator = [torch.Generator().manual_seed(seed) for seed in seeds(args)[part]]
@@ -301,7 +302,6 @@ def main(argv=None):
         steps = sample(model, prompts[part], [negative] * len(generator), batch, args.steps, args.cfg, args.eta,
                        args.guess_mode, args.only_mid_control, h, w, generator, keep=keep,
                        init=known if args.denoise else None, denoise=args.denoise or 1.0)
-        total = img2img_start(args.denoise, args.steps) if args.denoise else len(timesteps(args.steps))
         desc = f"DDIM {lo // args.batch_size + 1}/{batches}" if batches > 1 else "DDIM"
         for _, z, _ in tqdm(steps, total=total, desc=desc, unit="step"):
             pass
