@@ -290,13 +290,14 @@ def main(argv=None):
     if args.mask or args.denoise:                    # the first control image's latents: kept, or the start
         # as the official inpaint and tile demos encode it: / 127.0 - 1 (sic), a posterior sample for each image
         x = torch.tensor(source / 127.0 - 1.0, dtype=torch.float32).permute(2, 0, 1)[None].to(args.device)
+    kept = torch.tensor(1.0 - latent)[None, None] if args.mask else None      # 1 where the latents are kept
     images, batches = [], -(-len(prompts) // args.batch_size)
     total = img2img_start(args.denoise, args.steps) if args.denoise else len(timesteps(args.steps))
     for lo in range(0, len(prompts), args.batch_size):
         part = slice(lo, lo + args.batch_size)
         generator = [torch.Generator().manual_seed(seed) for seed in seeds(args)[part]]
         known = None if x is None else model.vae.encode(x, generator, n=len(generator))
-        keep = (known, torch.tensor(1.0 - latent)[None, None]) if args.mask else None
+        keep = (known, kept) if args.mask else None
         # a control image per sample (the tiny model's own outlines) is taken for this batch's samples
         batch = [replace(c, image=c.image[part]) if c.image.shape[0] > 1 else c for c in controls]
         steps = sample(model, prompts[part], [negative] * len(generator), batch, args.steps, args.cfg, args.eta,
