@@ -30,8 +30,9 @@ def parser() -> argparse.ArgumentParser:
     a("--base", help="SD 1.x/2.x base checkpoint (.ckpt/.safetensors) or a ControlNet 1.0 full .pth, which is "
                      "also the ControlNet when none is given (default: "
                      f"{TINY_BASE.relative_to(WEIGHTS.parent)})")
-    a("--controlnet", action="append", default=[], help="ControlNet file, 1.0 full or 1.1 control-only; repeat for "
-                                                        "several, each paired with the --control-image at its position")
+    a("--controlnet", action="append", default=[], help="ControlNet file, 1.0 full or 1.1 control-only, or a "
+                                                        "ControlNet saved by diffusers (its folder); repeat for several, "
+                                                        "each paired with the --control-image at its position")
     a("--vae", help="a VAE file to use instead of the base's, e.g. vae-ft-mse-840000-ema-pruned.safetensors (or an "
                     "SD checkpoint, whose VAE is taken)")
     a("--control-image", action="append", default=[], help="control image for the ControlNet at the same position")

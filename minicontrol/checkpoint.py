@@ -1,10 +1,12 @@
 """Loading and saving the official files as they are: SD base checkpoints, ControlNet 1.0 (full model), ControlNet 1.1
-(`control_model.*` only) and extracted ControlNets (no prefix), in .ckpt, .pth or .safetensors.
+(`control_model.*` only) and extracted ControlNets (no prefix), in .ckpt, .pth or .safetensors; and ControlNets saved
+by diffusers (a model folder, or its weights file), their keys renamed to the official ones.
 
 Pickled files are read with `torch.load(weights_only=True)`, which refuses anything but tensors and containers,
 so no code inside a file ever runs. Other objects beside the weights (a training checkpoint's callbacks and
 hyper-parameters) are read as inert stand-ins; weights that would need any code to build are refused."""
 import io
+import json
 import os
 import pickle
 import pickletools
@@ -38,9 +40,23 @@ class CheckpointError(ValueError):
     """A file that is not the checkpoint it was given as; the message names the file and what to do."""
 
 
-def check_file(path):
-    """A CheckpointError unless `path` is a file; for a folder it names a checkpoint file in it, if there is one."""
+DIFFUSERS_FILES = [f"diffusion_pytorch_model{v}{s}" for s in (".safetensors", ".bin") for v in ("", ".fp16")]
+
+
+def weights_file(path) -> Path:
+    """The file itself; for a diffusers model folder (config.json beside diffusion_pytorch_model.*), its weights."""
     path = Path(path)
+    found = [path / name for name in DIFFUSERS_FILES if path.is_dir() and (path / name).is_file()]
+    return found[0] if found else path
+
+
+def check_file(path):
+    """A CheckpointError unless `path` is a file or a diffusers model folder; for another folder it names a checkpoint
+    file in it, if there is one."""
+    path = weights_file(path)
+    if (path / "model_index.json").is_file():
+        raise CheckpointError(f"{path}: a diffusers pipeline folder; of diffusers' files only ControlNets are read: "
+                              "give the original single-file checkpoint (weights/README.md lists them)")
     if path.is_dir():
         found = sorted(p.name for p in path.iterdir() if p.suffix in (".ckpt", ".pth", ".safetensors"))
         raise CheckpointError(f"{path}: a folder; give the checkpoint file itself"
@@ -100,7 +116,7 @@ def load_pickle(path) -> tuple:
 
 def read(path) -> tuple:
     """(state dict, config json or None) from a .safetensors, .ckpt or .pth file, unwrapping {"state_dict": ...}."""
-    path = Path(path)
+    path = weights_file(path)
     check_file(path)
     meta, stand_ins = None, []
     try:
@@ -165,7 +181,8 @@ def pickle_imports(path) -> list:
 
 def kind(sd: dict) -> str:
     """'sd' (base), 'controlnet-1.0' (full model), 'controlnet-1.1' (control_model.* only), 'controlnet' (no prefix),
-    'diffusers' (a diffusers model's own file, which is not read), 'vae' (a VAE alone), 'sdxl' or 'unknown'."""
+    'controlnet-diffusers', 'diffusers' (another diffusers model's file, which is not read), 'vae' (a VAE alone),
+    'sdxl' or 'unknown'."""
     has_unet, has_control = any(k.startswith(UNET) for k in sd), any(k.startswith(CONTROL) for k in sd)
     if any(k.startswith("conditioner.embedders.") for k in sd):
         return "sdxl"
@@ -175,6 +192,8 @@ def kind(sd: dict) -> str:
         return "controlnet-1.1"
     if "input_hint_block.0.weight" in sd:
         return "controlnet"
+    if "controlnet_cond_embedding.conv_in.weight" in sd:
+        return "sdxl" if any(k.startswith("add_embedding.") for k in sd) else "controlnet-diffusers"
     if any(k.startswith(("down_blocks.", "encoder.down_blocks.")) for k in sd):
         return "diffusers"
     return "vae" if "decoder.conv_in.weight" in sd else "unknown"
@@ -182,9 +201,11 @@ def kind(sd: dict) -> str:
 
 WHAT = {"sd": "a Stable Diffusion base checkpoint", "controlnet-1.0": "a ControlNet 1.0 file",
         "controlnet-1.1": "a ControlNet 1.1 file", "controlnet": "a ControlNet without the control_model. prefix",
-        "diffusers": "a file from a diffusers model folder (down_blocks.* keys); use the original single-file "
-                     "checkpoint instead (weights/README.md lists them)",
-        "sdxl": "an SDXL checkpoint (conditioner.* keys); minicontrol runs Stable Diffusion 1.x and 2.x",
+        "controlnet-diffusers": "a ControlNet saved by diffusers",
+        "diffusers": "a file from a diffusers model folder (down_blocks.* keys); of those only ControlNets are read: "
+                     "use the original single-file checkpoint instead (weights/README.md lists them)",
+        "sdxl": "an SDXL checkpoint (conditioner.* or add_embedding.* keys); minicontrol runs Stable Diffusion 1.x "
+                "and 2.x",
         "vae": "a VAE on its own (encoder.* and decoder.* keys); pass it as --vae",
         "unknown": "no model.diffusion_model.* or control_model.* keys"}
 
@@ -333,11 +354,62 @@ def guessed_prediction(path, model: StableDiffusion, config: ModelConfig = None)
             f"keep the official v2-inference-v.yaml beside it as {Path(path).with_suffix('.yaml').name}")
 
 
+RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+          "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def from_diffusers(sd: dict) -> dict:
+    """A diffusers ControlNetModel's weights under the official names. diffusers names the encoder's blocks by level
+    (down_blocks.L.resnets.J, .attentions.J, .downsamplers.0) where the official code numbers them in order
+    (input_blocks.I), and the ResBlocks' layers by role where the official code numbers them; attention layers have
+    the same names in both. Keys that fit no block are kept as they are, for check_fits to name."""
+    levels = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("down_blocks.")), default=-1)
+    per_level = 1 + max((int(k.split(".")[3]) for k in sd if k.startswith("down_blocks.0.resnets.")), default=-1)
+    names = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+             "time_embedding.linear_2": "time_embed.2", "mid_block.resnets.0": "middle_block.0",
+             "mid_block.attentions.0": "middle_block.1", "mid_block.resnets.1": "middle_block.2",
+             "controlnet_mid_block": "middle_block_out.0", "controlnet_cond_embedding.conv_in": "input_hint_block.0",
+             "controlnet_cond_embedding.conv_out": "input_hint_block.14"}
+    names |= {f"controlnet_cond_embedding.blocks.{j}": f"input_hint_block.{2 * j + 2}" for j in range(6)}
+    i = 1                                            # input_blocks.0 is conv_in
+    for level in range(levels):
+        for j in range(per_level):
+            names |= {f"down_blocks.{level}.resnets.{j}": f"input_blocks.{i}.0",
+                      f"down_blocks.{level}.attentions.{j}": f"input_blocks.{i}.1"}
+            i += 1
+        if level < levels - 1:
+            names[f"down_blocks.{level}.downsamplers.0.conv"] = f"input_blocks.{i}.0.op"
+            i += 1
+    names |= {f"controlnet_down_blocks.{j}": f"zero_convs.{j}.0" for j in range(i)}
+
+    def rename(key):
+        block = next((b for b in names if key.startswith(b + ".")), None)
+        if block is None:
+            return key
+        layer, dot, rest = key[len(block) + 1:].partition(".")
+        return f"{names[block]}.{RESNET.get(layer, layer)}{dot}{rest}"       # RESNET's names are in ResBlocks alone
+    return {rename(key): w for key, w in sd.items()}
+
+
+def diffusers_config(path) -> dict:
+    """The config.json of a diffusers model's folder, {} where there is none."""
+    config = weights_file(path).parent / "config.json"
+    try:
+        return json.loads(config.read_text()) if config.is_file() else {}
+    except ValueError:
+        raise CheckpointError(f"{config}: not readable JSON; the folder's config.json as diffusers saved it") from None
+
+
 def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) -> ControlNet:
-    """Any of the three ControlNet layouts. With `base`, a ControlNet made for another family is refused. The
-    residuals are pooled (the 1.1 shuffle model) where the config says so or the official yaml beside the file does."""
+    """Any of the three official ControlNet layouts, or diffusers'. With `base`, a ControlNet made for another family
+    is refused. The residuals are pooled (the 1.1 shuffle model) where the config says so, or the official yaml beside
+    the file does, or a diffusers folder's config.json (global_pool_conditions)."""
     sd, meta = read(path)
-    k = kind(sd)
+    k, settings = kind(sd), {}
+    if k == "controlnet-diffusers":
+        sd, k, settings = from_diffusers(sd), "controlnet", diffusers_config(path)
+        if settings.get("controlnet_conditioning_channel_order") == "bgr":  # diffusers flips the image's channels:
+            sd["input_hint_block.0.weight"] = sd["input_hint_block.0.weight"].flip(1)     # the same, done once here
     prefix = {"controlnet-1.0": CONTROL, "controlnet-1.1": CONTROL, "controlnet": ""}.get(k)
     if prefix is None:
         raise CheckpointError(f"{path}: no ControlNet weights in it (control_model.* keys): {WHAT[k]}")
@@ -365,7 +437,7 @@ def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) 
         if diff:
             raise CheckpointError(f"{path}: this ControlNet was trained on another UNet ({diff} {own[diff]}, the base "
                                   f"model has {other[diff]}); use a ControlNet made for this base")
-    if (yaml_beside(path, "global_average_pooling") or "").lower() == "true":
+    if (yaml_beside(path, "global_average_pooling") or "").lower() == "true" or settings.get("global_pool_conditions"):
         config = replace(config, unet=replace(config.unet, global_average_pooling=True))
     with torch.device("meta"):
         net = ControlNet(config.unet)

@@ -159,18 +159,48 @@ def test_truncated_and_foreign_files(tmp_path, tiny):
 
 
 def test_diffusers_layout_files_are_named_as_such(tmp_path, tiny):
-    # A diffusers model folder's own files (written here by diffusers itself) are not read; the error says so and
-    # points to the original single-file checkpoints, rather than calling them an unknown file.
+    # A diffusers model folder's UNet and VAE (written here by diffusers itself) are not read; the error says so and
+    # points to the original single-file checkpoints, rather than calling them an unknown file. Its ControlNet is not a
+    # base, and a diffusers pipeline folder is named as one.
     from helpers import diffusers_models
     from safetensors.torch import save_file
     unet, controlnet, vae = diffusers_models(*tiny)
-    for name, module in [("unet", unet), ("controlnet", controlnet), ("vae", vae)]:
+    for name, module in [("unet", unet), ("vae", vae)]:
         path = tmp_path / f"{name}.safetensors"
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, path)
         for load in (load_base, load_controlnet):
             msg = error(load, path)
             assert path.name in msg and "diffusers model folder" in msg and "single-file" in msg
+    controlnet.save_pretrained(tmp_path / "controlnet")
+    assert "ControlNet saved by diffusers; pass it as --controlnet" in error(load_base, tmp_path / "controlnet")
+    (tmp_path / "model_index.json").write_text("{}")
+    assert "diffusers pipeline folder" in error(load_base, tmp_path)
     assert "unknown" not in error(load_base, write(tmp_path / "x.pth", {"linear.weight": torch.zeros(2, 2)}))
+
+
+@pytest.mark.parametrize("name", ["tiny-sd1", "tiny-sd2"])
+def test_diffusers_controlnet_reads_as_the_official_file(tmp_path, name):
+    # A ControlNet as diffusers saves it: diffusers' converter fills its ControlNetModel from the official file, and
+    # save_pretrained writes the folder (config.json, diffusion_pytorch_model.safetensors). The folder, its weights
+    # file alone, or a torch .bin / fp16 variant give back the official weights exactly (fp16: as rounded).
+    from helpers import diffusers_models
+    from diffusers import ControlNetModel
+    cfg, model, net = tiny_models(name)
+    theirs = diffusers_models(cfg, model, net)[1]
+    theirs.save_pretrained(tmp_path / "plain")
+    theirs.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    theirs.half().save_pretrained(tmp_path / "half", variant="fp16")
+    theirs.float()
+    assert sorted(p.name for p in (tmp_path / "half").iterdir()) == ["config.json",
+                                                                    "diffusion_pytorch_model.fp16.safetensors"]
+    for path in (tmp_path / "plain", tmp_path / "plain" / "diffusion_pytorch_model.safetensors", tmp_path / "bin"):
+        assert same(load_controlnet(path, base=cfg), net)
+    half = load_controlnet(tmp_path / "half", base=cfg).state_dict()
+    assert all(torch.equal(half[k], v.half().float()) for k, v in net.state_dict().items())
+    # the pooled residuals of the 1.1 shuffle model, as its diffusers folder's config.json says them
+    assert not load_controlnet(tmp_path / "plain", base=cfg).config.global_average_pooling
+    ControlNetModel.from_config(theirs.config, global_pool_conditions=True).save_pretrained(tmp_path / "shuffle")
+    assert load_controlnet(tmp_path / "shuffle", base=cfg).config.global_average_pooling
 
 
 @torch.no_grad()

@@ -42,3 +42,17 @@ def test_schedule_buffer_anchor_values():
     assert b["betas"][0].item() == pytest.approx(0.00085) and b["betas"][999].item() == pytest.approx(0.012)
     assert ac[0].item() == pytest.approx(0.99915, abs=1e-6) and ac[1].item() == pytest.approx(0.998296, abs=1e-6)
     assert ac[951].item() == pytest.approx(0.0081550, rel=1e-4) and ac[999].item() == pytest.approx(0.0046601, rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd21"])
+def test_diffusers_controlnet_names_become_the_official_keys(family):
+    # diffusers' own ControlNetModel at full size (its SD1.5 and SD2.1 settings, as in the diffusers-format ControlNets
+    # published for each), renamed by from_diffusers: exactly the official file's keys and shapes
+    from diffusers import ControlNetModel
+
+    from minicontrol.checkpoint import CONTROL, from_diffusers
+    settings = {"sd15": dict(cross_attention_dim=768, attention_head_dim=8),
+                "sd21": dict(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True)}
+    with torch.device("meta"):
+        theirs = ControlNetModel(**settings[family]).state_dict()
+    assert shapes({CONTROL + k: v for k, v in from_diffusers(theirs).items()}) == manifest(f"{family}_controlnet")

@@ -50,3 +50,24 @@ def test_vae_matches_diffusers(pair):
     assert rel_err(mean, dist.mean) <= 1e-4 and rel_err(logvar, dist.logvar) <= 1e-4
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     assert rel_err(model.vae.decode(z), d_vae.decode(z / cfg.vae.scale_factor).sample) <= 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("settings", [{"global_pool_conditions": True},
+                                      {"controlnet_conditioning_channel_order": "bgr"}])
+def test_diffusers_controlnet_folder_settings_act_as_in_diffusers(pair, tmp_path, settings):
+    # a diffusers ControlNet whose config.json pools its residuals (the 1.1 shuffle model) or takes the image's
+    # channels in BGR order, loaded here from the folder, gives the residuals diffusers' own forward gives
+    from diffusers import ControlNetModel
+
+    from minicontrol.checkpoint import load_controlnet
+    cfg, model, net, (_, d_net, _) = pair
+    theirs = ControlNetModel.from_config(d_net.config, **settings)
+    theirs.load_state_dict(d_net.state_dict())
+    theirs.save_pretrained(tmp_path)
+    x, t, ctx, hint = inputs(cfg)
+    ours = load_controlnet(tmp_path, base=cfg)(x, hint, t, ctx)
+    down, mid = theirs.eval()(x, t, ctx, hint, return_dict=False)
+    plain = net(x, hint, t, ctx)
+    for a, b, c in zip(ours, list(down) + [mid], plain):
+        assert rel_err(a, b) <= 1e-5 and rel_err(a, c) > 1e-3      # the setting changed every residual

@@ -129,6 +129,19 @@ def test_controlnet_1_0_file_alone_is_base_and_controlnet(files, tmp_path):
     one_line_error(run_here(*(plain[:4] + plain[6:])), "tiny-v1.ckpt holds no ControlNet")
 
 
+def test_diffusers_controlnet_folder_samples_as_the_official_file(files, tmp_path):
+    # the same ControlNet saved by diffusers (its converter, then save_pretrained) gives the same pixels as the 1.1 file
+    from helpers import diffusers_models
+    cfg, model, net = tiny_models("tiny-sd1")
+    folder = tmp_path / "control_tiny_diffusers"
+    diffusers_models(cfg, model, net)[1].save_pretrained(folder)
+    args = [a if a != files / "control_tiny.pth" else folder for a in base_args(files, None)]
+    assert run_here(*args[:-1], tmp_path / "a").returncode == 0
+    assert run_here(*base_args(files, tmp_path / "b")).returncode == 0
+    a, b = (Image.open(tmp_path / out / "sample_1.png") for out in "ab")
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and "ControlNet: control_tiny_diffusers" in a.text["parameters"]
+
+
 def test_base_alone_samples_text_to_image(files, tmp_path):
     res = run("--base", files / "tiny-v1.ckpt", "--config", "tiny-sd1", "--prompt", "a red circle", "--steps", 3,
               "--num-samples", 2, "--resolution", 100, "--out", tmp_path)
