@@ -434,20 +434,22 @@ def test_v_model_learns_v_as_diffusers_defines_it(tmp_path, monkeypatch):
 
 
 def test_controlnet_flag_fine_tunes_the_given_file(setup, tmp_path):
-    """--controlnet FILE trains that ControlNet (a 1.1 file, or a 1.0 full file's control_model.*), not a fresh copy
-    of the base's encoder: its weights, every one of them trained. A 1.0 file given as --base alone gives its own, as
-    the official tutorial_train.py's resume_path (a whole ControlLDM file) does."""
+    """--controlnet FILE trains that ControlNet (a 1.1 file, a 1.0 full file's control_model.*, or a diffusers
+    folder), not a fresh copy of the base's encoder: its weights, every one of them trained. A 1.0 file given as --base
+    alone gives its own, as the official tutorial_train.py's resume_path (a whole ControlLDM file) does."""
     from train import build, parser
-    from helpers import randomize
+    from helpers import diffusers_models, randomize
     _, base = setup
     model = load_base(base)
-    start = randomize(clone_encoder(model.unet), 3).state_dict()
+    net = randomize(clone_encoder(model.unet), 3)
+    start = net.state_dict()
     torch.save({CONTROL + k: v for k, v in start.items()}, tmp_path / "control_1.1.pth")
     torch.save(full_state_dict(model) | {CONTROL + k: v for k, v in start.items()}, tmp_path / "control_1.0.pth")
+    diffusers_models(model.config, model, net)[1].save_pretrained(tmp_path / "control_diffusers")
     one_file = common(setup, tmp_path / "x", extra=["--config", "tiny"])     # a 1.0 file as --base alone
     one_file[1] = tmp_path / "control_1.0.pth"
     for argv in [common(setup, tmp_path / "x", extra=["--controlnet", tmp_path / name])
-                 for name in ("control_1.1.pth", "control_1.0.pth")] + [one_file]:
+                 for name in ("control_1.1.pth", "control_1.0.pth", "control_diffusers")] + [one_file]:
         _, net, params = build(parser().parse_args([str(a) for a in argv]), torch.device("cpu"))
         trained = net.state_dict()
         assert trained.keys() == start.keys() and all(torch.equal(trained[k], v) for k, v in start.items())
