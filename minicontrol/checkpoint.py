@@ -358,11 +358,12 @@ RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_
           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 
 
-def from_diffusers(sd: dict) -> dict:
+def from_diffusers(sd: dict, settings: dict = None) -> dict:
     """A diffusers ControlNetModel's weights under the official names. diffusers names the encoder's blocks by level
     (down_blocks.L.resnets.J, .attentions.J, .downsamplers.0) where the official code numbers them in order
     (input_blocks.I), and the ResBlocks' layers by role where the official code numbers them; attention layers have
-    the same names in both. Keys that fit no block are kept as they are, for check_fits to name."""
+    the same names in both. Keys that fit no block are kept as they are, for check_fits to name. settings: its
+    config.json, whose BGR channel order (diffusers flips the image) becomes the first convolution's weights flipped."""
     levels = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("down_blocks.")), default=-1)
     per_level = 1 + max((int(k.split(".")[3]) for k in sd if k.startswith("down_blocks.0.resnets.")), default=-1)
     names = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
@@ -388,7 +389,10 @@ def from_diffusers(sd: dict) -> dict:
             return key
         layer, dot, rest = key[len(block) + 1:].partition(".")
         return f"{names[block]}.{RESNET.get(layer, layer)}{dot}{rest}"       # RESNET's names are in ResBlocks alone
-    return {rename(key): w for key, w in sd.items()}
+    out = {rename(key): w for key, w in sd.items()}
+    if (settings or {}).get("controlnet_conditioning_channel_order") == "bgr" and "input_hint_block.0.weight" in out:
+        out["input_hint_block.0.weight"] = out["input_hint_block.0.weight"].flip(1)
+    return out
 
 
 def diffusers_config(path) -> dict:
@@ -407,9 +411,8 @@ def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) 
     sd, meta = read(path)
     k, settings = kind(sd), {}
     if k == "controlnet-diffusers":
-        sd, k, settings = from_diffusers(sd), "controlnet", diffusers_config(path)
-        if settings.get("controlnet_conditioning_channel_order") == "bgr":  # diffusers flips the image's channels:
-            sd["input_hint_block.0.weight"] = sd["input_hint_block.0.weight"].flip(1)     # the same, done once here
+        settings = diffusers_config(path)
+        sd, k = from_diffusers(sd, settings), "controlnet"
     prefix = {"controlnet-1.0": CONTROL, "controlnet-1.1": CONTROL, "controlnet": ""}.get(k)
     if prefix is None:
         raise CheckpointError(f"{path}: no ControlNet weights in it (control_model.* keys): {WHAT[k]}")
@@ -512,9 +515,9 @@ def transfer(sd: dict, old: dict, new: dict) -> dict:
 
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(description="rewrite a checkpoint as .safetensors (same keys), optionally in float16; "
-                                "split a ControlNet 1.0 full file into its SD and its control_model.* (1.1) parts; or "
-                                "move a ControlNet to another base")
+    p = argparse.ArgumentParser(description="rewrite a checkpoint as .safetensors (same keys; a ControlNet saved by "
+                                "diffusers in the 1.1 layout), optionally in float16; split a ControlNet 1.0 full file "
+                                "into its SD and its control_model.* (1.1) parts; or move a ControlNet to another base")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--half", action="store_true", help="store floating-point tensors as float16")
@@ -530,8 +533,14 @@ if __name__ == "__main__":
         check_out_folder(Path(a.dst).parent, "dst")
         sd, meta = read(a.src)
         bases = [read(f)[0] for f in a.transfer or ()]
+        settings = diffusers_config(a.src) if kind(sd) == "controlnet-diffusers" else {}
     except CheckpointError as e:
         raise SystemExit(f"error: {e}")
+    if kind(sd) == "controlnet-diffusers":
+        sd = {CONTROL + k: v for k, v in from_diffusers(sd, settings).items()}
+        if settings.get("global_pool_conditions"):
+            print(f"note: {a.src} pools its residuals; keep a yaml saying global_average_pooling: True beside {a.dst} "
+                  "under its name, as the official shuffle model's")
     if bases:
         if kind(sd) not in ("controlnet-1.0", "controlnet-1.1") or [kind(b) for b in bases] != ["sd", "sd"]:
             raise SystemExit(f"error: --transfer moves a ControlNet 1.0 or 1.1 file ({a.src}: {WHAT[kind(sd)]}) from "

@@ -197,6 +197,12 @@ def test_diffusers_controlnet_reads_as_the_official_file(tmp_path, name):
         assert same(load_controlnet(path, base=cfg), net)
     half = load_controlnet(tmp_path / "half", base=cfg).state_dict()
     assert all(torch.equal(half[k], v.half().float()) for k, v in net.state_dict().items())
+    # python -m minicontrol.checkpoint writes it as a 1.1 file, in the dtype it had
+    assert run_module("minicontrol.checkpoint", tmp_path / "half", tmp_path / "control_half.safetensors") is None
+    written = read(tmp_path / "control_half.safetensors")[0]
+    assert kind(written) == "controlnet-1.1" and all(v.dtype == torch.float16 for v in written.values())
+    again = load_controlnet(tmp_path / "control_half.safetensors", base=cfg).state_dict()
+    assert again.keys() == half.keys() and all(torch.equal(again[k], v) for k, v in half.items())
     # the pooled residuals of the 1.1 shuffle model, as its diffusers folder's config.json says them
     assert not load_controlnet(tmp_path / "plain", base=cfg).config.global_average_pooling
     ControlNetModel.from_config(theirs.config, global_pool_conditions=True).save_pretrained(tmp_path / "shuffle")
