@@ -195,6 +195,8 @@ def test_diffusers_controlnet_reads_as_the_official_file(tmp_path, name):
                                                                     "diffusion_pytorch_model.fp16.safetensors"]
     for path in (tmp_path / "plain", tmp_path / "plain" / "diffusion_pytorch_model.safetensors", tmp_path / "bin"):
         assert same(load_controlnet(path, base=cfg), net)
+    (tmp_path / "plain" / "diffusion_pytorch_model.bin").write_bytes(b"not read")   # safetensors first, as diffusers
+    assert same(load_controlnet(tmp_path / "plain", base=cfg), net)
     half = load_controlnet(tmp_path / "half", base=cfg).state_dict()
     assert all(torch.equal(half[k], v.half().float()) for k, v in net.state_dict().items())
     # python -m minicontrol.checkpoint writes it as a 1.1 file, in the dtype it had
