@@ -115,7 +115,8 @@ def load_pickle(path) -> tuple:
 
 
 def read(path) -> tuple:
-    """(state dict, config json or None) from a .safetensors, .ckpt or .pth file, unwrapping {"state_dict": ...}."""
+    """(state dict, config json or None) from a .safetensors, .ckpt or .pth file (or a diffusers model folder's weights
+    file), unwrapping {"state_dict": ...}."""
     path = weights_file(path)
     check_file(path)
     meta, stand_ins = None, []
