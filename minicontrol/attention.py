@@ -73,9 +73,9 @@ if triton is not None:
         return tl.dot(a, b)
 
     # Tiles (BLOCK_M, BLOCK_N, warps, stages, pad) per head width; flash_attention times a width's tiles on the GPU the
-    # first time it meets a shape and keeps the fastest. A width not listed gets the tiles that every listed width has,
-    # the CPU interpreter the first tile. pad: pieces of 64 or more (split_width). BLOCK_N >= 64 faulted in 16 bits
-    # (illegal address) on an H200 with Triton 3.6, see BENCHMARKS.md. MINICONTROL_FLASH_TILES=tiles.json
+    # first time it meets a shape and keeps the fastest (kept_tile). A width not listed gets the tiles that every listed
+    # width has, the CPU interpreter the first tile. pad: pieces of 64 or more (split_width). BLOCK_N >= 64 faulted in
+    # 16 bits (illegal address) on an H200 with Triton 3.6, see BENCHMARKS.md. MINICONTROL_FLASH_TILES=tiles.json
     # replaces the table ({"40": [[64, 32, 4, 3, false], ...], ...}; bench/flash_configs.py --pick writes one).
     TILES = {d: [(64, 32, 4, 3, False), (128, 32, 8, 3, False), (128, 32, 4, 3, False)] for d in (40, 64, 80, 160)}
     if os.environ.get("MINICONTROL_FLASH_TILES"):
@@ -158,18 +158,19 @@ def flash_attention(q, k, v, out=None, tile=None):
     args, meta = kernel_args(q, k, v, out)
     if tile is None:
         shape = shape_key(q, k, meta)
-        tile = best_tiles.get(shape) or best_tiles.setdefault(shape, fastest_tile(q, args, meta))
+        tile = best_tiles.get(shape) or best_tiles.setdefault(shape, kept_tile(q, args, meta, shape))
     launch(q, tile, args, meta)
     return out
 
 
 best_tiles = {}                     # shape_key -> the tile measured fastest there
+SMALLEST = (64, 32, 4, 3, False)    # fits every GPU from Ampere on: at most 80 KiB of shared memory (d = 160)
+CACHE = os.environ.get("MINICONTROL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minicontrol")
 
 
 def shape_key(q, k, meta):
     """What the fastest tile depends on: (B * H, Nq, Nk, dtype, kernel constants)."""
     return q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.dtype, *meta.values()
-SMALLEST = (64, 32, 4, 3, False)    # fits every GPU from Ampere on: at most 80 KiB of shared memory (d = 160)
 
 
 def tiles_at(d):
@@ -178,18 +179,41 @@ def tiles_at(d):
     return TILES.get(d) or shared or [SMALLEST]
 
 
-def fastest_tile(q, args, meta):
-    """Times each of the width's tiles on these tensors (median of Triton's do_bench) and returns the fastest; a tile
-    needing more shared memory than this GPU has is passed over, and where none fits, the smallest is taken. The CPU
-    interpreter takes the first tile."""
+def kept_tile(q, args, meta, shape):
+    """The tile kept in CACHE/attention_tiles.json for this GPU, Triton, shape and tile list, else the fastest measured
+    now, then kept there. Tiles add up a row's keys in different orders, so picks that followed each run's timing noise
+    would change the images a little from run to run; kept, the same seed gives the same image. The CPU interpreter
+    takes the first tile."""
+    tiles = tiles_at(meta["D"])
+    if INTERPRET:
+        return tiles[0]
+    path, key = os.path.join(CACHE, "attention_tiles.json"), repr((torch.cuda.get_device_name(q.device),
+                                                                   triton.__version__, shape, tiles))
+    try:
+        with open(path) as f:
+            kept = json.load(f)
+    except (OSError, ValueError):
+        kept = {}
+    if key not in kept:
+        kept[key] = fastest_tile(q, tiles, args, meta)
+        try:                             # written whole, then renamed: a run reading it sees the old file or the new
+            os.makedirs(CACHE, exist_ok=True)
+            with open(f"{path}.{os.getpid()}.tmp", "w") as f:
+                json.dump(kept, f, indent=0)
+            os.replace(f"{path}.{os.getpid()}.tmp", path)
+        except OSError:                  # a cache that cannot be written: measured again next run
+            pass
+    return tuple(kept[key])
+
+
+def fastest_tile(q, tiles, args, meta):
+    """Times each tile on these tensors (median of Triton's do_bench) and returns the fastest; a tile needing more
+    shared memory than this GPU has is passed over, and where none fits, the smallest is taken."""
     def ms(tile):
         try:
             return triton.testing.do_bench(lambda: launch(q, tile, args, meta), return_mode="median")
         except triton.runtime.errors.OutOfResources:
             return float("inf")
-    tiles = tiles_at(meta["D"])
-    if INTERPRET:
-        return tiles[0]
     times = {tile: ms(tile) for tile in tiles}
     best = min(times, key=times.get)
     return best if times[best] < float("inf") else SMALLEST

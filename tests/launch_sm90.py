@@ -4,7 +4,7 @@ for it with Triton's own compiler, and the launch itself, which would start the 
 instead. Triton's do_bench times those launches on the CPU clock, so which tile "wins" means nothing here; what is
 checked is the way there. Must run outside Triton's interpreter, so the tests start it as its own process:
 
-    python tests/launch_sm90.py SHARED_BYTES      # prints a JSON report
+    MINICONTROL_CACHE=DIR python tests/launch_sm90.py SHARED_BYTES      # prints a JSON report
 """
 import json
 import os
@@ -76,8 +76,14 @@ class StandInH100(CudaDriver):
         return torch.empty(1024, dtype=torch.int)
 
 
+def use_stand_in(shared):
+    """Triton's driver replaced by the stand-in, and torch told its name (part of the attention tile cache's key)."""
+    driver.set_active(StandInH100(shared))
+    torch.cuda.get_device_name = lambda device=None: "stand-in H100"
+
+
 if __name__ == "__main__":
-    driver.set_active(StandInH100(int(sys.argv[1])))
+    use_stand_in(int(sys.argv[1]))
     # SD1.5's widest heads at 64 tokens, laid out as the UNet passes them; fp16, so row strides of 8 * 160 elements
     q, k, v = (torch.randn(2, n, 8 * 160, dtype=torch.float16).view(2, n, 8, 160).transpose(1, 2) for n in (64, 77, 77))
     attn.TILES = {160: [(64, 32, 4, 3, False), (128, 128, 8, 3, False)]}

@@ -55,7 +55,7 @@ def test_gradients_match(d, dtype):
         assert rel(a, b) <= TOL[dtype]
 
 
-def test_each_width_times_its_own_tiles_once_per_shape(monkeypatch):
+def test_each_width_times_its_own_tiles_once_per_shape(monkeypatch, tmp_path):
     small, wide, padded = (64, 32, 4, 3, False), (128, 64, 8, 3, False), (128, 64, 8, 3, True)
     monkeypatch.setattr(attn, "TILES", {40: [small, padded], 64: [small, wide]})
     assert attn.tiles_at(40) == [small, padded] and attn.tiles_at(64) == [small, wide]
@@ -63,6 +63,8 @@ def test_each_width_times_its_own_tiles_once_per_shape(monkeypatch):
     # as on a GPU: each tile timed by do_bench, the fastest kept for the shape, one too big for shared memory skipped
     monkeypatch.setattr(attn, "INTERPRET", False)
     monkeypatch.setattr(attn, "best_tiles", {})
+    monkeypatch.setattr(attn, "CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU A")
     launched = []
     monkeypatch.setattr(attn, "launch", lambda q, tile, args, meta: launched.append(tile))
 
@@ -84,6 +86,20 @@ def test_each_width_times_its_own_tiles_once_per_shape(monkeypatch):
     launched.clear()
     flash_attention(*tensors(100, 77, 80, torch.float16))
     assert launched == [padded, attn.SMALLEST] and attn.SMALLEST == small
+    # the picks are kept on disk: a new run (nothing in memory) launches them untimed, however the timings would go now
+    kept = json.loads((tmp_path / "attention_tiles.json").read_text())
+    assert len(kept) == 4 and all("GPU A" in key for key in kept)
+    monkeypatch.setattr(attn, "best_tiles", {})
+    monkeypatch.setattr(attn, "TILES", {40: [small, padded], 64: [small, wide]})
+    launched.clear()
+    flash_attention(*tensors(100, 77, 64, torch.float16))
+    assert launched == [wide]
+    # another GPU, or another tile list, is measured anew
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU B")
+    monkeypatch.setattr(attn, "best_tiles", {})
+    launched.clear()
+    flash_attention(*tensors(100, 77, 64, torch.float16))
+    assert launched == [small, wide, wide] and len(json.loads((tmp_path / "attention_tiles.json").read_text())) == 5
 
 
 @pytest.mark.parametrize("d", [40, 80, 160])
@@ -152,7 +168,7 @@ def test_kernel_runs_only_where_triton_makes_tensor_core_code(monkeypatch):
     attn.has_tensor_core_code.cache_clear()
 
 
-def test_gpu_launch_path_times_the_tiles_that_fit_once_per_shape():
+def test_gpu_launch_path_times_the_tiles_that_fit_once_per_shape(tmp_path):
     # flash_attention on Triton's own launch path (not the interpreter) with a stand-in H100 driver, the kernel compiled
     # for sm_90 and its launches recorded (tests/launch_sm90.py): q (2, 8, 64, 160) and k, v (2, 8, 77, 160) in fp16
     # as the UNet lays them out, tiles 64x32 (80 KiB of shared memory) and 128x128 (280 KiB, more than an H100 has)
@@ -160,6 +176,7 @@ def test_gpu_launch_path_times_the_tiles_that_fit_once_per_shape():
     script = os.path.join(os.path.dirname(__file__), "launch_sm90.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for shared, fit in ((227 * 1024, [small]), (10 ** 6, [small, big])):
+        env["MINICONTROL_CACHE"] = str(tmp_path / str(shared))
         run = subprocess.run([sys.executable, script, str(shared)], env=env, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr[-2000:]
         report = json.loads(run.stdout)
@@ -174,3 +191,7 @@ def test_gpu_launch_path_times_the_tiles_that_fit_once_per_shape():
             assert launch["ints"][:21] == [10240, 20, 160, 1, 12320, 20, 160, 1, 12320, 20, 160, 1, 10240, 20, 160, 1,
                                            8, 64, 77, 160, 128] and launch["ints"][21:23] == [32, 8]
         assert report["same_layout"]
+        # a second run finds the pick kept on disk and launches it at once (the stand-in's timings are CPU noise)
+        run = subprocess.run([sys.executable, script, str(shared)], env=env, capture_output=True, text=True)
+        again = json.loads(run.stdout)
+        assert again["timed"] == 1 and again["best"] == [best] and again["launches"][0]["ints"][-2:] == best[:2]
