@@ -6,8 +6,9 @@ then one process per width times the tiles that passed there at that width's lar
 beside SDPA, with q, k, v laid out as the UNet passes them (should one fault, the rest are timed in a fresh process).
 Each block shape runs with the head width split into power-of-two pieces and, where that differs, padded to pieces of 64
 or more (40 -> 64, 80 -> 128, 160 -> 128 + 64). Where a tile faults, it is checked once more with Triton's Hopper
-tensor-core path turned off (DISABLE_MMA_V3=1), which tells whether the fault lies in that path. --pick FILE writes the
-tiles to autotune over at each width (the fastest that ran correctly there) as MINICONTROL_FLASH_TILES reads them.
+tensor-core path turned off (DISABLE_MMA_V3=1), which tells whether the fault lies in that path, and under
+compute-sanitizer where the machine has it (which access faults). --pick FILE writes the tiles to autotune over at each
+width (the fastest that ran correctly there) as MINICONTROL_FLASH_TILES reads them, before those two checks.
 --budget SECONDS: work not started by then is left out and the table printed with what was measured.
 
     python bench/flash_configs.py [--pick FILE] [--budget SECONDS]
@@ -15,6 +16,7 @@ tiles to autotune over at each width (the fastest that ran correctly there) as M
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -134,12 +136,6 @@ def main():
     print("\n(speed: SDPA time / our time, float16; higher is better. split: 40 = 32 + 16, 80 = 64 + 16, "
           "160 = 128 + 32; padded: 40 -> 64, 80 -> 128, 160 -> 128 + 64)")
 
-    faulted = [job for job in jobs if checked[job][1] == "illegal address"]
-    if faulted:
-        tile, d = faulted[0]
-        lines, fail = spawn(["check", tile, d], env=dict(os.environ, DISABLE_MMA_V3="1"))
-        print(f"first fault, {tile} at d={d}, checked again with DISABLE_MMA_V3=1:", fail or lines[-1])
-
     # per width, the three fastest tiles that ran there, plus the fastest that ran at every width (which the
     # autotuner offers at widths not measured here)
     everywhere = [t for t in TILES if not t[-1] and all((t, d) in speed for d in SHAPES)]
@@ -152,6 +148,30 @@ def main():
     if args.pick and all(pick.values()):                   # a tile for every width
         with open(args.pick, "w") as f:
             json.dump(pick, f)
+
+    faulted = [job for job in jobs if checked[job][1] == "illegal address"]
+    if faulted:                                            # after the pick: what is left of the budget, if any
+        tile, d = faulted[0]
+        lines, fail = spawn(["check", tile, d], env=dict(os.environ, DISABLE_MMA_V3="1"))
+        print(f"first fault, {tile} at d={d}, checked again with DISABLE_MMA_V3=1:", fail or lines[-1], flush=True)
+        print(f"first fault, {tile} at d={d}, under compute-sanitizer:", sanitized(tile, d))
+
+
+def sanitized(tile, d):
+    """compute-sanitizer's first reports of a faulting check: an invalid __shared__ access lies in the code the compiler
+    made, an invalid __global__ one in the addresses the kernel computes."""
+    left = DEADLINE - time.time()
+    if not shutil.which("compute-sanitizer") or left < 20:
+        return "not run (no compute-sanitizer)" if left >= 20 else LATE
+    cmd = ["compute-sanitizer", "--tool", "memcheck", "--print-limit", "2", sys.executable, __file__, "--child",
+           json.dumps(["check", tile, d])]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=min(120, left))
+    except subprocess.TimeoutExpired:
+        return "timed out"
+    found = [line.strip("= ").strip() for line in res.stdout.splitlines()
+             if line.startswith("=========") and any(w in line for w in ("Invalid", " at ", "Address", "ERROR"))]
+    return " / ".join(found[:8]) or (res.stdout + res.stderr).strip()[-300:]
 
 
 if __name__ == "__main__":
