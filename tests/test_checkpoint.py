@@ -209,6 +209,8 @@ def test_diffusers_controlnet_reads_as_the_official_file(tmp_path, name):
     assert not load_controlnet(tmp_path / "plain", base=cfg).config.global_average_pooling
     ControlNetModel.from_config(theirs.config, global_pool_conditions=True).save_pretrained(tmp_path / "shuffle")
     assert load_controlnet(tmp_path / "shuffle", base=cfg).config.global_average_pooling
+    (tmp_path / "shuffle" / "config.json").write_text('{"global_pool_conditions": tru')
+    assert "config.json: not readable JSON" in error(load_controlnet, tmp_path / "shuffle", base=cfg)
 
 
 @torch.no_grad()
