@@ -187,8 +187,8 @@ def kept_tile(q, args, meta, shape):
     tiles = tiles_at(meta["D"])
     if INTERPRET:
         return tiles[0]
-    path, key = os.path.join(CACHE, "attention_tiles.json"), repr((torch.cuda.get_device_name(q.device),
-                                                                   triton.__version__, shape, tiles))
+    path, tmp = os.path.join(CACHE, "attention_tiles.json"), os.path.join(CACHE, f"attention_tiles.{os.getpid()}.tmp")
+    key = repr((torch.cuda.get_device_name(q.device), triton.__version__, shape, tiles))
     try:
         with open(path) as f:
             kept = json.load(f)
@@ -198,9 +198,9 @@ def kept_tile(q, args, meta, shape):
         kept[key] = fastest_tile(q, tiles, args, meta)
         try:                             # written whole, then renamed: a run reading it sees the old file or the new
             os.makedirs(CACHE, exist_ok=True)
-            with open(f"{path}.{os.getpid()}.tmp", "w") as f:
+            with open(tmp, "w") as f:
                 json.dump(kept, f, indent=0)
-            os.replace(f"{path}.{os.getpid()}.tmp", path)
+            os.replace(tmp, path)
         except OSError:                  # a cache that cannot be written: measured again next run
             pass
     return tuple(kept[key])
