@@ -3,6 +3,7 @@ import functools
 import json
 import math
 import os
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -187,7 +188,7 @@ def kept_tile(q, args, meta, shape):
     tiles = tiles_at(meta["D"])
     if INTERPRET:
         return tiles[0]
-    path, tmp = os.path.join(CACHE, "attention_tiles.json"), os.path.join(CACHE, f"attention_tiles.{os.getpid()}.tmp")
+    path = os.path.join(CACHE, "attention_tiles.json")
     key = repr((torch.cuda.get_device_name(q.device), triton.__version__, shape, tiles))
     try:
         with open(path) as f:
@@ -198,7 +199,8 @@ def kept_tile(q, args, meta, shape):
         kept[key] = fastest_tile(q, tiles, args, meta)
         try:                             # written whole, then renamed: a run reading it sees the old file or the new
             os.makedirs(CACHE, exist_ok=True)
-            with open(tmp, "w") as f:
+            fd, tmp = tempfile.mkstemp(dir=CACHE, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
                 json.dump(kept, f, indent=0)
             os.replace(tmp, path)
         except OSError:                  # a cache that cannot be written: measured again next run
