@@ -57,6 +57,9 @@ def check_file(path):
     if (path / "model_index.json").is_file():
         raise CheckpointError(f"{path}: a diffusers pipeline folder; of diffusers' files only ControlNets are read: "
                               "give the original single-file checkpoint (weights/README.md lists them)")
+    if (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: a diffusers model folder without its weights; put {DIFFUSERS_FILES[0]} (or "
+                              f"{DIFFUSERS_FILES[2]}) in it")
     if path.is_dir():
         found = sorted(p.name for p in path.iterdir() if p.suffix in (".ckpt", ".pth", ".safetensors"))
         raise CheckpointError(f"{path}: a folder; give the checkpoint file itself"

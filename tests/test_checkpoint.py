@@ -211,6 +211,8 @@ def test_diffusers_controlnet_reads_as_the_official_file(tmp_path, name):
     assert load_controlnet(tmp_path / "shuffle", base=cfg).config.global_average_pooling
     (tmp_path / "shuffle" / "config.json").write_text('{"global_pool_conditions": tru')
     assert "config.json: not readable JSON" in error(load_controlnet, tmp_path / "shuffle", base=cfg)
+    (tmp_path / "shuffle" / "diffusion_pytorch_model.safetensors").unlink()          # a download cut short
+    assert "folder without its weights" in error(load_controlnet, tmp_path / "shuffle", base=cfg)
 
 
 @torch.no_grad()
