@@ -537,10 +537,10 @@ if __name__ == "__main__":
         check_out_folder(Path(a.dst).parent, "dst")
         sd, meta = read(a.src)
         bases = [read(f)[0] for f in a.transfer or ()]
-        settings = diffusers_config(a.src) if kind(sd) == "controlnet-diffusers" else {}
+        settings = diffusers_config(a.src) if kind(sd) == "controlnet-diffusers" else None
     except CheckpointError as e:
         raise SystemExit(f"error: {e}")
-    if kind(sd) == "controlnet-diffusers":
+    if settings is not None:
         sd = {CONTROL + k: v for k, v in from_diffusers(sd, settings).items()}
         if settings.get("global_pool_conditions"):
             print(f"note: {a.src} pools its residuals; keep a yaml saying global_average_pooling: True beside {a.dst} "
