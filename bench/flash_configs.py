@@ -23,8 +23,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+# the last two are BLOCK_N = 64 tiles without software pipelining (one stage: no asynchronous copies ahead of the
+# loop), which tells whether the BLOCK_N >= 64 faults lie in the pipelined copies (BENCHMARKS.md)
 BLOCKS = [(64, 32, 4, 3), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
-          (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3)]
+          (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 1), (128, 64, 8, 1)]
 TILES = [(*block, pad) for pad in (False, True) for block in BLOCKS]
 SHAPES = {40: (8, 4096), 64: (5, 4096), 80: (8, 1024), 160: (8, 256)}      # width: (heads, tokens)
 DEADLINE = float("inf")                                                       # --budget sets it
