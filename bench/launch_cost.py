@@ -3,8 +3,10 @@ stand-in H100 driver lets Triton compile the kernel for sm_90 and take its own l
 would start the kernel, which here does nothing. Side by side in one process, alternating, 1000 calls a round:
 
   * Triton's launch of the same kernel with every argument and constant given (the floor under any launcher);
-  * flash_attention() (arguments, the tile kept for this shape, the output tensor);
-  * FlashAttention.apply() in inference mode, attention()'s path on a GPU (the autograd Function around it);
+  * flash_attention() (the output tensor, the arguments and tile worked out once for this layout): attention()'s path
+    on a GPU where nothing needs gradients (sampling);
+  * FlashAttention.apply(), the autograd Function around it, attention()'s path where gradients are needed (training),
+    here in inference mode;
   * with --against REV, flash_attention() as minicontrol/attention.py was at git revision REV.
 
 At SD2.1's smallest shape, (2, 20, 64, 64) float16, with the tile table as it ships (so the shape's tiles are timed

@@ -58,7 +58,9 @@ def attention(q, k, v):
     score matrix. The VAE's single 512-wide head goes to PyTorch's kernel (split_width refuses it)."""
     if (use_kernel and triton is not None and q.is_cuda and has_tensor_core_code(q.device)
             and split_width(q.shape[-1]) is not None):
-        return FlashAttention.apply(q, k, v)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return FlashAttention.apply(q, k, v)
+        return flash_attention(q, k, v)              # nothing to differentiate (sampling): launched directly
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -156,14 +158,19 @@ def flash_attention(q, k, v, out=None, tile=None):
     into a tensor laid out like q (the UNet's (B, N, H*d) view, so merging the heads back needs no copy).
     tile=(BLOCK_M, BLOCK_N, warps, stages, pad) instead of the fastest one measured (benchmarks compare tiles)."""
     out = torch.empty_like(q) if out is None else out
-    args, meta = kernel_args(q, k, v, out)
-    if tile is None:
-        shape = shape_key(q, k, meta)
-        tile = best_tiles.get(shape) or best_tiles.setdefault(shape, kept_tile(q, args, meta, shape))
-    launch(q, tile, args, meta)
+    layout = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), out.stride(), q.dtype, q.device, tile)
+    if layout not in plans:                          # worked out once per layout; later calls only launch
+        args, meta = kernel_args(q, k, v, out)
+        if tile is None:
+            shape = shape_key(q, k, meta)
+            tile = best_tiles.get(shape) or best_tiles.setdefault(shape, kept_tile(q, args, meta, shape))
+        plans[layout] = args[4:], *launch_config(q, tile, meta)
+    scalars, grid, constants = plans[layout]
+    _flash_fwd[grid](q, k, v, out, *scalars, **constants)
     return out
 
 
+plans = {}                          # tensor layout -> the kernel's scalar arguments, grid and constants
 best_tiles = {}                     # shape_key -> the tile measured fastest there
 SMALLEST = (64, 32, 4, 3, False)    # fits every GPU from Ampere on: at most 80 KiB of shared memory (d = 160)
 CACHE = os.environ.get("MINICONTROL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minicontrol")
@@ -212,8 +219,9 @@ def fastest_tile(q, tiles, args, meta):
     """Times each tile on these tensors (median of Triton's do_bench) and returns the fastest; a tile needing more
     shared memory than this GPU has is passed over, and where none fits, the smallest is taken."""
     def ms(tile):
+        grid, constants = launch_config(q, tile, meta)
         try:
-            return triton.testing.do_bench(lambda: launch(q, tile, args, meta), return_mode="median")
+            return triton.testing.do_bench(lambda: _flash_fwd[grid](*args, **constants), return_mode="median")
         except triton.runtime.errors.OutOfResources:
             return float("inf")
     times = {tile: ms(tile) for tile in tiles}
@@ -221,12 +229,12 @@ def fastest_tile(q, tiles, args, meta):
     return best if times[best] < float("inf") else SMALLEST
 
 
-def launch(q, tile, args, meta):
-    """One run of the kernel with this tile: a program per BLOCK_M queries of each (batch, head)."""
+def launch_config(q, tile, meta):
+    """The grid (a program per BLOCK_M queries of each (batch, head)) and compile-time constants of a tile."""
     block_m, block_n, warps, stages, pad = tile
     d0, d1 = split_width(meta["D"], pad)
-    grid = (triton.cdiv(q.shape[2], block_m), q.shape[0] * q.shape[1])
-    _flash_fwd[grid](*args, **meta, D0=d0, D1=d1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    return ((triton.cdiv(q.shape[2], block_m), q.shape[0] * q.shape[1]),
+            dict(meta, D0=d0, D1=d1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages))
 
 
 class FlashAttention(torch.autograd.Function):

@@ -63,10 +63,16 @@ def test_each_width_times_its_own_tiles_once_per_shape(monkeypatch, tmp_path):
     # as on a GPU: each tile timed by do_bench, the fastest kept for the shape, one too big for shared memory skipped
     monkeypatch.setattr(attn, "INTERPRET", False)
     monkeypatch.setattr(attn, "best_tiles", {})
+    monkeypatch.setattr(attn, "plans", {})
     monkeypatch.setattr(attn, "CACHE", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU A")
     launched = []
-    monkeypatch.setattr(attn, "launch", lambda q, tile, args, meta: launched.append(tile))
+
+    class Kernel:                   # stands for _flash_fwd: records the tile of each launch, from its constants
+        def __getitem__(self, grid):
+            return lambda *args, BLOCK_M, BLOCK_N, num_warps, num_stages, D, D0, D1, **rest: launched.append(
+                (BLOCK_M, BLOCK_N, num_warps, num_stages, (D0, D1) != split_width(D)))
+    monkeypatch.setattr(attn, "_flash_fwd", Kernel())
 
     def do_bench(fn, **kwargs):
         fn()
@@ -90,6 +96,7 @@ def test_each_width_times_its_own_tiles_once_per_shape(monkeypatch, tmp_path):
     kept = json.loads((tmp_path / "attention_tiles.json").read_text())
     assert len(kept) == 4 and all("GPU A" in key for key in kept)
     monkeypatch.setattr(attn, "best_tiles", {})
+    monkeypatch.setattr(attn, "plans", {})
     monkeypatch.setattr(attn, "TILES", {40: [small, padded], 64: [small, wide]})
     launched.clear()
     flash_attention(*tensors(100, 77, 64, torch.float16))
@@ -97,6 +104,7 @@ def test_each_width_times_its_own_tiles_once_per_shape(monkeypatch, tmp_path):
     # another GPU, or another tile list, is measured anew
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU B")
     monkeypatch.setattr(attn, "best_tiles", {})
+    monkeypatch.setattr(attn, "plans", {})
     launched.clear()
     flash_attention(*tensors(100, 77, 64, torch.float16))
     assert launched == [small, wide, wide] and len(json.loads((tmp_path / "attention_tiles.json").read_text())) == 5
@@ -121,6 +129,18 @@ def test_rows_at_odd_offsets(dtype):
     flash_attention(q, k, v, out=out)
     assert not out.isnan().any()
     assert rel(out, attention_math(*(t.float() for t in (q, k, v)))) <= TOL[dtype]
+
+
+def test_each_layout_gets_its_own_launch_plan():
+    # flash_attention works the kernel's arguments out once per layout; the same shapes with other strides (the UNet's
+    # view, contiguous, rows of d + 1 starting one in) must each get their own, the second time too
+    d, g = 40, torch.Generator().manual_seed(5)
+    ref = [torch.randn(2, 2, n, d, generator=g) for n in (100, 77, 77)]
+    layouts = [[t.transpose(1, 2).contiguous().transpose(1, 2) for t in ref], [t.contiguous() for t in ref],
+               [torch.zeros(*t.shape[:3], d + 1)[..., 1:].copy_(t) for t in ref]]
+    expected = attention_math(*ref)
+    for q, k, v in layouts + layouts:
+        assert rel(flash_attention(q, k, v), expected) <= TOL[torch.float32]
 
 
 def test_width_split():
