@@ -39,7 +39,10 @@ def split_width(d: int, pad: bool = False):
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # Triton's CPU interpreter (the tests); Triton reads it once too
 LOG2E = 1.4426950408889634
-use_kernel = True      # set False to send CUDA tensors to PyTorch's SDPA too (benchmarks compare the two)
+ATTENTION = os.environ.get("MINICONTROL_ATTENTION") or "ours"
+if ATTENTION not in ("ours", "sdpa"):
+    raise SystemExit(f"error: MINICONTROL_ATTENTION={ATTENTION}: give ours (our kernel on CUDA) or sdpa (PyTorch's)")
+use_kernel = ATTENTION == "ours"    # False sends CUDA tensors to PyTorch's SDPA too (benchmarks compare the two)
 # Triton makes tensor-core code of the kernel's products from Ampere (sm_80) on; on older GPUs they become scalar
 # multiply-adds, far slower than PyTorch's kernels, so those keep SDPA
 MIN_CAPABILITY = (8, 0)

@@ -1,4 +1,5 @@
 """`python sample.py` as a user runs it, on tiny weights written here in the official layout."""
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -179,6 +180,20 @@ def test_user_mistakes_get_clear_errors(files, tmp_path):
     one_line_error(run_here(*args, "--seed", 2 ** 32), "--seed")
     one_line_error(run_here(*args, "--cfg", -1), "--cfg")
     one_line_error(run_here(*args[:-4], "--resolution", 0, "--out", tmp_path / "o"), "--resolution 0")
+    assert not (tmp_path / "o").exists()
+
+
+def test_attention_is_chosen_in_the_environment(files, tmp_path):
+    # MINICONTROL_ATTENTION: ours (our kernel on CUDA, the default) or sdpa (PyTorch's on CUDA too); anything else stops
+    # sample.py in one line before any weights are read
+    probe = [sys.executable, "-c", "import minicontrol.attention as a; print(a.use_kernel)"]
+    for value, uses_ours in (("", "True"), ("ours", "True"), ("sdpa", "False")):
+        env = dict(os.environ, MINICONTROL_ATTENTION=value)
+        assert subprocess.run(probe, env=env, cwd=ROOT, capture_output=True, text=True).stdout.strip() == uses_ours
+    env["MINICONTROL_ATTENTION"] = "flash"
+    res = subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, base_args(files, tmp_path / "o"))],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    one_line_error(res, "MINICONTROL_ATTENTION=flash", "ours", "sdpa")
     assert not (tmp_path / "o").exists()
 
 
