@@ -143,6 +143,27 @@ def test_each_layout_gets_its_own_launch_plan():
         assert rel(flash_attention(q, k, v), expected) <= TOL[torch.float32]
 
 
+def test_a_backward_goes_through_the_autograd_function_and_sampling_launches_directly(monkeypatch):
+    # on a GPU, attention() runs the kernel inside FlashAttention when a backward may follow (training: some input
+    # requires gradients) and launches it directly otherwise (sampling); a direct launch in training would leave the
+    # trained projections without gradients
+    class OnGPU(torch.Tensor):                       # CPU tensors that attention() takes for CUDA ones
+        is_cuda = property(lambda self: True)
+    calls = []
+    monkeypatch.setattr(attn, "has_tensor_core_code", lambda device: True)
+    monkeypatch.setattr(attn, "flash_attention", lambda q, k, v: calls.append("direct") or q)
+    monkeypatch.setattr(attn.FlashAttention, "apply", lambda q, k, v: calls.append("autograd") or q)
+    q, k, v = (t.as_subclass(OnGPU) for t in tensors(8, 8, 40, torch.float32))
+    trained = k.detach().requires_grad_()            # a key from a projection being trained
+    attn.attention(q, k, v)
+    attn.attention(q, trained, v)
+    with torch.no_grad():
+        attn.attention(q, trained, v)
+    with torch.inference_mode():
+        attn.attention(q, k, v)
+    assert calls == ["direct", "autograd", "direct", "direct"]
+
+
 def test_width_split():
     assert [split_width(d) for d in (40, 64, 80, 160)] == [(32, 16), (64, 0), (64, 16), (128, 32)]
     assert [split_width(d, pad=True) for d in (40, 64, 80, 160)] == [(64, 0), (64, 0), (128, 0), (128, 64)]
