@@ -1,4 +1,4 @@
-"""train.py's data reading with and without the read-ahead thread (train.prefetched), in one process: fill50k-like
+"""Training data read with and without the read-ahead thread (minicontrol.data.prefetched), in one process: fill50k-like
 data (512x512 PNG control and target per item), batches of 4 read as train.py reads them, beside a training step
 modelled as a wait that leaves the CPU free, as a CUDA step does while the CPU waits for the GPU.
 
@@ -33,7 +33,7 @@ def make_data(folder: Path, n: int):
 
 def run(items, steps, batch, step_s, ahead):
     """Seconds per step: read the step's batch (from the read-ahead thread when ahead), then the modelled step."""
-    from train import batch_indices, load_item, prefetched
+    from minicontrol.data import batch_indices, load_item, prefetched
 
     def read(n):
         return [load_item(items[i], 512, i + 1) for i in batch_indices(len(items), batch, n, 0)]
@@ -51,7 +51,7 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--step-ms", default="0,100,200")
     args = p.parse_args()
-    from train import read_index
+    from minicontrol.data import read_index
     with tempfile.TemporaryDirectory() as d:
         make_data(Path(d), 64)
         items = read_index(Path(d))

@@ -17,6 +17,8 @@ from minicontrol.checkpoint import CONTROL, UNET, full_state_dict, kind, load_ba
 from minicontrol.checkpoint import StableDiffusion
 from minicontrol.config import preset
 from minicontrol.controlnet import ControlNet, clone_encoder
+from minicontrol.data import DataError, collate, load_item, read_index
+from minicontrol.losses import draw
 from minicontrol.world import make_dataset
 
 from helpers import run_main
@@ -61,16 +63,24 @@ def common(setup, out, steps=6, batch=4, extra=()):
             "--lr", 1e-3, "--sample-every", 0, "--seed", 5, *extra]
 
 
+def micro_batch_loss(args, model, net, batch, gen):
+    """train.py's loss of its stage on loaded items, the step's random numbers drawn from gen (the batch is one
+    part: the whole step)."""
+    from train import stage_loss
+    latent = (model.vae.config.embed_dim, 64 // model.config.vae_down, 64 // model.config.vae_down)
+    d = draw(gen, len(batch), latent, args.drop_prompt)
+    return stage_loss(args, model, net, collate(batch), d.rows(slice(None), torch.device("cpu")))
+
+
 def held_out_loss(args, model, net, items):
     """Loss on 8 fixed items with fixed t, noise and prompt dropout: comparable before and after training."""
-    from train import load_item, micro_batch_loss
     with torch.no_grad():
-        return micro_batch_loss(args, model, net, [load_item(items[i], 64, i + 1) for i in range(8)], 0, 1,
-                                torch.Generator().manual_seed(123)).item()
+        batch = [load_item(items[i], 64, i + 1) for i in range(8)]
+        return micro_batch_loss(args, model, net, batch, torch.Generator().manual_seed(123)).item()
 
 
 def test_training_lowers_loss_and_touches_only_the_controlnet(setup, tmp_path):
-    from train import build, load_item, micro_batch_loss, parser, read_index
+    from train import build, parser
     d, base = setup
     out = tmp_path / "run"
     train(*common(setup, out, steps=40, extra=["--save-every", 40]))
@@ -88,7 +98,7 @@ def test_training_lowers_loss_and_touches_only_the_controlnet(setup, tmp_path):
     net.train().requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=1e-3)
     batch = [load_item(items[i], 64, i + 1) for i in range(4)]
-    micro_batch_loss(args, model, net, batch, 0, 1, torch.Generator().manual_seed(0)).backward()
+    micro_batch_loss(args, model, net, batch, torch.Generator().manual_seed(0)).backward()
     assert all(p.grad is None for p in model.parameters())
     assert all(p.grad is not None for p in net.parameters())
     opt.step()
@@ -96,7 +106,7 @@ def test_training_lowers_loss_and_touches_only_the_controlnet(setup, tmp_path):
 
 
 def test_unlocked_trains_output_blocks_and_out_only(setup, tmp_path):
-    from train import build, load_item, micro_batch_loss, parser, read_index
+    from train import build, parser
     d, _ = setup
     args = parser().parse_args(list(map(str, common(setup, tmp_path / "x", extra=["--sd-unlocked"]))))
     model, net, params = build(args, torch.device("cpu"))
@@ -104,7 +114,7 @@ def test_unlocked_trains_output_blocks_and_out_only(setup, tmp_path):
     for p in params:
         p.requires_grad_(True)
     items = read_index(d / "data")
-    loss = micro_batch_loss(args, model, net, [load_item(items[i], 64, i + 1) for i in range(2)], 0, 1,
+    loss = micro_batch_loss(args, model, net, [load_item(items[i], 64, i + 1) for i in range(2)],
                             torch.Generator().manual_seed(0))
     loss.backward()
     got = {n.split(".")[1] for n, p in model.named_parameters() if p.grad is not None}
@@ -204,6 +214,26 @@ def test_torchrun_two_processes_and_gradient_accumulation_match_one(setup, tmp_p
         # gradients agree to float rounding, but Adam's update lr * m / (sqrt(v) + eps) turns rounding noise on
         # near-zero gradients into steps of up to lr: so nearly all weights agree to 1e-5, none by more than lr * steps
         assert (diff <= 1e-5).float().mean() >= 0.999 and diff.max() <= 1e-3 * 3
+
+
+def test_torchrun_only_mid_control_with_accumulation_syncs_once_a_step(setup, tmp_path):
+    """--only-mid-control under torchrun: the skips' zero convs get no gradient, which DDP refuses unless they do not
+    require one. --grad-accum 2: DDP all-reduces the gradients once a step (at the last micro-batch), counted by a
+    communication hook, not once per micro-batch. The training equals one process taking the whole batch."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ["--save-every", 3, "--only-mid-control"]
+    train(*common(setup, one, steps=3, batch=4, extra=extra))
+    env = dict(os.environ, OMP_NUM_THREADS="1", DDP_PROBE_OUT=str(tmp_path / "syncs"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
+           str(ROOT / "tests" / "ddp_probe.py"), str(ROOT / "train.py"),
+           *map(str, common(setup, two, steps=3, batch=1, extra=[*extra, "--grad-accum", 2]))]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [(tmp_path / f"syncs.{rank}").read_text() for rank in (0, 1)] == ["3", "3"]     # 3 steps, 3 all-reduces
+    a, b = weights(one / "step0000003.safetensors"), weights(two / "step0000003.safetensors")
+    assert all(not v.any() for k, v in b.items() if ".zero_convs." in k)
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert (diff <= 1e-5).float().mean() >= 0.999 and diff.max() <= 1e-3 * 3          # as in the test above
 
 
 def test_nodes_resuming_from_different_steps_are_refused(setup, tmp_path):
@@ -332,10 +362,11 @@ def test_unreadable_image_met_while_training_is_named(setup, tmp_path):
 
 @pytest.mark.parametrize("flag, value", [("--latent-noise", "0.3"), ("--batch-size", "0"), ("--resolution", "0"),
                                          ("--lr", "0"), ("--drop-prompt", "1.5"), ("--out", "x/o"),
-                                         ("--precision", "fp16")])
+                                         ("--precision", "fp16"), ("--lr", "nan"), ("--drop-prompt", "nan"),
+                                         ("--latent-noise", "inf")])
 def test_flag_mistakes_are_refused_in_one_line(setup, tmp_path, flag, value):
     # --latent-noise outside the decoder stage; counts below 1 (a division by zero; 0 taken as "the data's size"); an
-    # --out inside a file (x); --precision for the VAE stages, which train in fp32 (the flag was passed over)
+    # --out inside a file (x); --precision for the VAE stages, which train in fp32 (the flag was passed over); nan or inf
     d, base = setup
     (tmp_path / "x").write_text("")
     args = ["--stage", "vae", "--config", "tiny"] if flag == "--precision" else ["--base", base]
@@ -376,7 +407,6 @@ def test_images_are_resized_and_centre_cropped_as_torchvision_does(tmp_path, w, 
     # The oracle: diffusers' train_controlnet.py transform, Resize(resolution) then CenterCrop(resolution), here with
     # bicubic resampling; the short side is resized and the middle square kept, never squashed.
     from torchvision import transforms
-    from train import load_item
     rng = np.random.default_rng(w * h)
     paths = [tmp_path / "hint.png", tmp_path / "target.png"]
     for p in paths:
@@ -387,7 +417,7 @@ def test_images_are_resized_and_centre_cropped_as_torchvision_does(tmp_path, w, 
         expect = torch.from_numpy(np.asarray(ref(Image.open(p).convert("RGB"))).copy()).permute(2, 0, 1).float()
         assert ours.shape == (3, res, res) and (ours.round() - expect).abs().max() == 0
     Image.fromarray(np.zeros((h + 1, w, 3), np.uint8)).save(paths[1])
-    with pytest.raises(SystemExit, match="same size"):
+    with pytest.raises(DataError, match="same size"):
         load_item((*paths, "p"), res, 1)
 
 
@@ -398,7 +428,7 @@ def test_v_model_learns_v_as_diffusers_defines_it(tmp_path, monkeypatch):
     from diffusers import DDPMScheduler
     from minicontrol import config
     from test_checkpoint import V_YAML
-    from train import build, load_item, micro_batch_loss, parser, read_index
+    from train import build, parser
     from helpers import randomize, tiny_models
     cfg, model, _ = tiny_models("tiny-sd2")
     monkeypatch.setitem(config.PRESETS, "sd21", cfg)                    # the preset taken for an SD2 file, made tiny
@@ -419,7 +449,7 @@ def test_v_model_learns_v_as_diffusers_defines_it(tmp_path, monkeypatch):
         assert model.config.parameterization == want
         randomize(net, 1)                                               # residuals that are not zero
         with torch.no_grad():
-            loss = micro_batch_loss(args, model, net, batch, 0, 1, torch.Generator().manual_seed(7))
+            loss = micro_batch_loss(args, model, net, batch, torch.Generator().manual_seed(7))
             g = torch.Generator().manual_seed(7)                        # its draws: dropout, posterior, t, noise
             torch.rand(4, generator=g)
             posterior = torch.randn(4, 4, 8, 8, generator=g)
@@ -461,20 +491,20 @@ def test_resumed_state_keeps_no_view_of_the_replaced_file(tmp_path):
     """state.pt is read memory-mapped; what load_state puts in the run (weights, optimizer moments) are copies, so the
     file, replaced at the next save, is not held open (a deleted state.pt would keep its disk space until the end)."""
     import gc
-    from train import load_state, save_state
+    from minicontrol.runs import load_state, save_state
     path = tmp_path / "state.pt"
 
     def new_run():
         net = torch.nn.Linear(16, 16)
-        return {"trained": net, "optimizer": torch.optim.AdamW(net.parameters()),
+        return {"trained": net, "extra": [], "optimizer": torch.optim.AdamW(net.parameters()),
                 "scaler": torch.amp.GradScaler("cpu", enabled=False), "generator": torch.Generator().manual_seed(1)}
     run = new_run()
     run["trained"](torch.randn(4, 16)).square().sum().backward()
     run["optimizer"].step()
-    save_state(path, run, [], 1)
+    save_state(path, run, 1)
     resumed = new_run()
     state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    load_state(state, path, resumed, [], 1e-3)
+    load_state(state, path, resumed, 1e-3)
     del state
     gc.collect()
     assert str(path) not in open("/proc/self/maps").read()

@@ -1,0 +1,86 @@
+"""A training run's folder: state.pt, written atomically and read back so that a killed run resumes exactly, and the
+loss log with its plot."""
+import csv
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .eval import line_plot
+
+
+class RunError(ValueError):
+    """A run folder that cannot be continued; the message says what to do."""
+
+
+def save_state(path, run: dict, step: int):
+    """state.pt: what a resumed run needs to go on exactly as this one would (weights, optimizer, loss scale, the data
+    order's and the noise's generator, the step), written to a temporary file and renamed: a kill leaves the old
+    state or the new one. run: trained (a module), extra (parameters outside it), optimizer, scaler, generator."""
+    state = {"trained": run["trained"].state_dict(),
+             "extra": [p.detach() for p in run["extra"]],
+             "step": step,
+             "optimizer": run["optimizer"].state_dict(),
+             "scaler": run["scaler"].state_dict(),
+             "generator": run["generator"].get_state()}
+    torch.save(state, path.with_suffix(".pt.tmp"))
+    os.replace(path.with_suffix(".pt.tmp"), path)
+
+
+def read_state(path) -> dict:
+    """state.pt memory-mapped (read as used), so that every process checks its step before heavy work."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:                                    # a copy cut short, or not a file torch.save wrote
+        raise RunError(f"{path}: cannot be read ({str(e).strip().splitlines()[0][:100]}); copy it again, or give "
+                       "another --out")
+
+
+def load_state(state: dict, path, run: dict, lr: float):
+    """save_state's contents back into the run's objects; the learning rate given now wins over the saved one."""
+    try:
+        run["trained"].load_state_dict(state["trained"])
+        for p, v in zip(run["extra"], state["extra"]):          # a count that differs fails in the optimizer
+            p.data.copy_(v)
+        run["optimizer"].load_state_dict(state["optimizer"])
+        for kept in run["optimizer"].state.values():  # copies, not views of the file that the next save replaces
+            kept.update({k: v.clone() for k, v in kept.items() if torch.is_tensor(v)})
+        if state.get("scaler"):                                # a run saved in fp16 keeps its loss scale
+            run["scaler"].load_state_dict(state["scaler"])
+    except (RuntimeError, ValueError) as e:
+        why = str(e).strip().splitlines()[0][:120]
+        raise RunError(f"{path} is a run with other settings ({why}); resume with its --stage, --base, --controlnet "
+                       "and --sd-unlocked, or give another --out")
+    for group in run["optimizer"].param_groups:
+        group["lr"] = lr
+    run["generator"].set_state(state["generator"])
+
+
+def log_loss(out: Path, step: int, loss: float):
+    """A row of loss.csv (step, loss, time), the header first in a new file."""
+    new = not (out / "loss.csv").exists()
+    with open(out / "loss.csv", "a") as f:
+        if new:
+            f.write("step,loss,time\n")
+        f.write(f"{step},{loss:.6f},{time.time():.1f}\n")
+
+
+def trim_log(out: Path, step: int):
+    """Drop the loss.csv rows logged after the checkpoint a run resumes from."""
+    if (out / "loss.csv").exists():
+        rows = (out / "loss.csv").read_text().splitlines()
+        keep = [r for r in rows[1:] if int(r.split(",")[0]) <= step]
+        (out / "loss.csv").write_text("\n".join(rows[:1] + keep) + "\n")
+
+
+def plot_loss(csv_path, png_path):
+    """loss.csv as a line (mean over 1% windows)."""
+    rows = list(csv.DictReader(Path(csv_path).read_text().splitlines()))
+    if len(rows) < 2:
+        return
+    loss = np.array([float(r["loss"]) for r in rows])
+    k = max(1, len(loss) // 100)
+    smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+    line_plot(np.arange(len(smooth)) + k, smooth, png_path, "loss")
