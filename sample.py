@@ -15,13 +15,22 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from minicontrol.cli import not_finite
 from minicontrol.config import PRESETS, preset
 from minicontrol.ddim import img2img_start, timesteps
 from minicontrol.preprocess import open_image, round64
 from minicontrol.world import GUIDANCE as TINY_CFG, STRENGTH as TINY_STRENGTH
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
-TINY_BASE, TINY_CONTROL = WEIGHTS / "tiny_sd.safetensors", WEIGHTS / "tiny_controlnet.safetensors"
+TINY_BASE = WEIGHTS / "tiny_sd.safetensors"
+TINY_CONTROL = WEIGHTS / "tiny_controlnet.safetensors"
+# the defaults of the flags that differ between the tiny model and the official files (the official demos')
+TINY = {"cfg": TINY_CFG, "strength": TINY_STRENGTH, "num_samples": 4, "resolution": 64, "a_prompt": "",
+        "negative_prompt": ""}
+OFFICIAL = {"cfg": 9.0, "strength": 1.0, "num_samples": 1, "resolution": 512,
+            "a_prompt": "best quality, extremely detailed",
+            "negative_prompt": "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, "
+                               "cropped, worst quality, low quality"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -96,44 +105,51 @@ def fail(msg: str):
     raise SystemExit(2)
 
 
-def per_control(values, default, n, flag):
-    if not values:
-        return [default] * n
-    if len(values) == 1:
-        return values * n
-    if len(values) != n:
-        fail(f"{flag} was given {len(values)} times for {n} ControlNets; give it once or once per ControlNet")
-    return values
+def per_control(values: list, n: int) -> list:
+    """A flag given once stands for every ControlNet."""
+    return values * n if len(values) == 1 else values
 
 
-def check_args(args):
-    """Everything that can be checked before any weights are read."""
+def choose_files(args) -> bool:
+    """The model files: as given, or the tiny model's in weights/ when there is no --base; a ControlNet 1.0 file
+    given as --base with control images and no --controlnet is its own ControlNet, as in the 1.0 demos. True for the
+    tiny model."""
+    from minicontrol.checkpoint import CheckpointError, check_file, holds_controlnet
     tiny = args.base is None
-    if tiny and not args.controlnet:
-        missing = [p for p in (TINY_BASE, TINY_CONTROL) if not p.is_file()]
-        if missing:
-            fail(f"{', '.join(str(p) for p in missing)} not found. These are the tiny model's weights; retrain them "
-                 "with the recipe in weights/README.md, or pass --base and --controlnet with official files "
-                 "(weights/README.md says where to get them)")
-        args.base, args.controlnet = str(TINY_BASE), [str(TINY_CONTROL)]
-    elif tiny:
+    if tiny and args.controlnet:
         fail("--controlnet needs --base: the SD 1.x/2.x checkpoint the ControlNet was trained for")
-    from minicontrol.checkpoint import (CheckpointError, check_file, check_out_folder, holds_controlnet,
-                                        stated_prediction)
-    for f in [args.base] + args.controlnet + ([args.vae] if args.vae else []):
-        try:
+    if tiny:
+        missing = [str(p) for p in (TINY_BASE, TINY_CONTROL) if not p.is_file()]
+        if missing:
+            fail(f"{', '.join(missing)} not found. These are the tiny model's weights; retrain them with the recipe "
+                 "in weights/README.md, or pass --base and --controlnet with official files (weights/README.md says "
+                 "where to get them)")
+        args.base = str(TINY_BASE)
+        args.controlnet = [str(TINY_CONTROL)]
+    try:
+        for f in [args.base] + args.controlnet + ([args.vae] if args.vae else []):
             check_file(f)
-        except CheckpointError as e:
-            fail(str(e))
-    if args.control_image and not args.controlnet:   # a 1.0 file holds its ControlNet too: the official demos' model
-        try:
-            args.controlnet = [args.base] if holds_controlnet(args.base) else []
-        except CheckpointError as e:
-            fail(str(e))
-    if len(args.control_image) != len(args.controlnet) and not (tiny and not args.control_image):
-        fail(f"{len(args.controlnet)} --controlnet but {len(args.control_image)} --control-image; "
-             "give one control image per ControlNet, in the same order"
-             + ("" if args.controlnet else f" ({args.base} holds no ControlNet: it is not a 1.0 file)"))
+        if args.control_image and not args.controlnet and holds_controlnet(args.base):
+            args.controlnet = [args.base]
+    except CheckpointError as e:
+        fail(str(e))
+    return tiny
+
+
+def check_args(args, tiny: bool):
+    """The flags as given, each mistake in one line, before any weights are read."""
+    from minicontrol.checkpoint import CheckpointError, check_out_folder
+    n = len(args.controlnet)
+    bad = not_finite(args)
+    if bad:
+        fail(bad)
+    if args.prompt is None and not (tiny and not args.control_image):     # the tiny model's outlines come with theirs
+        fail("--prompt is required with your own control images or model files; the tiny model knows prompts like "
+             "\"red circle with blue background\"")
+    if len(args.control_image) != n and not (tiny and not args.control_image):
+        held = "" if n else f" ({args.base} holds no ControlNet: it is not a 1.0 file)"
+        fail(f"{n} --controlnet but {len(args.control_image)} --control-image; give one control image per "
+             f"ControlNet, in the same order{held}")
     for f in args.control_image:
         if not Path(f).is_file():
             fail(f"--control-image {f}: no such file")
@@ -146,11 +162,12 @@ def check_args(args):
              "--control-image")
     if args.mask_blur < 0:
         fail(f"--mask-blur must not be negative, got {args.mask_blur}")
-    n = len(args.controlnet)
-    args.strength = per_control(args.strength, TINY_STRENGTH if tiny else 1.0, n, "--strength")
-    args.start = per_control(args.start, 0.0, n, "--start")
-    args.end = per_control(args.end, 1.0, n, "--end")
-    for s, e in zip(args.start, args.end):
+    for flag, values in (("--strength", args.strength), ("--start", args.start), ("--end", args.end)):
+        if len(values) not in (0, 1, n):
+            fail(f"{flag} was given {len(values)} times for {n} ControlNets; give it once or once per ControlNet")
+    starts = per_control(args.start or [0.0], n)
+    ends = per_control(args.end or [1.0], n)
+    for s, e in zip(starts, ends):
         if not 0 <= s < e <= 1:
             fail(f"--start {s} and --end {e} must satisfy 0 <= start < end <= 1")
     if not 1 <= args.prompt_chunks <= 8:
@@ -162,40 +179,56 @@ def check_args(args):
              "min(int(denoise * steps), steps - 1)); give a larger --denoise or more --steps")
     if not -1 <= args.seed < 2 ** 32:
         fail(f"--seed must be from 0 to 2**32 - 1, or -1 to draw one; got {args.seed}")
-    args.seed = random.randint(0, 65535) if args.seed == -1 else args.seed
-    args.cfg = args.cfg if args.cfg is not None else (TINY_CFG if tiny else 9.0)
-    args.num_samples = args.num_samples if args.num_samples is not None else (4 if tiny else 1)
-    if args.num_samples < 1:
-        fail(f"--num-samples must be at least 1, got {args.num_samples}")
-    args.batch_size = args.num_samples if args.batch_size is None else args.batch_size
-    if args.batch_size < 1:
-        fail(f"--batch-size must be at least 1, got {args.batch_size}")
+    for flag, count in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size)):
+        if count is not None and count < 1:
+            fail(f"{flag} must be at least 1, got {count}")
     for flag, x in (("--cfg", args.cfg), ("--eta", args.eta)):
-        if x < 0:
+        if x is not None and x < 0:
             fail(f"{flag} must not be negative, got {x}")
+    if args.resolution is not None and not 64 <= args.resolution <= 4096:
+        fail(f"--resolution {args.resolution} cannot be used: give 64 to 4096 (multiples of 64 are kept as they are)")
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        fail(f"--device {args.device}: give cpu, cuda or cuda:N")
+    count = torch.cuda.device_count()
+    if args.device not in (None, "cpu") and int(args.device[5:] or 0) >= count:
+        gpus = f" or cuda:0 to cuda:{count - 1}" if count else ""
+        fail(f"--device {args.device}: this machine has {count} CUDA device(s); use --device cpu{gpus}")
+    on_cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
+    if on_cpu and args.dtype not in (None, "float32"):
+        fail(f"--dtype {args.dtype} is for CUDA; on the CPU use float32")
     try:
         check_out_folder(args.out)
     except CheckpointError as e:
         fail(str(e))
-    try:
-        v_model = stated_prediction(args.base, preset(args.config) if args.config else None) == "v"
-    except Exception:                                # a file that cannot be read: load_base names the problem
-        v_model = False
+
+
+def fill_defaults(args, tiny: bool):
+    """Every flag left out gets its default: the tiny model's or the official demos' (TINY, OFFICIAL)."""
+    from minicontrol.checkpoint import stated_prediction
+    defaults = TINY if tiny else OFFICIAL
+    for name in ("cfg", "num_samples", "a_prompt", "negative_prompt"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+    n = len(args.controlnet)
+    args.strength = per_control(args.strength or [defaults["strength"]], n)
+    args.start = per_control(args.start or [0.0], n)
+    args.end = per_control(args.end or [1.0], n)
+    if args.seed == -1:                              # as the official demos draw one
+        args.seed = random.randint(0, 65535)
+    if args.batch_size is None:
+        args.batch_size = args.num_samples
+    if args.resolution is None and not tiny:
+        try:                                         # v-models were trained at 768
+            v_model = stated_prediction(args.base, preset(args.config) if args.config else None) == "v"
+        except Exception:                            # a file that cannot be read: load_base names the problem
+            v_model = False
+        args.resolution = 768 if v_model else defaults["resolution"]
     if args.resolution is None:
-        args.resolution = 64 if tiny else 768 if v_model else 512
-    if args.resolution < 64 or args.resolution > 4096:
-        fail(f"--resolution {args.resolution} cannot be used: give 64 to 4096 (multiples of 64 are kept as they are)")
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
-        fail(f"--device {args.device}: give cpu, cuda or cuda:N")
-    count = torch.cuda.device_count()
-    if args.device != "cpu" and int(args.device[5:] or 0) >= count:
-        fail(f"--device {args.device}: this machine has {count} CUDA device(s); use --device cpu"
-             + (f" or cuda:0 to cuda:{count - 1}" if count else ""))
-    args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
-    if args.device == "cpu" and args.dtype != "float32":
-        fail(f"--dtype {args.dtype} is for CUDA; on the CPU use float32")
-    return tiny
+        args.resolution = defaults["resolution"]
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.dtype is None:
+        args.dtype = "float16" if args.device.startswith("cuda") else "float32"
 
 
 def read_image(path, flag="--control-image") -> np.ndarray:
@@ -206,67 +239,71 @@ def read_image(path, flag="--control-image") -> np.ndarray:
         fail(f"{flag} {path}: cannot read it as an image ({type(e).__name__}: {str(e)[:80]})")
 
 
+def as_hint(image: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) or (H, W, 3) map in [0, 255] -> (B, 3, H, W) in [0, 1]."""
+    x = torch.tensor(image).float() / 255.0
+    return x.reshape(-1, *x.shape[-3:]).permute(0, 3, 1, 2)
+
+
 def control_maps(args, tiny):
     """(maps to show, one hint tensor per ControlNet, the first control image at the output size or None). The tiny
     model's default draws its own outlines, one per sample."""
-    from minicontrol.preprocess import detect, hwc3, resize_image, shuffle
+    from minicontrol.preprocess import control_map
     if tiny and not args.control_image:
         from minicontrol.world import demo_controls
         prompts, maps = demo_controls(seeds(args), round64(args.resolution))
         args.prompt = args.prompt or prompts
-        return maps, [torch.from_numpy(np.stack(maps)).permute(0, 3, 1, 2).float() / 255.0], None
+        return maps, [as_hint(np.stack(maps))], None
     if not args.control_image:                       # --base alone: text to image
         return [], [], None
-    maps, source = [], None
+    maps = []
+    source = None
     for f in args.control_image:
-        original = hwc3(read_image(f))
-        img = resize_image(original, args.resolution)
-        source = img if source is None else source
-        if args.detector == "shuffle":               # as the official demo: the whole image shuffled into img's size
-            maps.append(shuffle(original, *img.shape[:2], args.seed))
-        else:
-            maps.append(detect(img, args.detector or "none", args.low_threshold, args.high_threshold))
+        control, img = control_map(read_image(f), args.resolution, args.detector or "none", args.seed,
+                                   args.low_threshold, args.high_threshold)
+        maps.append(control)
+        if source is None:                           # the first image at the output size: img2img's, inpainting's
+            source = img
     size = maps[0].shape[1::-1]                      # every map at the first one's (W, H)
     maps = [maps[0]] + [np.asarray(Image.fromarray(m).resize(size, Image.BILINEAR)) for m in maps[1:]]
-    return maps, [torch.tensor(m[None]).permute(0, 3, 1, 2).float() / 255.0 for m in maps], source
+    return maps, [as_hint(m) for m in maps], source
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    tiny = check_args(args)
+    tiny = choose_files(args)
+    check_args(args, tiny)
+    fill_defaults(args, tiny)
     from tqdm import tqdm
 
     from minicontrol.checkpoint import CheckpointError, guessed_prediction, load_base, load_controlnet, load_vae
+    from minicontrol.editing import composite, image_latents, inpainting
     from minicontrol.pipeline import Control, decode, sample
+    from minicontrol.preprocess import hwc3
     from minicontrol.text import token_count
 
     maps, hints, source = control_maps(args, tiny)
     if args.mask:                                    # the official inpaint demo's control: -1 where to repaint
-        from minicontrol.preprocess import hwc3, inpaint_inputs
         mask = hwc3(read_image(args.mask, "--mask"))[:, :, 0]
         mask = np.asarray(Image.fromarray(mask).resize(source.shape[1::-1], Image.BILINEAR))
-        soft, latent, control = inpaint_inputs(source, mask, args.mask_blur)
-        maps[0], hints[0] = (control.clip(0, 1) * 255).astype(np.uint8), torch.tensor(control[None]).permute(0, 3, 1, 2)
-    if args.prompt is None:
-        fail("--prompt is required with your own control images; the tiny model knows prompts like \"red circle "
-             "with blue background\"" if tiny else "--prompt is required with your own model files")
-    a_prompt = args.a_prompt if args.a_prompt is not None else ("" if tiny else "best quality, extremely detailed")
-    negative = args.negative_prompt if args.negative_prompt is not None else ("" if tiny else
-               "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, "
-               "worst quality, low quality")
+        inpaint = inpainting(source, mask, args.mask_blur)
+        maps[0] = (inpaint.control.clip(0, 1) * 255).astype(np.uint8)
+        hints[0] = torch.tensor(inpaint.control[None]).permute(0, 3, 1, 2)
     prompts = args.prompt if isinstance(args.prompt, list) else [args.prompt] * args.num_samples
-    prompts = [p + ", " + a_prompt if a_prompt else p for p in prompts]
-    for text, flag in ((prompts[0], "--prompt + --a-prompt"), (negative, "--negative-prompt")):
+    if args.a_prompt:
+        prompts = [p + ", " + args.a_prompt for p in prompts]
+    for text, flag in ((prompts[0], "--prompt + --a-prompt"), (args.negative_prompt, "--negative-prompt")):
         if token_count(text) > 75 * args.prompt_chunks:
             print(f"warning: {flag} is {token_count(text)} tokens; it is truncated to the first "
                   f"{75 * args.prompt_chunks} ({args.prompt_chunks} x CLIP's 77 with start and end tokens; "
                   "--prompt-chunks gives more)", file=sys.stderr)
 
-    dtype, config = getattr(torch, args.dtype), preset(args.config) if args.config else None
+    config = preset(args.config) if args.config else None
     try:
         model = load_base(args.base, config)
         nets = [load_controlnet(f, base=model.config) for f in args.controlnet]
-        model.vae = load_vae(args.vae, model.config) if args.vae else model.vae
+        if args.vae:
+            model.vae = load_vae(args.vae, model.config)
     except (CheckpointError, ValueError) as e:
         fail(str(e))
     for f, net in zip(args.controlnet, nets):
@@ -281,37 +318,35 @@ def main(argv=None):
     if args.clip_skip:
         text = replace(text, layer="last" if args.clip_skip == 1 else "penultimate")
     model.config, model.text.config = replace(model.config, text=text), text
+    dtype = getattr(torch, args.dtype)
     for part in [model.unet] + nets:                 # cast while moved, tensor by tensor: no float32 copy on the GPU
         part.to(args.device, dtype)
     model.to(args.device)
 
     h, w = maps[0].shape[:2] if maps else (round64(args.resolution),) * 2
     controls = [Control(*c) for c in zip(nets, hints, args.strength, args.start, args.end)]
-    x = None
-    if args.mask or args.denoise:                    # the first control image's latents: kept, or the start
-        # as the official inpaint and tile demos encode it: / 127.0 - 1 (sic), a posterior sample for each image
-        x = torch.tensor(source / 127.0 - 1.0, dtype=torch.float32).permute(2, 0, 1)[None].to(args.device)
-    kept = torch.tensor(1.0 - latent)[None, None] if args.mask else None      # 1 where the latents are kept
-    images, batches = [], -(-len(prompts) // args.batch_size)
+    images = []
+    batches = -(-len(prompts) // args.batch_size)
     total = img2img_start(args.denoise, args.steps) if args.denoise else len(timesteps(args.steps))
     for lo in range(0, len(prompts), args.batch_size):
         part = slice(lo, lo + args.batch_size)
-        generator = [torch.Generator().manual_seed(seed) for seed in seeds(args)[part]]
-        known = None if x is None else model.vae.encode(x, generator, n=len(generator))
-        keep = (known, kept) if args.mask else None
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds(args)[part]]
+        known = image_latents(model, source, generators) if args.mask or args.denoise else None
+        keep = (known, inpaint.kept) if args.mask else None
+        init = known if args.denoise else None
         # a control image per sample (the tiny model's own outlines) is taken for this batch's samples
         batch = [replace(c, image=c.image[part]) if c.image.shape[0] > 1 else c for c in controls]
-        steps = sample(model, prompts[part], [negative] * len(generator), batch, args.steps, args.cfg, args.eta,
-                       args.guess_mode, args.only_mid_control, h, w, generator, keep=keep,
-                       init=known if args.denoise else None, denoise=args.denoise or 1.0)
+        steps = sample(model, prompts[part], [args.negative_prompt] * len(generators), batch, args.steps, args.cfg, args.eta,
+                       args.guess_mode, args.only_mid_control, h, w, generators, keep=keep, init=init,
+                       denoise=args.denoise or 1.0)
         desc = f"DDIM {lo // args.batch_size + 1}/{batches}" if batches > 1 else "DDIM"
         for _, z, _ in tqdm(steps, total=total, desc=desc, unit="step"):
             pass
         images.append(decode(model, z))
     images = np.concatenate(images)
     if args.mask:                                    # and the pixels outside the soft mask are the input's
-        images = (images * soft[..., None] + source * (1.0 - soft[..., None])).clip(0, 255).astype(np.uint8)
-    write_outputs(args, prompts, negative, maps, images)
+        images = composite(images, source, inpaint.soft)
+    write_outputs(args, prompts, maps, images)
 
 
 def seeds(args) -> list:
@@ -319,29 +354,42 @@ def seeds(args) -> list:
     return [(args.seed + i) % 2 ** 32 for i in range(args.num_samples)]
 
 
-def write_outputs(args, prompts, negative, maps, images):
+def parameters(args, prompt: str, seed: int, image: np.ndarray) -> str:
+    """One sample's settings, as the PNG text chunk `parameters` that image tools read."""
+    settings = {"Steps": args.steps, "CFG scale": args.cfg, "Eta": args.eta, "Seed": seed,
+                "Size": f"{image.shape[1]}x{image.shape[0]}", "Model": Path(args.base).name}
+    if args.vae:
+        settings["VAE"] = Path(args.vae).name
+    settings["ControlNet"] = ", ".join(Path(c).name for c in args.controlnet)
+    settings.update({"Strength": args.strength, "Guess mode": args.guess_mode, "Start": args.start, "End": args.end})
+    if args.clip_skip:
+        settings["Clip skip"] = args.clip_skip
+    if args.prompt_chunks > 1:
+        settings["Prompt chunks"] = args.prompt_chunks
+    if args.mask:
+        settings["Mask"] = Path(args.mask).name
+        settings["Mask blur"] = args.mask_blur
+    if args.denoise:
+        settings["Denoise"] = args.denoise
+    listed = ", ".join(f"{name}: {value}" for name, value in settings.items())
+    return f"{prompt}\nNegative prompt: {args.negative_prompt}\n{listed}"
+
+
+def write_outputs(args, prompts, maps, images):
     """sample_N.png with the settings in a PNG text chunk named `parameters`; control_N.png: each control map as the
     ControlNet saw it (reusable with --detector none); grid.png: control maps (if any) above samples."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
         info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", f"{prompts[i]}\nNegative prompt: {negative}\nSteps: {args.steps}, "
-                      f"CFG scale: {args.cfg}, Eta: {args.eta}, Seed: {seeds(args)[i]}, "
-                      f"Size: {img.shape[1]}x{img.shape[0]}, Model: {Path(args.base).name}, "
-                      + (f"VAE: {Path(args.vae).name}, " if args.vae else "") +
-                      f"ControlNet: {', '.join(Path(c).name for c in args.controlnet)}, "
-                      f"Strength: {args.strength}, Guess mode: {args.guess_mode}, Start: {args.start}, End: {args.end}"
-                      + (f", Clip skip: {args.clip_skip}" if args.clip_skip else "")
-                      + (f", Prompt chunks: {args.prompt_chunks}" if args.prompt_chunks > 1 else "")
-                      + (f", Mask: {Path(args.mask).name}, Mask blur: {args.mask_blur}" if args.mask else "")
-                      + (f", Denoise: {args.denoise}" if args.denoise else ""))
+        info.add_text("parameters", parameters(args, prompts[i], seeds(args)[i], img))
         Image.fromarray(img).save(out / f"sample_{i}.png", pnginfo=info)
     for j, m in enumerate(maps):
         Image.fromarray(m).save(out / f"control_{j}.png")
     n = max(len(maps), len(images))
-    row = lambda tiles: np.concatenate(list(tiles) + [np.zeros_like(images[0])] * (n - len(tiles)), axis=1)
-    grid = Image.fromarray(np.concatenate(([row(maps)] if maps else []) + [row(images)], axis=0))
+    blank = np.zeros_like(images[0])
+    rows = [np.concatenate(list(tiles) + [blank] * (n - len(tiles)), axis=1) for tiles in (maps, images) if len(tiles)]
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
     zoom = max(1, 256 // images.shape[1])                 # tiny-model tiles are shown at least 256 pixels wide
     grid.resize((grid.width * zoom, grid.height * zoom), Image.NEAREST).save(out / "grid.png")
     print(f"wrote {out / 'grid.png'} and {len(images)} sample(s) in {out}/")

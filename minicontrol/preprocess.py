@@ -123,18 +123,6 @@ def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
     return sum(k[i] * p[:, i:i + x.shape[1]] for i in range(2 * r + 1)).astype(np.float32)
 
 
-def inpaint_inputs(image: np.ndarray, mask: np.ndarray, blur: float = 5.0, down: int = 8):
-    """The official 1.1 inpaint demo's inputs from an HxWx3 uint8 image and an HxW uint8 mask (white: repaint):
-    the soft pixel mask (blurred, in [0, 1]), the latent mask (its area mean over down x down blocks), and the
-    control image (the image in [0, 1] with -1 where the soft mask is over 0.5)."""
-    soft = mask.astype(np.float32) / 255.0
-    soft = gaussian_blur(soft, blur) if blur > 0 else soft
-    h, w = soft.shape
-    latent = soft.reshape(h // down, down, w // down, down).mean(axis=(1, 3))
-    control = np.where(soft[:, :, None] > 0.5, -1.0, image / 255.0).astype(np.float32)
-    return soft, latent, control
-
-
 def cubic_resize(x: np.ndarray, h: int, w: int) -> np.ndarray:
     """OpenCV's resize(x, (w, h), INTER_CUBIC) of a float (H, W) array: Keys' cubic (a = -0.75) at pixel centres,
     edges repeated."""
@@ -164,3 +152,15 @@ def shuffle(image: np.ndarray, h: int, w: int, seed: int, f: int = 256) -> np.nd
     top = img[y, x] * (1 - fx) + img[y, x + 1] * fx
     low = img[y + 1, x] * (1 - fx) + img[y + 1, x + 1] * fx
     return np.rint(top * (1 - fy) + low * fy).clip(0, 255).astype(np.uint8)
+
+
+def control_map(image: np.ndarray, resolution: int, detector: str = "none", seed: int = 0, low: float = 100,
+                high: float = 200):
+    """(map, image resized): an image (H, W, 1 to 4 channels) brought to `resolution` by the official rule and
+    turned into the control map (HxWx3 uint8) as the official demos do; shuffle shuffles the whole image into the
+    resized image's size with `seed`."""
+    original = hwc3(image)
+    img = resize_image(original, resolution)
+    if detector == "shuffle":
+        return shuffle(original, *img.shape[:2], seed), img
+    return detect(img, detector, low, high), img

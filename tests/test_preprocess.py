@@ -3,8 +3,8 @@ import cv2
 import numpy as np
 import pytest
 
-from minicontrol.preprocess import (canny, cubic_resize, detect, gaussian_blur, hwc3, inpaint_inputs, resize_image,
-                                   shuffle)
+from minicontrol.editing import inpainting
+from minicontrol.preprocess import canny, cubic_resize, detect, gaussian_blur, hwc3, resize_image, shuffle
 
 
 def images():
@@ -65,7 +65,7 @@ def test_images_read_as_opencv_reads_them(tmp_path):
     # PNGs (value >> 8, where PIL's convert("RGB") clips everything above 255 to white), and phone photos as JPEGs
     # stored sideways with an EXIF orientation.
     import sample
-    import train
+    from minicontrol.data import load_item
     from PIL import Image
     ramp = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)
     cv2.imwrite(str(tmp_path / "grey16.png"), ramp)
@@ -81,7 +81,7 @@ def test_images_read_as_opencv_reads_them(tmp_path):
         tol = 2 if name.endswith(".jpg") else 0                         # two JPEG decoders may round differently
         ours = hwc3(sample.read_image(tmp_path / name))
         assert ours.shape == ref.shape and np.abs(ours - ref).max() <= tol
-        hint, _, _ = train.load_item((tmp_path / name, tmp_path / name, "p"), None, 1)
+        hint, _, _ = load_item((tmp_path / name, tmp_path / name, "p"), None, 1)
         ours = (hint * 255).round().permute(1, 2, 0).numpy()
         assert ours.shape == ref.shape and np.abs(ours - ref).max() <= tol
     cv2.imwrite(str(tmp_path / "float.tiff"), np.zeros((8, 8), np.float32))
@@ -90,7 +90,7 @@ def test_images_read_as_opencv_reads_them(tmp_path):
 
 
 @pytest.mark.parametrize("h, w, sigma", [(64, 64, 5.0), (80, 128, 0.7), (128, 64, 3.3), (512, 512, 5.0)])
-def test_inpaint_inputs_match_the_official_demos_opencv_steps(h, w, sigma):
+def test_inpainting_inputs_match_the_official_demos_opencv_steps(h, w, sigma):
     # gradio_inpaint.py: mask / 255, GaussianBlur(sigma), INTER_AREA down 8x for the latent mask, and the control is
     # the image / 255 with -255 / 255 where the blurred mask is over 0.5
     rng = np.random.default_rng(h + w)
@@ -98,7 +98,8 @@ def test_inpaint_inputs_match_the_official_demos_opencv_steps(h, w, sigma):
     mask = np.zeros((h, w), np.uint8)
     mask[h // 4:h // 2, w // 3:] = 255
     mask[rng.random((h, w)) < 0.05] = 255
-    soft, latent, control = inpaint_inputs(image, mask, sigma)
+    inputs = inpainting(image, mask, sigma)
+    soft, latent, control = inputs.soft, 1 - inputs.kept[0, 0].numpy(), inputs.control
     ref = cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (0, 0), sigma)
     assert np.abs(soft - ref).max() < 1e-6
     assert np.abs(gaussian_blur(ref, 1.5) - cv2.GaussianBlur(ref, (0, 0), 1.5)).max() < 1e-6   # a smooth input too

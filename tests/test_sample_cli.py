@@ -183,6 +183,16 @@ def test_user_mistakes_get_clear_errors(files, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flag, value", [("--cfg", "nan"), ("--cfg", "inf"), ("--eta", "nan"), ("--strength", "nan"),
+                                         ("--start", "nan"), ("--end", "inf"), ("--denoise", "nan"),
+                                         ("--low-threshold", "nan"), ("--high-threshold", "inf"),
+                                         ("--mask-blur", "nan")])
+def test_float_flags_refuse_nan_and_inf(files, tmp_path, flag, value):
+    # nan guidance (or strength, eta...) would sample and write images of nothing
+    one_line_error(run_here(*base_args(files, tmp_path / "o"), flag, value), flag, value)
+    assert not (tmp_path / "o").exists()
+
+
 def test_attention_is_chosen_in_the_environment(files, tmp_path):
     # MINICONTROL_ATTENTION: ours (our kernel on CUDA, the default) or sdpa (PyTorch's on CUDA too); anything else stops
     # sample.py in one line before any weights are read
@@ -280,19 +290,20 @@ def test_control_image_as_the_map_runs_without_warnings(files, tmp_path):
 def test_default_size_is_the_models_training_size(files, config, size, tmp_path):
     # SD 2.1-v (v2-1_768-ema-pruned) was trained at 768x768 and SD 1.5 / 2.1-base at 512 (diffusers' default height
     # for each is unet.sample_size * 8: 96 * 8 and 64 * 8); an explicit --resolution wins.
+    def settled(argv):                               # the flags as main takes them: checked, defaults filled
+        args = sample.parser().parse_args(argv)
+        tiny = sample.choose_files(args)
+        sample.check_args(args, tiny)
+        sample.fill_defaults(args, tiny)
+        return args
     import sample
     argv = ["--base", str(files / "tiny-v1.ckpt"), "--prompt", "x"] + (["--config", config] if config else [])
-    args = sample.parser().parse_args(argv)
-    sample.check_args(args)
-    assert args.resolution == size
-    args = sample.parser().parse_args(argv + ["--resolution", "640"])
-    sample.check_args(args)
-    assert args.resolution == 640
+    assert settled(argv).resolution == size
+    assert settled(argv + ["--resolution", "640"]).resolution == 640
     if config == "sd21-v":                           # the official v2-inference-v.yaml beside the file says v too
         (tmp_path / "v2.yaml").write_text(V_YAML)
         (tmp_path / "v2.ckpt").write_bytes((files / "tiny-v1.ckpt").read_bytes())
-        args = sample.parser().parse_args(["--base", str(tmp_path / "v2.ckpt"), "--prompt", "x"])
-        sample.check_args(args)
+        args = settled(["--base", str(tmp_path / "v2.ckpt"), "--prompt", "x"])
         assert args.resolution == 768
 
 

@@ -58,7 +58,10 @@ class OfficialGuessControlNet(ControlNetModel):
         return [d * s for d, s in zip(down, scales)], mid * scales[len(down)]
 
 
-def run_pair(name, guess_mode=False, strength=1.0, eta=0.0, steps=4, wrap=False):
+def run_pair(name, guess_mode=False, strength=1.0, eta=0.0, steps=4, wrap=False,
+             prompts=("a red circle", "a blue square"), negative=("", "blurry")):
+    """Our sample and diffusers' pipeline's on the same weights, noise and text embeddings (prompts and negative
+    prompts given to ours as they are, as lists or strings; to diffusers as embeddings of one per sample)."""
     cfg, model, net = tiny_models(name)
     d_unet, d_net, d_vae = diffusers_models(cfg, model, net)
     if wrap:
@@ -71,15 +74,16 @@ def run_pair(name, guess_mode=False, strength=1.0, eta=0.0, steps=4, wrap=False)
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(0)
     h = w = 64
-    x_T = torch.randn(2, 4, h // 8, w // 8, generator=g)
+    listed = [prompts] if isinstance(prompts, str) else list(prompts)
+    negatives = [negative] * len(listed) if isinstance(negative, str) else list(negative)
+    x_T = torch.randn(2, 4, h // 8, w // 8, generator=g)[:len(listed)]
     hint = torch.rand(1, 3, h, w, generator=g)
-    prompts, negative = ["a red circle", "a blue square"], ["", "blurry"]
     ours = [x for _, x, _ in sample(model, prompts, negative, [Control(net, hint, strength)], steps=steps, cfg_scale=9.0,
                                    eta=eta, guess_mode=guess_mode, height=h, width=w, x_T=x_T,
                                    generator=torch.Generator().manual_seed(7))][-1]
     with torch.no_grad():
-        ref = pipe(prompt_embeds=model.text.encode(prompts), negative_prompt_embeds=model.text.encode(negative),
-                   image=hint.expand(2, -1, -1, -1), num_inference_steps=steps, guidance_scale=9.0, eta=eta,
+        ref = pipe(prompt_embeds=model.text.encode(listed), negative_prompt_embeds=model.text.encode(negatives),
+                   image=hint.expand(len(listed), -1, -1, -1), num_inference_steps=steps, guidance_scale=9.0, eta=eta,
                    latents=x_T.clone(), output_type="latent", height=h, width=w, guess_mode=guess_mode,
                    controlnet_conditioning_scale=strength, generator=torch.Generator().manual_seed(7)).images
     return ours, ref
@@ -89,6 +93,16 @@ def run_pair(name, guess_mode=False, strength=1.0, eta=0.0, steps=4, wrap=False)
 def test_controlled_sample_matches_diffusers_pipeline(name):
     ours, ref = run_pair(name, strength=0.8, eta=1.0)
     assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_prompts_as_strings_as_diffusers_takes_them():
+    # one prompt as a string, and one negative prompt for every prompt (diffusers' prompt / negative_prompt)
+    for prompts, negative in (("a red circle", "blurry"), (["a red circle", "a blue square"], "blurry")):
+        ours, ref = run_pair("tiny-sd1", prompts=prompts, negative=negative)
+        assert ours.shape[0] == len(ref) and (ours - ref).abs().max().item() <= 1e-4
+    _, model, _ = tiny_models("tiny-sd1")
+    with pytest.raises(ValueError, match="2 prompts and 3 negative prompts"):
+        next(sample(model, ["a", "b"], ["x", "y", "z"], steps=2, height=64, width=64))
 
 
 def test_guess_mode_follows_official_rule():
