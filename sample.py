@@ -118,8 +118,9 @@ def check_args(args):
         args.base, args.controlnet = str(TINY_BASE), [str(TINY_CONTROL)]
     elif tiny:
         fail("--controlnet needs --base: the SD 1.x/2.x checkpoint the ControlNet was trained for")
-    from minicontrol.checkpoint import (CheckpointError, check_file, check_out_folder, holds_controlnet,
-                                        stated_prediction)
+    from minicontrol.export import check_out_folder
+    from minicontrol.files import CheckpointError, check_file
+    from minicontrol.identify import holds_controlnet, stated_prediction
     for f in [args.base] + args.controlnet + ([args.vae] if args.vae else []):
         try:
             check_file(f)
@@ -236,7 +237,9 @@ def main(argv=None):
     tiny = check_args(args)
     from tqdm import tqdm
 
-    from minicontrol.checkpoint import CheckpointError, guessed_prediction, load_base, load_controlnet, load_vae
+    from minicontrol.files import CheckpointError
+    from minicontrol.identify import guessed_prediction
+    from minicontrol.loading import load_base, load_controlnet, load_vae
     from minicontrol.pipeline import Control, decode, sample
     from minicontrol.text import token_count
 
@@ -280,7 +283,7 @@ def main(argv=None):
     text = replace(model.config.text, chunks=args.prompt_chunks)
     if args.clip_skip:
         text = replace(text, layer="last" if args.clip_skip == 1 else "penultimate")
-    model.config, model.text.config = replace(model.config, text=text), text
+    model.text.config = text                         # model.config follows
     for part in [model.unet] + nets:                 # cast while moved, tensor by tensor: no float32 copy on the GPU
         part.to(args.device, dtype)
     model.to(args.device)

@@ -23,13 +23,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from minicontrol.checkpoint import (CheckpointError, StableDiffusion, check_out_folder, controlnet_state_dict,
-                                    full_state_dict, guessed_prediction, holds_controlnet, load_base,
-                                    load_controlnet, save)
 from minicontrol.config import preset
 from minicontrol.controlnet import clone_encoder
 from minicontrol.ddim import alphas_cumprod
 from minicontrol.eval import line_plot
+from minicontrol.export import check_out_folder, controlnet_state_dict, full_state_dict, save
+from minicontrol.files import CheckpointError
+from minicontrol.identify import guessed_prediction, holds_controlnet
+from minicontrol.loading import load_base, load_controlnet
+from minicontrol.model import StableDiffusion
 from minicontrol.pipeline import Control, decode, sample
 from minicontrol.preprocess import open_image
 from minicontrol.unet import set_grad_checkpointing
@@ -455,8 +457,7 @@ def main(argv=None):
             if step % args.save_every == 0 or step == args.steps:
                 if args.stage == "vae":
                     s = vae_scale_factor(model, items, args.resolution)
-                    model.config = replace(model.config, vae=replace(model.config.vae, scale_factor=s))
-                    model.vae.config = model.config.vae
+                    model.vae.config = replace(model.vae.config, scale_factor=s)      # model.config follows
                 export(args, model, trained, out / f"step{step:07d}.safetensors")
                 save_state(state_path, run, extra, step)
                 plot_loss(out / "loss.csv", out / "loss.png")

@@ -8,7 +8,8 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from minicontrol.config import preset
-from minicontrol.text import TextEncoder, from_hf, to_hf, tokenize
+from minicontrol.names import from_hf, to_hf
+from minicontrol.text import TextEncoder, tokenize
 
 
 def hf_model(cfg, seed=0):
