@@ -14,12 +14,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
+from tqdm import tqdm
 
+from minicontrol import pipeline
 from minicontrol.cli import not_finite
 from minicontrol.config import PRESETS, preset
 from minicontrol.ddim import img2img_start, timesteps
-from minicontrol.preprocess import open_image, round64
-from minicontrol.world import GUIDANCE as TINY_CFG, STRENGTH as TINY_STRENGTH
+from minicontrol.editing import composite, image_latents, inpainting
+from minicontrol.export import check_out_folder
+from minicontrol.files import CheckpointError, check_file
+from minicontrol.identify import guessed_prediction, holds_controlnet, stated_prediction
+from minicontrol.loading import load_base, load_controlnet, load_vae
+from minicontrol.preprocess import control_map, hwc3, open_image, round64
+from minicontrol.text import token_count
+from minicontrol.world import GUIDANCE as TINY_CFG, STRENGTH as TINY_STRENGTH, demo_controls
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 TINY_BASE = WEIGHTS / "tiny_sd.safetensors"
@@ -114,7 +122,6 @@ def choose_files(args) -> bool:
     """The model files: as given, or the tiny model's in weights/ when there is no --base; a ControlNet 1.0 file
     given as --base with control images and no --controlnet is its own ControlNet, as in the 1.0 demos. True for the
     tiny model."""
-    from minicontrol.checkpoint import CheckpointError, check_file, holds_controlnet
     tiny = args.base is None
     if tiny and args.controlnet:
         fail("--controlnet needs --base: the SD 1.x/2.x checkpoint the ControlNet was trained for")
@@ -138,7 +145,6 @@ def choose_files(args) -> bool:
 
 def check_args(args, tiny: bool):
     """The flags as given, each mistake in one line, before any weights are read."""
-    from minicontrol.checkpoint import CheckpointError, check_out_folder
     n = len(args.controlnet)
     bad = not_finite(args)
     if bad:
@@ -204,7 +210,6 @@ def check_args(args, tiny: bool):
 
 def fill_defaults(args, tiny: bool):
     """Every flag left out gets its default: the tiny model's or the official demos' (TINY, OFFICIAL)."""
-    from minicontrol.checkpoint import stated_prediction
     defaults = TINY if tiny else OFFICIAL
     for name in ("cfg", "num_samples", "a_prompt", "negative_prompt"):
         if getattr(args, name) is None:
@@ -248,9 +253,7 @@ def as_hint(image: np.ndarray) -> torch.Tensor:
 def control_maps(args, tiny):
     """(maps to show, one hint tensor per ControlNet, the first control image at the output size or None). The tiny
     model's default draws its own outlines, one per sample."""
-    from minicontrol.preprocess import control_map
     if tiny and not args.control_image:
-        from minicontrol.world import demo_controls
         prompts, maps = demo_controls(seeds(args), round64(args.resolution))
         args.prompt = args.prompt or prompts
         return maps, [as_hint(np.stack(maps))], None
@@ -274,14 +277,6 @@ def main(argv=None):
     tiny = choose_files(args)
     check_args(args, tiny)
     fill_defaults(args, tiny)
-    from tqdm import tqdm
-
-    from minicontrol.checkpoint import CheckpointError, guessed_prediction, load_base, load_controlnet, load_vae
-    from minicontrol.editing import composite, image_latents, inpainting
-    from minicontrol.pipeline import Control, decode, sample
-    from minicontrol.preprocess import hwc3
-    from minicontrol.text import token_count
-
     maps, hints, source = control_maps(args, tiny)
     if args.mask:                                    # the official inpaint demo's control: -1 where to repaint
         mask = hwc3(read_image(args.mask, "--mask"))[:, :, 0]
@@ -317,14 +312,14 @@ def main(argv=None):
     text = replace(model.config.text, chunks=args.prompt_chunks)
     if args.clip_skip:
         text = replace(text, layer="last" if args.clip_skip == 1 else "penultimate")
-    model.config, model.text.config = replace(model.config, text=text), text
+    model.text.config = text                         # model.config follows
     dtype = getattr(torch, args.dtype)
     for part in [model.unet] + nets:                 # cast while moved, tensor by tensor: no float32 copy on the GPU
         part.to(args.device, dtype)
     model.to(args.device)
 
     h, w = maps[0].shape[:2] if maps else (round64(args.resolution),) * 2
-    controls = [Control(*c) for c in zip(nets, hints, args.strength, args.start, args.end)]
+    controls = [pipeline.Control(*c) for c in zip(nets, hints, args.strength, args.start, args.end)]
     images = []
     batches = -(-len(prompts) // args.batch_size)
     total = img2img_start(args.denoise, args.steps) if args.denoise else len(timesteps(args.steps))
@@ -336,13 +331,14 @@ def main(argv=None):
         init = known if args.denoise else None
         # a control image per sample (the tiny model's own outlines) is taken for this batch's samples
         batch = [replace(c, image=c.image[part]) if c.image.shape[0] > 1 else c for c in controls]
-        steps = sample(model, prompts[part], [args.negative_prompt] * len(generators), batch, args.steps, args.cfg, args.eta,
-                       args.guess_mode, args.only_mid_control, h, w, generators, keep=keep, init=init,
-                       denoise=args.denoise or 1.0)
+        negative = [args.negative_prompt] * len(generators)
+        steps = pipeline.sample(model, prompts[part], negative, batch, args.steps, args.cfg, args.eta, args.guess_mode,
+                                args.only_mid_control, h, w, generators, keep=keep, init=init,
+                                denoise=args.denoise or 1.0)
         desc = f"DDIM {lo // args.batch_size + 1}/{batches}" if batches > 1 else "DDIM"
         for _, z, _ in tqdm(steps, total=total, desc=desc, unit="step"):
             pass
-        images.append(decode(model, z))
+        images.append(pipeline.decode(model, z))
     images = np.concatenate(images)
     if args.mask:                                    # and the pixels outside the soft mask are the input's
         images = composite(images, source, inpaint.soft)

@@ -17,15 +17,17 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from minicontrol.checkpoint import (CheckpointError, StableDiffusion, check_out_folder, controlnet_state_dict,
-                                    full_state_dict, guessed_prediction, holds_controlnet, load_base,
-                                    load_controlnet, save)
 from minicontrol.cli import not_finite
 from minicontrol.config import preset
 from minicontrol.controlnet import clone_encoder
 from minicontrol.data import (DataError, batch_indices, collate, encode_all, load_item, part_rows, prefetched,
                               read_index, vae_scale_factor)
+from minicontrol.export import check_out_folder, controlnet_state_dict, full_state_dict, save
+from minicontrol.files import CheckpointError
+from minicontrol.identify import guessed_prediction, holds_controlnet
+from minicontrol.loading import load_base, load_controlnet
 from minicontrol.losses import autoencoder_loss, controlnet_loss, draw, unet_loss
+from minicontrol.model import StableDiffusion
 from minicontrol.pipeline import Control, decode, sample
 from minicontrol.runs import RunError, load_state, log_loss, plot_loss, read_state, save_state, trim_log
 from minicontrol.unet import set_grad_checkpointing
@@ -327,8 +329,7 @@ def train(args):
             if step % args.save_every == 0 or step == args.steps:
                 if args.stage == "vae":
                     s = vae_scale_factor(model.vae, items, args.resolution)
-                    model.config = replace(model.config, vae=replace(model.config.vae, scale_factor=s))
-                    model.vae.config = model.config.vae
+                    model.vae.config = replace(model.vae.config, scale_factor=s)      # model.config follows
                 export(args, model, trained, out / f"step{step:07d}.safetensors")
                 save_state(state_path, run, step)
                 plot_loss(out / "loss.csv", out / "loss.png")

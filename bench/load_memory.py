@@ -26,9 +26,11 @@ PAIRS = {"1.1": ("v1-5-pruned.ckpt", "control_v11p_sd15_canny.pth"),
 
 
 def write_files(folder):
-    from minicontrol.checkpoint import CONTROL, UNET, StableDiffusion, controlnet_state_dict, full_state_dict
     from minicontrol.config import preset
     from minicontrol.controlnet import clone_encoder
+    from minicontrol.export import controlnet_state_dict, full_state_dict
+    from minicontrol.model import StableDiffusion
+    from minicontrol.names import CONTROL, UNET
     os.makedirs(folder, exist_ok=True)
     if all(os.path.exists(os.path.join(folder, f)) for pair in PAIRS.values() for f in pair):
         return
@@ -53,7 +55,7 @@ def side(args):
     if args.impl == "whole":                             # every file read whole, as torch.load does without mmap
         load = torch.load
         torch.load = lambda *a, **k: load(*a, **{**k, "mmap": False})
-    from minicontrol.checkpoint import load_base, load_controlnet
+    from minicontrol.loading import load_base, load_controlnet
     base, control = (os.path.join(args.files, f) for f in PAIRS[args.pair])
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(1, 4, 32, 32, generator=g), torch.tensor([500])

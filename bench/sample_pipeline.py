@@ -20,13 +20,13 @@ def side(args):
     torch.set_num_threads(args.threads)
     cfg, unet, net = build(args.impl)
     if args.impl == "minicontrol":
-        from minicontrol.checkpoint import StableDiffusion
+        from minicontrol.model import StableDiffusion
         from minicontrol.pipeline import Control, decode, sample
-        model = StableDiffusion.__new__(StableDiffusion)
-        torch.nn.Module.__init__(model)
         from minicontrol.vae import AutoencoderKL
+        model = StableDiffusion(cfg, device="meta")          # no weights: the text encoder is never run here
+        model.unet = unet
         torch.manual_seed(2)
-        model.config, model.unet, model.vae = cfg, unet, AutoencoderKL(cfg.vae).eval()
+        model.vae = AutoencoderKL(cfg.vae).eval()
     else:
         from diffusers import AutoencoderKL as DiffusersVAE, DDIMScheduler, StableDiffusionControlNetPipeline
         from diffusers.loaders import single_file_utils as sfu

@@ -29,9 +29,9 @@ def config():
 def side(args):
     from common import PeakRSS
     from helpers import diffusers_models, randomize
-    from minicontrol.checkpoint import StableDiffusion
     from minicontrol.controlnet import clone_encoder
     from minicontrol.ddim import alphas_cumprod
+    from minicontrol.model import StableDiffusion
     torch.set_num_threads(args.threads)
     cfg = config()
     torch.manual_seed(0)

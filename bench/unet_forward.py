@@ -15,9 +15,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def build(impl):
     from helpers import diffusers_models, randomize
-    from minicontrol.checkpoint import StableDiffusion
     from minicontrol.config import preset
     from minicontrol.controlnet import clone_encoder
+    from minicontrol.model import StableDiffusion
     cfg = preset("sd15")
     torch.manual_seed(0)
     model = StableDiffusion(cfg)

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, check_out_folder, load_base, load_controlnet
+from .export import check_out_folder
+from .files import CheckpointError
+from .loading import load_base, load_controlnet
 from .pipeline import Control, decode, sample
 from .world import COLORS, GUIDANCE, SIZE, STRENGTH, draw, eval_items, prompt
 

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .checkpoint import StableDiffusion
 from .controlnet import ControlNet, guess_mode_scales
 from .ddim import ddim_sample, gaussian, img2img_start, noised_to, timesteps
+from .model import StableDiffusion
 
 
 @dataclass

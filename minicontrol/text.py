@@ -1,7 +1,9 @@
 """CLIP text encoders on open-clip-torch: SD1's OpenAI ViT-L/14 tower (last layer) and SD2's OpenCLIP ViT-H/14
 tower (penultimate layer), both followed by ln_final, plus the bundled BPE tokenizer (works offline)."""
 import functools
+import re
 
+import open_clip.version
 import torch
 import torch.nn as nn
 from open_clip.tokenizer import SimpleTokenizer
@@ -10,6 +12,25 @@ from open_clip.transformer import LayerNorm, QuickGELU, ResidualAttentionBlock
 from .config import TextConfig
 
 SOT, EOT = 49406, 49407
+# the first open_clip whose ResidualAttentionBlock reads (B, N, C), batch first; before it, (N, B, C)
+OPEN_CLIP_NEEDED = "2.26.1"
+
+
+def release(version: str) -> tuple:
+    return tuple(int(n) for n in re.match(r"(\d+)\.(\d+)\.(\d+)", version).groups())
+
+
+def check_open_clip():
+    """An ImportError for an open_clip older than OPEN_CLIP_NEEDED: its blocks would take this encoder's (B, N, C)
+    tokens as (N, B, C), attending across the batch, or fail on the mask's shape."""
+    found = open_clip.version.__version__
+    if release(found) < release(OPEN_CLIP_NEEDED):
+        raise ImportError(f"open-clip-torch {found} is installed; minicontrol needs open-clip-torch>="
+                          f"{OPEN_CLIP_NEEDED}, whose text blocks take batch-first tensors: "
+                          "pip install -U open-clip-torch")
+
+
+check_open_clip()
 
 
 @functools.lru_cache(maxsize=1)
@@ -37,7 +58,7 @@ def tokenize(prompts, cfg: TextConfig) -> torch.Tensor:
 
 class TextEncoder(nn.Module):
     """Tokens (B, 77) -> context (B, 77, width). Module names are open_clip's, i.e. SD2's keys after
-    `cond_stage_model.model.`; SD1's HF-layout keys go through `from_hf` / `to_hf` below."""
+    `cond_stage_model.model.`; SD1's HF-layout keys go through names.py's `from_hf` / `to_hf`."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -66,43 +87,3 @@ class TextEncoder(nn.Module):
         """Prompts -> (B, chunks * 77, width): the chunks of a prompt, each encoded alone, one after another."""
         x = self(tokenize(prompts, self.config).to(self.positional_embedding.device))
         return x.reshape(len(prompts), -1, x.shape[-1])
-
-
-# HF CLIPTextModel (text_model.*) <-> open_clip names; per layer i. q, k, v are packed into in_proj in that order.
-HF_NAMES = {
-    "layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-    "self_attn.out_proj": "attn.out_proj",
-}
-
-
-def from_hf(sd: dict, layers: int) -> dict:
-    """SD1 checkpoint keys (after `cond_stage_model.transformer.text_model.`) -> TextEncoder state dict."""
-    out = {"token_embedding.weight": sd["embeddings.token_embedding.weight"],
-           "positional_embedding": sd["embeddings.position_embedding.weight"],
-           "ln_final.weight": sd["final_layer_norm.weight"], "ln_final.bias": sd["final_layer_norm.bias"]}
-    for i in range(layers):
-        hf, oc = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for a, b in HF_NAMES.items():
-            for p in ("weight", "bias"):
-                out[f"{oc}{b}.{p}"] = sd[f"{hf}{a}.{p}"]
-        for p in ("weight", "bias"):
-            out[f"{oc}attn.in_proj_{p}"] = torch.cat([sd[f"{hf}self_attn.{x}_proj.{p}"] for x in "qkv"])
-    return out
-
-
-def to_hf(sd: dict, layers: int) -> dict:
-    """The inverse of from_hf, adding the `embeddings.position_ids` buffer the released SD1 files carry."""
-    n = sd["positional_embedding"].shape[0]
-    out = {"embeddings.token_embedding.weight": sd["token_embedding.weight"],
-           "embeddings.position_embedding.weight": sd["positional_embedding"],
-           "embeddings.position_ids": torch.arange(n)[None],
-           "final_layer_norm.weight": sd["ln_final.weight"], "final_layer_norm.bias": sd["ln_final.bias"]}
-    for i in range(layers):
-        hf, oc = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for a, b in HF_NAMES.items():
-            for p in ("weight", "bias"):
-                out[f"{hf}{a}.{p}"] = sd[f"{oc}{b}.{p}"]
-        for p in ("weight", "bias"):
-            for x, part in zip("qkv", sd[f"{oc}attn.in_proj_{p}"].chunk(3)):
-                out[f"{hf}self_attn.{x}_proj.{p}"] = part
-    return out

@@ -116,7 +116,8 @@ if __name__ == "__main__":
     a = p.parse_args()
     if a.n < 1:
         raise SystemExit(f"error: --n must be at least 1, got {a.n}")
-    from .checkpoint import CheckpointError, check_out_folder
+    from .export import check_out_folder
+    from .files import CheckpointError
     try:
         check_out_folder(a.out)
     except CheckpointError as e:

@@ -1,5 +1,5 @@
-"""Shared test helpers: tiny random models in the official layout, and their diffusers twins; a script's main or a
-module's command line run in the test process."""
+"""Shared test helpers: tiny random models in the official layout, and their diffusers twins; checkpoint files
+written and compared; a script's main or a module's command line run in the test process."""
 import contextlib
 import io
 import runpy
@@ -7,11 +7,14 @@ import subprocess
 import sys
 import warnings
 
+import pytest
 import torch
 
-from minicontrol.checkpoint import StableDiffusion
 from minicontrol.config import preset
 from minicontrol.controlnet import clone_encoder
+from minicontrol.export import full_state_dict, save
+from minicontrol.files import CheckpointError
+from minicontrol.model import StableDiffusion
 
 
 def randomize(module, seed=0, std=0.05):
@@ -37,6 +40,27 @@ def tiny_models(name="tiny-sd1", seed=0):
     return cfg, model.eval(), net.eval()
 
 
+def write(path, sd, wrap=False):
+    if path.suffix == ".safetensors":
+        save(path, sd)
+    else:
+        torch.save({"state_dict": sd} if wrap else sd, path)
+    return path
+
+
+def same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def error(fn, *args, **kw):
+    with pytest.raises(CheckpointError) as e:
+        fn(*args, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
 def ldm_original_config(cfg):
     """The yaml-shaped dict diffusers' single-file converters read, for one of our configs."""
     u, v = cfg.unet, cfg.vae
@@ -59,7 +83,6 @@ def diffusers_models(cfg, model, net):
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
 
-    from minicontrol.checkpoint import full_state_dict
     ckpt = full_state_dict(model, net)
     original = ldm_original_config(cfg)
     unet_cfg = sfu.create_unet_diffusers_config_from_ldm(original, ckpt, image_size=64)

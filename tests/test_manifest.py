@@ -4,10 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from minicontrol.checkpoint import TEXT_HF, TEXT_OC, UNET, VAE, StableDiffusion, controlnet_state_dict
 from minicontrol.config import preset
 from minicontrol.controlnet import ControlNet
 from minicontrol.ddim import schedule_buffers
+from minicontrol.export import controlnet_state_dict
+from minicontrol.model import StableDiffusion
+from minicontrol.names import TEXT_HF, TEXT_OC, UNET, VAE
 
 REF = Path(__file__).resolve().parent / "reference"     # key<TAB>shape of the official files, made from their code
 
@@ -50,7 +52,7 @@ def test_diffusers_controlnet_names_become_the_official_keys(family):
     # published for each), renamed by from_diffusers: exactly the official file's keys and shapes
     from diffusers import ControlNetModel
 
-    from minicontrol.checkpoint import CONTROL, from_diffusers
+    from minicontrol.names import CONTROL, from_diffusers
     settings = {"sd15": dict(cross_attention_dim=768, attention_head_dim=8),
                 "sd21": dict(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True)}
     with torch.device("meta"):

@@ -60,7 +60,7 @@ def test_diffusers_controlnet_folder_settings_act_as_in_diffusers(pair, tmp_path
     # channels in BGR order, loaded here from the folder, gives the residuals diffusers' own forward gives
     from diffusers import ControlNetModel
 
-    from minicontrol.checkpoint import load_controlnet
+    from minicontrol.loading import load_controlnet
     cfg, model, net, (_, d_net, _) = pair
     theirs = ControlNetModel.from_config(d_net.config, **settings)
     theirs.load_state_dict(d_net.state_dict())

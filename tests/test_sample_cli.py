@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from helpers import run_main, tiny_models
-from test_checkpoint import V_YAML
-from minicontrol.checkpoint import controlnet_state_dict, full_state_dict, load_base
+from test_loading import V_YAML
+from minicontrol.export import controlnet_state_dict, full_state_dict
+from minicontrol.loading import load_base
 from minicontrol.config import preset
 from minicontrol.preprocess import resize_image
 
@@ -233,7 +234,7 @@ def test_sd2_file_without_its_prediction_type_is_warned_of(files, tmp_path, monk
     # SD 2.x files do not record eps or v; an official one (no --config, no config of ours in it) gets a warning. The
     # tiny SD2 stands in for the full-size one here: the preset guessed for an SD2 file is made the tiny one.
     from minicontrol import config
-    from minicontrol.checkpoint import save
+    from minicontrol.export import save
     cfg, model, _ = tiny_models("tiny-sd2")
     monkeypatch.setitem(config.PRESETS, "sd21", cfg)
     torch.save({"state_dict": full_state_dict(model)}, tmp_path / "sd2.ckpt")
@@ -258,7 +259,7 @@ def test_sd2_file_without_its_prediction_type_is_warned_of(files, tmp_path, monk
 def test_shuffle_model_without_its_yaml_is_warned_of(files, tmp_path):
     # the official 1.1 shuffle model pools its residuals by its yaml, published beside the .pth; without it, a warning
     import shutil
-    from test_checkpoint import SHUFFLE_YAML
+    from test_loading import SHUFFLE_YAML
     shuffle = tmp_path / "control_v11e_sd15_shuffle.pth"
     shutil.copy(files / "control_tiny.pth", shuffle)
     args = [a if a != files / "control_tiny.pth" else shuffle for a in base_args(files, tmp_path / "o")]

@@ -8,7 +8,8 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from minicontrol.config import preset
-from minicontrol.text import TextEncoder, from_hf, to_hf, tokenize
+from minicontrol.names import from_hf, to_hf
+from minicontrol.text import TextEncoder, tokenize
 
 
 def hf_model(cfg, seed=0):
@@ -98,3 +99,43 @@ def test_three_chunks_and_clip_skip_2_match_the_lineart_anime_demo(tmp_path):
         got = ours.encode(prompts)
     assert got.shape == (4, 231, cfg.width)
     assert ((got - want.reshape(4, 231, -1)).norm() / want.norm()).item() <= 1e-5
+
+
+# open_clip's releases on PyPI, read: up to 2.24.0 ResidualAttentionBlock runs nn.MultiheadAttention sequence first,
+# (N, B, C); 2.25.0 and 2.26.0 were never published; 2.26.1 is the first whose blocks take batch_first=True (its
+# PR #906). TextEncoder gives them (B, N, C).
+LAST_SEQUENCE_FIRST, FIRST_BATCH_FIRST = "2.24.0", "2.26.1"
+
+
+def test_open_clip_floor_is_the_first_batch_first_release(monkeypatch):
+    import re
+    from pathlib import Path
+
+    from minicontrol import text
+    setup = (Path(__file__).resolve().parents[1] / "setup.cfg").read_text()
+    assert re.search(r"^\s*open-clip-torch>=(\S+)$", setup, re.M).group(1) == FIRST_BATCH_FIRST
+    for old in (LAST_SEQUENCE_FIRST, "2.20.0"):
+        monkeypatch.setattr(open_clip.version, "__version__", old)
+        with pytest.raises(ImportError, match=rf"^open-clip-torch {old} is installed; .*>={FIRST_BATCH_FIRST}\b"):
+            text.check_open_clip()
+    for new in (FIRST_BATCH_FIRST, "3.0.0"):
+        monkeypatch.setattr(open_clip.version, "__version__", new)
+        text.check_open_clip()
+
+
+def test_a_batch_of_prompts_encodes_as_each_prompt_alone():
+    # what the installed open_clip's blocks give this encoder's (B, N, C) tokens: each prompt attends to itself
+    # alone, as in transformers' CLIPTextModel
+    from open_clip.transformer import ResidualAttentionBlock
+    assert ResidualAttentionBlock(8, 2).attn.batch_first
+    cfg = preset("tiny-sd1").text
+    hf = hf_model(cfg)
+    ours = TextEncoder(cfg).eval()
+    ours.load_state_dict(from_hf(hf_layout(hf), cfg.layers))
+    prompts = ["a red circle", "a blue square on a green background", ""]
+    with torch.no_grad():
+        together = ours.encode(prompts)
+        alone = torch.cat([ours.encode([p]) for p in prompts])
+        want = hf(tokenize(prompts, cfg)).last_hidden_state
+    assert ((alone - want).norm() / want.norm()).item() <= 1e-5
+    assert ((together - alone).norm() / alone.norm()).item() <= 1e-6

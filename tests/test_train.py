@@ -13,12 +13,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from minicontrol.checkpoint import CONTROL, UNET, full_state_dict, kind, load_base, load_controlnet, read
-from minicontrol.checkpoint import StableDiffusion
 from minicontrol.config import preset
 from minicontrol.controlnet import ControlNet, clone_encoder
 from minicontrol.data import DataError, collate, load_item, read_index
+from minicontrol.export import full_state_dict
+from minicontrol.files import read
+from minicontrol.identify import kind
+from minicontrol.loading import load_base, load_controlnet
 from minicontrol.losses import draw
+from minicontrol.model import StableDiffusion
+from minicontrol.names import CONTROL, UNET
 from minicontrol.world import make_dataset
 
 from helpers import run_main
@@ -37,7 +41,7 @@ def setup(tmp_path_factory):
         for p in model.unet.out.parameters():
             p.normal_(std=0.1)
     path = d / "base.safetensors"
-    from minicontrol.checkpoint import save
+    from minicontrol.export import save
     save(path, full_state_dict(model), model.config)
     return d, path
 
@@ -393,7 +397,7 @@ def test_image_size_the_model_cannot_take_is_refused(setup, tmp_path):
 
 def test_controlnet_for_another_base_is_refused_in_one_line(setup, tmp_path):
     from helpers import tiny_models
-    from minicontrol.checkpoint import controlnet_state_dict
+    from minicontrol.export import controlnet_state_dict
     d, base = setup
     torch.save(controlnet_state_dict(tiny_models("tiny-sd2")[2]), tmp_path / "control_sd2.pth")
     res = train_here(*common(setup, tmp_path / "o"), "--controlnet", tmp_path / "control_sd2.pth")
@@ -427,7 +431,7 @@ def test_v_model_learns_v_as_diffusers_defines_it(tmp_path, monkeypatch):
     DDPMScheduler.get_velocity on its add_noise, without a warning."""
     from diffusers import DDPMScheduler
     from minicontrol import config
-    from test_checkpoint import V_YAML
+    from test_loading import V_YAML
     from train import build, parser
     from helpers import randomize, tiny_models
     cfg, model, _ = tiny_models("tiny-sd2")

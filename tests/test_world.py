@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from helpers import run_module
-from minicontrol.checkpoint import kind, load_base, load_controlnet, read
+from minicontrol.files import read
+from minicontrol.identify import kind
+from minicontrol.loading import load_base, load_controlnet
 from minicontrol.world import COLORS, HELD_OUT_PAIRS, demo_items, draw, eval_items, held_out_position, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

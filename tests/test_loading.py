@@ -1,33 +1,16 @@
 """The loader on the four official file kinds, made here from tiny weights, and its one-line errors."""
-import pickle
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import run_module, tiny_models
-from minicontrol.checkpoint import (CONTROL, CheckpointError, controlnet_state_dict, full_state_dict,
-                                    guessed_prediction, kind, load_base, load_controlnet, load_vae, read, save)
+from helpers import error, run_module, same, tiny_models, write
 from minicontrol.config import preset
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_models("tiny-sd1")
-
-
-def write(path, sd, wrap=False):
-    if path.suffix == ".safetensors":
-        save(path, sd)
-    else:
-        torch.save({"state_dict": sd} if wrap else sd, path)
-    return path
-
-
-def same(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+from minicontrol.export import controlnet_state_dict, full_state_dict, save
+from minicontrol.files import read
+from minicontrol.identify import guessed_prediction, kind
+from minicontrol.loading import load_base, load_controlnet, load_vae
+from minicontrol.names import CONTROL
 
 
 FILES = {
@@ -60,64 +43,6 @@ def test_sd2_open_clip_layout_round_trips(tmp_path):
     assert same(load_controlnet(path, base=cfg), net)
 
 
-def error(fn, *args, **kw):
-    with pytest.raises(CheckpointError) as e:
-        fn(*args, **kw)
-    msg = str(e.value)
-    assert "\n" not in msg
-    return msg
-
-
-def test_split_a_full_file_into_sd_and_control_files(tmp_path):
-    # python -m minicontrol.checkpoint --part: the two halves of a 1.0 full file load as a base and a 1.1 ControlNet
-    cfg, model, net = tiny_models("tiny-sd2")
-    full = save(tmp_path / "full.pth", full_state_dict(model, net)) or tmp_path / "full.pth"
-    cli = lambda *args: run_module("minicontrol.checkpoint", *args)
-    for part in ("sd", "control"):
-        assert cli(full, tmp_path / f"{part}.safetensors", "--part", part) is None
-    sd_part, control_part = read(tmp_path / "sd.safetensors")[0], read(tmp_path / "control.safetensors")[0]
-    assert kind(sd_part) == "sd" and kind(control_part) == "controlnet-1.1"
-    assert same(load_base(tmp_path / "sd.safetensors", config=cfg).unet, model.unet)
-    assert same(load_controlnet(tmp_path / "control.safetensors", base=cfg), net)
-    assert cli(tmp_path / "control.safetensors", tmp_path / "x.safetensors", "--part", "sd") == (
-        f"error: {tmp_path / 'control.safetensors'}: no sd part; --part sd and control split a ControlNet 1.0 full file")
-    inside_a_file = tmp_path / "full.pth" / "x.safetensors"        # refused before the source is read
-    for dst, error in ((tmp_path, "give the new file's name"), (tmp_path / "notes.txt", "ending in .safetensors"),
-                       (inside_a_file, f"{tmp_path / 'full.pth'} is a file")):
-        code = cli(full, dst, "--half")
-        assert str(code).startswith("error: ") and error in code
-
-
-def test_transfer_moves_a_controlnet_to_another_base(tmp_path):
-    # The official tool_transfer_control rule on a fresh trainable copy (clone_encoder, the official add-control rule)
-    # of base A: moved to base B, it is the fresh copy of B, its hint block and zero convolutions kept; in a 1.0 full
-    # file the SD becomes B (VAE and text encoder B's own)
-    from helpers import randomize
-    from minicontrol.controlnet import clone_encoder
-    cfg, a, _ = tiny_models("tiny-sd1", seed=0)
-    _, b, _ = tiny_models("tiny-sd1", seed=5)
-    net = clone_encoder(a.unet)
-    randomize(net.input_hint_block, seed=2)                   # as trained: none of these has a UNet counterpart
-    randomize(net.zero_convs, seed=3)
-    own = ("input_hint_block", "zero_convs", "middle_block_out")
-    expected = clone_encoder(b.unet).state_dict() | {k: v for k, v in net.state_dict().items() if k.startswith(own)}
-    files = {name: write(tmp_path / f"{name}.pth", sd) for name, sd in [
-        ("a", full_state_dict(a)), ("b", full_state_dict(b)), ("control11", controlnet_state_dict(net)),
-        ("control10", full_state_dict(a, net))]}
-
-    cli = lambda *args: run_module("minicontrol.checkpoint", *args)
-    for name in ("control11", "control10"):
-        assert cli(files[name], tmp_path / f"moved-{name}.safetensors", "--transfer", files["a"], files["b"]) is None
-        moved = load_controlnet(tmp_path / f"moved-{name}.safetensors", base=cfg).state_dict()
-        assert all(torch.allclose(moved[k], v, rtol=0, atol=1e-6) for k, v in expected.items())
-    moved_sd = load_base(tmp_path / "moved-control10.safetensors", cfg)
-    assert same(moved_sd.vae, b.vae) and same(moved_sd.text, b.text)
-    assert all(torch.allclose(x, y, rtol=0, atol=1e-6) for x, y in zip(moved_sd.unet.state_dict().values(),
-                                                                       b.unet.state_dict().values()))
-    code = cli(files["a"], tmp_path / "x.safetensors", "--transfer", files["a"], files["b"])
-    assert "--transfer moves a ControlNet" in code and "\n" not in code
-
-
 def test_missing_unexpected_and_wrong_shape(tmp_path, tiny):
     cfg, model, net = tiny
     sd = controlnet_state_dict(net)
@@ -135,27 +60,6 @@ def test_missing_unexpected_and_wrong_shape(tmp_path, tiny):
     base.pop("first_stage_model.decoder.conv_out.bias")
     msg = error(load_base, write(tmp_path / "d.ckpt", base, wrap=True), config=cfg)
     assert "d.ckpt" in msg and "VAE" in msg and "decoder.conv_out.bias" in msg
-
-
-def test_truncated_and_foreign_files(tmp_path, tiny):
-    cfg, model, net = tiny
-    for suffix in (".pth", ".safetensors"):
-        good = write(tmp_path / f"good{suffix}", controlnet_state_dict(net))
-        cut = tmp_path / f"cut{suffix}"
-        cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-        msg = error(load_controlnet, cut)
-        assert cut.name in msg and "truncated" in msg
-    text = tmp_path / "notes.ckpt"
-    text.write_text("these are not weights")
-    assert "notes.ckpt" in error(load_base, text)
-    assert "no such file" in error(load_base, tmp_path / "absent.ckpt")
-    (tmp_path / "hub").mkdir()
-    msg = error(load_base, tmp_path / "hub")                 # a downloaded model folder given for its file
-    assert "hub: a folder" in msg and ".safetensors" in msg
-    write(tmp_path / "hub" / "v1-5.safetensors", full_state_dict(model))
-    assert str(tmp_path / "hub" / "v1-5.safetensors") in error(load_controlnet, tmp_path / "hub")
-    other = write(tmp_path / "other.pth", {"linear.weight": torch.zeros(2, 2)})
-    assert "other.pth" in error(load_controlnet, other)
 
 
 def test_diffusers_layout_files_are_named_as_such(tmp_path, tiny):
@@ -199,8 +103,8 @@ def test_diffusers_controlnet_reads_as_the_official_file(tmp_path, name):
     assert same(load_controlnet(tmp_path / "plain", base=cfg), net)
     half = load_controlnet(tmp_path / "half", base=cfg).state_dict()
     assert all(torch.equal(half[k], v.half().float()) for k, v in net.state_dict().items())
-    # python -m minicontrol.checkpoint writes it as a 1.1 file, in the dtype it had
-    assert run_module("minicontrol.checkpoint", tmp_path / "half", tmp_path / "control_half.safetensors") is None
+    # python -m minicontrol.export writes it as a 1.1 file, in the dtype it had
+    assert run_module("minicontrol.export", tmp_path / "half", tmp_path / "control_half.safetensors") is None
     written = read(tmp_path / "control_half.safetensors")[0]
     assert kind(written) == "controlnet-1.1" and all(v.dtype == torch.float16 for v in written.values())
     again = load_controlnet(tmp_path / "control_half.safetensors", base=cfg).state_dict()
@@ -342,72 +246,3 @@ def test_controlnet_for_another_unet_width_refused(tmp_path):
     msg = error(load_controlnet, path, base=wider)
     assert "control_tiny.safetensors" in msg and "model_channels" in msg
     assert load_controlnet(path, base=cfg).zero_convs[0][0].weight.shape[0] == cfg.unet.model_channels
-
-
-class Boom:
-    def __reduce__(self):
-        import os
-        return (os.system, ("touch PWNED_MARKER",))
-
-
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
-def test_zip_files_are_memory_mapped(tmp_path, tiny):
-    # torch's zip format is mapped, not read whole: the weights loaded are backed by the file (mapped in this process
-    # while they live; the sizes here are too small to show the memory saved, bench/load_memory.py measures it); a
-    # file in torch's older format is read whole
-    import gc
-    cfg, model, _ = tiny
-    for zip_format in (True, False):
-        path = tmp_path / f"zip_{zip_format}.ckpt"
-        torch.save({"state_dict": full_state_dict(model)}, path, _use_new_zipfile_serialization=zip_format)
-        loaded = load_base(path, cfg)
-        assert same(loaded.unet, model.unet) and (str(path) in open("/proc/self/maps").read()) == zip_format
-        del loaded
-        gc.collect()
-        assert str(path) not in open("/proc/self/maps").read()
-
-
-def test_pickle_with_code_is_refused_and_never_runs(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    path = tmp_path / "evil.ckpt"
-    with open(path, "wb") as f:
-        pickle.dump({"state_dict": {"x": Boom()}}, f)
-    msg = error(load_base, path)
-    assert "evil.ckpt" in msg and "refused" in msg
-    assert not (tmp_path / "PWNED_MARKER").exists()
-    torch.save({"state_dict": {"x": Boom()}}, tmp_path / "evil2.pth")   # the zip format, same story
-    assert "refused" in error(load_controlnet, tmp_path / "evil2.pth")
-    assert not (tmp_path / "PWNED_MARKER").exists()
-
-
-class TrainerState:                        # what a training framework pickles beside the weights
-    def __init__(self):
-        self.hparams = {"lr": 1e-5, "monitor": "val/loss"}
-
-
-class Callback:                            # one whose unpickling runs code: it must never be imported or run
-    def __init__(self):
-        self.best = 0.1
-
-    def __setstate__(self, state):
-        open("PWNED_MARKER", "w").close()
-
-
-def test_training_checkpoint_extras_are_read_inert_and_the_weights_load(tmp_path, monkeypatch, tiny):
-    # A Lightning-style .ckpt: weights under state_dict, beside them pickled objects of other libraries (callbacks,
-    # hyper-parameters, numpy scalars) that weights_only refuses. They are read as inert stand-ins: the weights load,
-    # and no code of theirs runs (Callback.__setstate__ would leave a marker file).
-    import numpy as np
-    monkeypatch.chdir(tmp_path)
-    cfg, model, _ = tiny
-    for zip_format in (True, False):                                # torch's zip format and its older one
-        path = tmp_path / f"trained{zip_format}.ckpt"
-        extras = {"callbacks": {"checkpoint": Callback()}, "state": TrainerState(), "global_step": np.int64(1200)}
-        torch.save({"state_dict": full_state_dict(model), **extras}, path, _use_new_zipfile_serialization=zip_format)
-        with pytest.raises(pickle.UnpicklingError):
-            torch.load(path, weights_only=True)                    # what plain weights_only says of it
-        loaded = load_base(path, cfg)
-        assert same(loaded.unet, model.unet) and same(loaded.vae, model.vae) and same(loaded.text, model.text)
-        assert not (tmp_path / "PWNED_MARKER").exists()
-    Callback().__setstate__({})                                    # what unpickling it would run: the marker works
-    assert (tmp_path / "PWNED_MARKER").exists()

@@ -1,0 +1,162 @@
+"""Reading checkpoint files safely: .ckpt, .pth and .safetensors, and diffusers' model folders, to a state dict.
+
+Pickled files are read with `torch.load(weights_only=True)`, which refuses anything but tensors and containers,
+so no code inside a file ever runs. Other objects beside the weights (a training checkpoint's callbacks and
+hyper-parameters) are read as inert stand-ins; weights that would need any code to build are refused."""
+import io
+import json
+import pickle
+import pickletools
+import zipfile
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+CONFIG_KEY = "minicontrol_config"       # safetensors metadata written by save(); official files have none
+
+
+class CheckpointError(ValueError):
+    """A file that is not the checkpoint it was given as; the message names the file and what to do."""
+
+
+DIFFUSERS_FILES = [f"diffusion_pytorch_model{v}{s}" for s in (".safetensors", ".bin") for v in ("", ".fp16")]
+
+
+def weights_file(path) -> Path:
+    """The file itself; for a diffusers model folder (config.json beside diffusion_pytorch_model.*), its weights."""
+    path = Path(path)
+    found = [path / name for name in DIFFUSERS_FILES if path.is_dir() and (path / name).is_file()]
+    return found[0] if found else path
+
+
+def check_file(path):
+    """A CheckpointError unless `path` is a file or a diffusers model folder; for another folder it names a checkpoint
+    file in it, if there is one."""
+    path = weights_file(path)
+    if (path / "model_index.json").is_file():
+        raise CheckpointError(f"{path}: a diffusers pipeline folder; of diffusers' files only ControlNets are read: "
+                              "give the original single-file checkpoint (weights/README.md lists them)")
+    if (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: a diffusers model folder without its weights; put {DIFFUSERS_FILES[0]} (or "
+                              f"{DIFFUSERS_FILES[2]}) in it")
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".ckpt", ".pth", ".safetensors"))
+        raise CheckpointError(f"{path}: a folder; give the checkpoint file itself"
+                              + (f", e.g. {path / found[0]}" if found else " (.ckpt, .pth or .safetensors)"))
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+
+
+def diffusers_config(path) -> dict:
+    """The config.json of a diffusers model's folder, {} where there is none."""
+    config = weights_file(path).parent / "config.json"
+    try:
+        return json.loads(config.read_text()) if config.is_file() else {}
+    except ValueError:
+        raise CheckpointError(f"{config}: not readable JSON; the folder's config.json as diffusers saved it") from None
+
+
+class Inert:
+    """Stands for a class or function that a pickle names beyond tensors and containers: made and given its state
+    without any of the original running."""
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def refused(path, name: str) -> CheckpointError:
+    return CheckpointError(f"{path}: refused: the pickle would call {name}, not only build tensors; nothing in it was "
+                           "run. Use a trusted file, ideally .safetensors")
+
+
+def load_pickle(path) -> tuple:
+    """(torch.load(weights_only=True), []); where that refuses a global, (the same with Inert for the globals, their
+    names); a CheckpointError where even that is refused (a module torch blocks, such as os).
+    torch's zip format is memory-mapped: tensors are read as they are used, so what is not loaded (EMA weights, the SD
+    copy in a 1.0 ControlNet file) is never read, and the weights loaded stay backed by the file until moved (so a file
+    in use is replaced by writing a new one and renaming it, as save() does, never rewritten in place)."""
+    mmap = zipfile.is_zipfile(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), []
+    except pickle.UnpicklingError:
+        other = list(dict.fromkeys(n for n in pickle_imports(path) if not n.startswith(("torch.", "collections."))))
+        if not other:
+            raise
+        try:
+            with torch.serialization.safe_globals([(Inert, name) for name in other]):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), other
+        except pickle.UnpicklingError:
+            raise refused(path, other[0]) from None
+
+
+def read(path) -> tuple:
+    """(state dict, config json or None) from a .safetensors, .ckpt or .pth file (or a diffusers model folder's weights
+    file), unwrapping {"state_dict": ...}."""
+    path = weights_file(path)
+    check_file(path)
+    meta, stand_ins = None, []
+    try:
+        if is_safetensors(path):
+            sd, meta = safetensors.torch.load_file(str(path)), saved_config(path)
+        else:
+            sd, stand_ins = load_pickle(path)
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({str(e).strip()[:100]})") from None
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or not a PyTorch/safetensors file "
+                              f"({reason})") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if isinstance(sd, dict) and any(isinstance(v, Inert) for v in sd.values()):
+        raise refused(path, stand_ins[0])
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: holds no state dict of tensors; expected an SD or ControlNet checkpoint")
+    return sd, meta
+
+
+def is_safetensors(path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"                # an 8-byte header length, then JSON
+
+
+def saved_config(path):
+    """The config JSON that save() writes in a safetensors file's header, or None (official files have none)."""
+    if not is_safetensors(path):
+        return None
+    with safetensors.safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get(CONFIG_KEY)
+
+
+def pickle_imports(path) -> list:
+    """The module.name pairs that the pickles in a file (data.pkl of torch's zip format; else the file's pickles one
+    after another, as torch's older format has them before its raw data) import, read without running them."""
+    names, strings = [], []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        else:
+            data = Path(path).read_bytes()
+        f = io.BytesIO(data)
+        while f.tell() < len(data):
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("GLOBAL", "INST"):
+                    names.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(".".join(strings[-2:]))
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:                                # the raw tensor data after the pickles, or a damaged file
+        pass
+    return names
+

@@ -1,0 +1,160 @@
+"""Building the models from the official files as they are: SD base checkpoints, ControlNet 1.0 (full model),
+ControlNet 1.1 (`control_model.*` only) and extracted ControlNets (no prefix), and ControlNets saved by diffusers (a
+model folder, or its weights file), their keys renamed to the official ones; each part loaded strictly."""
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .config import ModelConfig, preset
+from .controlnet import ControlNet
+from .ddim import schedule_buffers
+from .files import CheckpointError, diffusers_config, read
+from .identify import WHAT, context_dim, family, kind, yaml_beside
+from .model import StableDiffusion
+from .names import CONTROL, TEXT_HF, TEXT_OC, UNET, VAE, from_diffusers, from_hf, to_hf
+from .vae import AutoencoderKL
+
+# entries a checkpoint may carry that no module here uses: EMA copies, the DDPM schedule (recomputed in ddim.py)
+# and the HF position_ids buffer (always 0..76)
+IGNORED_PREFIXES = ("model_ema.",)
+IGNORED_KEYS = set(schedule_buffers()) | {TEXT_HF + "embeddings.position_ids"}
+HINT = "Is it a Stable Diffusion 1.x/2.x checkpoint? For a model of another size pass its config (--config)."
+
+
+def check_fits(path, what: str, module: nn.Module, sd: dict, hint: str):
+    """Compare keys and shapes first, so a mismatch is one clear line rather than a long load_state_dict dump."""
+    want = module.state_dict()
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    wrong = [k for k in want if k in sd and tuple(want[k].shape) != tuple(sd[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (first: {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]})")
+    if wrong:
+        k = wrong[0]
+        problems.append(f"{len(wrong)} wrong shapes (first: {k} is {list(sd[k].shape)}, expected {list(want[k].shape)})")
+    if problems:
+        raise CheckpointError(f"{path}: the {what} weights do not fit the model: {'; '.join(problems)}. {hint}")
+
+
+def fill(path, what, module, sd, hint):
+    check_fits(path, what, module, sd, hint)
+    module.load_state_dict(sd, strict=True, assign=True)
+    return module.float()
+
+
+def split(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def resolve_config(sd: dict, meta, config, prefix: str) -> ModelConfig:
+    if config is not None:
+        return config
+    if meta is not None:
+        return ModelConfig.from_json(meta)
+    return preset("sd21" if family(sd, prefix) == "sd2" else "sd15")
+
+
+def load_base(path, config: ModelConfig = None) -> StableDiffusion:
+    """An SD base checkpoint, or the SD part of a ControlNet 1.0 full file, loaded strictly."""
+    sd, meta = read(path)
+    k = kind(sd)
+    if k not in ("sd", "controlnet-1.0"):
+        raise CheckpointError(f"{path}: not a Stable Diffusion base checkpoint: {WHAT[k]}"
+                              + ("; pass it as --controlnet and give the SD file as --base" if "control" in k else ""))
+    # as stated_prediction, without reading the file again: a config given, then the file's own, then the yaml beside it
+    yaml = yaml_beside(path, "parameterization") if config is None and meta is None else None
+    if yaml not in (None, "eps", "v"):
+        raise CheckpointError(f"{Path(path).with_suffix('.yaml')}: parameterization {yaml}: minicontrol runs "
+                              "models that predict noise (eps) or v")
+    config = resolve_config(sd, meta, config, UNET)
+    config = replace(config, parameterization=yaml) if yaml else config
+    first = sd.get(UNET + "input_blocks.0.0.weight")
+    if first is not None and first.dim() == 4 and first.shape[1] == 9 and config.unet.in_channels == 4:
+        raise CheckpointError(f"{path}: an inpainting base (a UNet of 9 input channels: latents, mask, masked image); "
+                              "ControlNets go with the plain base of 4 (v1-5-pruned); to repaint, use it with the 1.1 "
+                              "inpaint ControlNet and --mask")
+    ignored = [k for k in sd if k.startswith(IGNORED_PREFIXES + (CONTROL,)) or k in IGNORED_KEYS]
+    parts = {p: split(sd, p) for p in (UNET, VAE, TEXT_HF, TEXT_OC)}
+    rest = set(sd) - set(ignored) - {p + k for p, d in parts.items() for k in d}
+    if rest:
+        raise CheckpointError(f"{path}: {len(rest)} unexpected keys (first: {sorted(rest)[0]}); {HINT}")
+    model = StableDiffusion(config, device="meta")
+    fill(path, "UNet", model.unet, parts[UNET], HINT)
+    fill(path, "VAE", model.vae, parts[VAE], HINT)
+    text_sd, text_prefix = (parts[TEXT_HF], TEXT_HF) if config.text.layout == "hf" else (parts[TEXT_OC], TEXT_OC)
+    if not text_sd:
+        raise CheckpointError(f"{path}: no text encoder weights under {text_prefix}*; {HINT}")
+    if config.text.layout == "hf":
+        text_sd.pop("embeddings.position_ids", None)
+        try:
+            text_sd = from_hf(text_sd, config.text.layers)
+        except KeyError as e:
+            raise CheckpointError(f"{path}: the text encoder weights lack {text_prefix}{e.args[0]}; {HINT}") from None
+        unused = set(parts[TEXT_HF]) - {"embeddings.position_ids"} - set(to_hf(text_sd, config.text.layers))
+        if unused:
+            raise CheckpointError(f"{path}: unexpected text key {TEXT_HF}{sorted(unused)[0]}; {HINT}")
+    fill(path, "text encoder", model.text, text_sd, HINT)
+    return model.eval().requires_grad_(False)
+
+
+def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) -> ControlNet:
+    """Any of the three official ControlNet layouts, or diffusers'. With `base`, a ControlNet made for another family
+    is refused. The residuals are pooled (the 1.1 shuffle model) where the config says so, or the official yaml beside
+    the file does, or a diffusers folder's config.json (global_pool_conditions)."""
+    sd, meta = read(path)
+    k, settings = kind(sd), {}
+    if k == "controlnet-diffusers":
+        settings = diffusers_config(path)
+        sd, k = from_diffusers(sd, settings), "controlnet"
+    prefix = {"controlnet-1.0": CONTROL, "controlnet-1.1": CONTROL, "controlnet": ""}.get(k)
+    if prefix is None:
+        raise CheckpointError(f"{path}: no ControlNet weights in it (control_model.* keys): {WHAT[k]}")
+    if k == "controlnet-1.1":
+        other = [key for key in sd if not key.startswith(CONTROL)]
+        if other:
+            raise CheckpointError(f"{path}: unexpected key {other[0]} beside the control_model.* keys")
+    net_sd = split(sd, prefix) if prefix else sd
+    if "middle_block.1.transformer_blocks.0.attn2.to_k.weight" not in net_sd:
+        raise CheckpointError(f"{path}: the ControlNet weights lack middle_block.1 (attention); "
+                              "is this a ControlNet for Stable Diffusion 1.x/2.x?")
+    if base is not None:
+        net_kind = family(net_sd, ""), context_dim(net_sd, "")
+        base_kind = "sd2" if base.unet.use_linear_in_transformer else "sd1", base.unet.context_dim
+        describe = lambda fam, width: (f"{'SD2.x' if fam == 'sd2' else 'SD1.x'} (text context width {width}, "
+                                       f"{'linear' if fam == 'sd2' else 'convolution'} proj_in)")
+        if net_kind != base_kind:
+            raise CheckpointError(f"{path}: this ControlNet is for {describe(*net_kind)} but the base model is "
+                                  f"{describe(*base_kind)}; use a ControlNet made for this base")
+    config = config or (base if base is not None and meta is None else resolve_config(net_sd, meta, None, ""))
+    if base is not None:
+        own = dict(vars(config.unet), hint_channels=0, global_average_pooling=False)
+        other = dict(vars(base.unet), hint_channels=0, global_average_pooling=False)
+        diff = next((k for k in own if own[k] != other[k]), None)
+        if diff:
+            raise CheckpointError(f"{path}: this ControlNet was trained on another UNet ({diff} {own[diff]}, the base "
+                                  f"model has {other[diff]}); use a ControlNet made for this base")
+    if (yaml_beside(path, "global_average_pooling") or "").lower() == "true" or settings.get("global_pool_conditions"):
+        config = replace(config, unet=replace(config.unet, global_average_pooling=True))
+    with torch.device("meta"):
+        net = ControlNet(config.unet)
+    return fill(path, "ControlNet", net, net_sd, HINT).eval()
+
+
+def load_vae(path, config: ModelConfig) -> AutoencoderKL:
+    """A VAE file to use instead of the base's (such as vae-ft-mse-840000-ema-pruned: the LDM VAE's keys with no
+    prefix, perhaps beside its training loss's LPIPS and discriminator, loss.*, and EMA counters), or the VAE of an
+    SD checkpoint (first_stage_model.*)."""
+    sd, _ = read(path)
+    k = kind(sd)
+    if k not in ("vae", "sd", "controlnet-1.0"):
+        raise CheckpointError(f"{path}: not a VAE: {WHAT[k]}")
+    unused = lambda key: key.startswith("loss.") or key in ("model_ema.decay", "model_ema.num_updates")
+    vae_sd = split(sd, VAE) if k != "vae" else {key: v for key, v in sd.items() if not unused(key)}
+    with torch.device("meta"):
+        vae = AutoencoderKL(config.vae)
+    return fill(path, "VAE", vae, vae_sd, "Is it a VAE for Stable Diffusion 1.x/2.x?").eval().requires_grad_(False)
+
