@@ -118,6 +118,7 @@ def check_args(args):
         args.base, args.controlnet = str(TINY_BASE), [str(TINY_CONTROL)]
     elif tiny:
         fail("--controlnet needs --base: the SD 1.x/2.x checkpoint the ControlNet was trained for")
+    from minicontrol.attention import check_mode
     from minicontrol.checkpoint import (CheckpointError, check_file, check_out_folder, holds_controlnet,
                                         stated_prediction)
     for f in [args.base] + args.controlnet + ([args.vae] if args.vae else []):
@@ -174,8 +175,9 @@ def check_args(args):
         if x < 0:
             fail(f"{flag} must not be negative, got {x}")
     try:
+        check_mode()                                 # MINICONTROL_ATTENTION
         check_out_folder(args.out)
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:
         fail(str(e))
     try:
         v_model = stated_prediction(args.base, preset(args.config) if args.config else None) == "v"

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
+from minicontrol.attention import check_mode
 from minicontrol.checkpoint import (CheckpointError, StableDiffusion, check_out_folder, controlnet_state_dict,
                                     full_state_dict, guessed_prediction, holds_controlnet, load_base,
                                     load_controlnet, save)
@@ -331,8 +332,9 @@ def check_args(args):
         raise SystemExit(f"error: --precision {args.precision} is for the UNet stages (controlnet, base); the VAE "
                          "stages train in fp32: leave it out")
     try:
+        check_mode()                       # MINICONTROL_ATTENTION
         check_out_folder(args.out)
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 
 
