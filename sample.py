@@ -17,6 +17,7 @@ from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
 from minicontrol import pipeline
+from minicontrol.attention import check_mode
 from minicontrol.cli import not_finite
 from minicontrol.config import PRESETS, preset
 from minicontrol.ddim import img2img_start, timesteps
@@ -203,8 +204,9 @@ def check_args(args, tiny: bool):
     if on_cpu and args.dtype not in (None, "float32"):
         fail(f"--dtype {args.dtype} is for CUDA; on the CPU use float32")
     try:
+        check_mode()                                 # MINICONTROL_ATTENTION
         check_out_folder(args.out)
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:
         fail(str(e))
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from minicontrol.attention import check_mode
 from minicontrol.cli import not_finite
 from minicontrol.config import preset
 from minicontrol.controlnet import clone_encoder
@@ -102,8 +103,9 @@ def check_args(args):
         raise SystemExit(f"error: --precision {args.precision} is for the UNet stages (controlnet, base); the VAE "
                          "stages train in fp32: leave it out")
     try:
+        check_mode()                       # MINICONTROL_ATTENTION
         check_out_folder(args.out)
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 
 

@@ -1,7 +1,8 @@
 """Attention at Stable Diffusion's shapes (batch 2, 512x512 and 768x768): our Triton kernel, PyTorch's SDPA (whatever
 backend it picks) and plain math, in ms and useful TFLOP/s (4 * B * H * Nq * Nk * d), with each one's relative error
-against a float32 reference; then the CPU time one call of each takes to launch (an SD1.5 UNet + ControlNet step
-makes 46 calls, many of them a few microseconds of GPU work). Needs a CUDA GPU.
+against a float32 reference, our tile, and which of the two attention() picked there (kept on disk, as when sampling);
+then the CPU time one call of each takes to launch (an SD1.5 UNet + ControlNet step makes 46 calls, many of them a few
+microseconds of GPU work). Needs a CUDA GPU.
 
     python bench/attention.py [--dtype float16|bfloat16]
 """
@@ -16,7 +17,10 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import minicontrol.attention as attn  # noqa: E402
-from minicontrol.attention import attention_math, flash_attention  # noqa: E402
+import minicontrol.tuning as tuning  # noqa: E402
+from minicontrol.attention import attention_math  # noqa: E402
+from minicontrol.flash import kernel_args  # noqa: E402
+from minicontrol.tuning import flash_attention  # noqa: E402
 
 
 def sd_shapes(model, size):
@@ -40,8 +44,8 @@ def main():
     dtype, b = getattr(torch, args.dtype), args.batch
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}, batch {b}")
     print("| model | size | H | Nq | Nk | d | ours ms | SDPA ms | math ms | ours TFLOP/s | SDPA TFLOP/s | ours/SDPA speed "
-          "| err ours | err SDPA | err math | config |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "| err ours | err SDPA | err math | config | picked |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for model in ("SD1.5", "SD2.1"):
         for size in (512, 768):
             for h, nq, nk, d in sd_shapes(model, size):
@@ -59,12 +63,13 @@ def main():
                 err = {name: ((fn().float() - ref).norm() / ref.norm()).item() for name, fn in fns.items()}
                 flops = 4 * b * h * nq * nk * d
                 tf = {name: flops / (t * 1e-3) / 1e12 for name, t in ms.items()}
-                _, meta = attn.kernel_args(q16, k16, v16, torch.empty_like(q16))     # as flash_attention makes them
-                m, n, w, st, pad = attn.best_tiles[attn.shape_key(q16, k16, meta)]   # the tile chosen for this shape
+                args16, meta = kernel_args(q16, k16, v16, torch.empty_like(q16))     # as flash_attention makes them
+                m, n, w, st, pad = tuning.pick(q16, k16, v16, args16, meta)          # our tile for this shape
                 cfg = f"{m}x{n} w{w} s{st}" + (" padded" if pad else "")
+                picked = "SDPA" if tuning.pick(q16, k16, v16, args16, meta, sdpa=True) == tuning.SDPA else "ours"
                 print(f"| {model} | {size} | {h} | {nq} | {nk} | {d} | {ms['ours']:.3f} | {ms['sdpa']:.3f} | "
                       f"{ms['math']:.3f} | {tf['ours']:.0f} | {tf['sdpa']:.0f} | {ms['sdpa'] / ms['ours']:.2f}x | "
-                      f"{err['ours']:.1e} | {err['sdpa']:.1e} | {err['math']:.1e} | {cfg} |", flush=True)
+                      f"{err['ours']:.1e} | {err['sdpa']:.1e} | {err['math']:.1e} | {cfg} | {picked} |", flush=True)
                 del q, k, v, ref, q16, k16, v16
     launch_cost(b, dtype)
 
@@ -73,7 +78,7 @@ def launch_cost(b, dtype, calls=2000):
     """CPU microseconds per call at SD2.1's smallest shape, calls queued without waiting: GPU work of a few
     microseconds each, so the loop runs at the speed of the Python and C++ that launch it."""
     q, k, v = (torch.randn(b, 20, 64, 64, device="cuda", dtype=dtype) for _ in range(3))
-    fns = {"ours, attention()": lambda: attn.attention(q, k, v),
+    fns = {f"attention() (MINICONTROL_ATTENTION={attn.MODE})": lambda: attn.attention(q, k, v),
            "ours, flash_attention()": lambda: flash_attention(q, k, v),
            "SDPA": lambda: F.scaled_dot_product_attention(q, k, v)}
     print(f"\nlaunch cost at ({b}, 20, 64, 64), {dtype}, inference mode: CPU microseconds per call, best of 5 runs "

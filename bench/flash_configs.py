@@ -41,7 +41,8 @@ def unet_layout(b, n, h, d, dtype):
 
 def check(tile, d):
     import torch
-    from minicontrol.attention import attention_math, flash_attention
+    from minicontrol.attention import attention_math
+    from minicontrol.tuning import flash_attention
     worst = 0.0
     for nq, nk in ((512, 512), (1000, 77), (SHAPES[d][1],) * 2):
         for dtype in (torch.float16, torch.bfloat16):
@@ -61,7 +62,7 @@ def time_tiles(tiles, d):
     import torch.nn.functional as F
     from triton.testing import do_bench
     import torch
-    from minicontrol.attention import flash_attention
+    from minicontrol.tuning import flash_attention
     h, n = SHAPES[d]
     q, k, v = (unet_layout(2, n, h, d, torch.float16) for _ in range(3))
     sdpa = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), warmup=25, rep=100)
@@ -115,7 +116,7 @@ def main():
     import torch
     import triton
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}", flush=True)
-    from minicontrol.attention import split_width
+    from minicontrol.flash import split_width
     # a padded tile only where padding changes the pieces (40 -> 64, 80 -> 128, 160 -> 128 + 64)
     jobs = [(tile, d) for tile in TILES for d in SHAPES if not tile[-1] or split_width(d, True) != split_width(d)]
     with ThreadPoolExecutor(8) as pool:

@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import minicontrol.attention as attn  # noqa: E402
+from minicontrol.tuning import flash_attention  # noqa: E402
 from minicontrol.config import preset  # noqa: E402
 from minicontrol.controlnet import clone_encoder  # noqa: E402
 from minicontrol.unet import UNet  # noqa: E402
@@ -33,7 +34,7 @@ def kernel_checks():
                 k, v = (torch.randn(2, 3, nk, d, device="cuda", generator=g) for _ in range(2))
                 ref = attn.attention_math(q, k, v)
                 out = torch.full((2, 3, nq, d), float("nan"), device="cuda", dtype=dtype)
-                attn.flash_attention(*(t.to(dtype) for t in (q, k, v)), out=out)
+                flash_attention(*(t.to(dtype) for t in (q, k, v)), out=out)
                 e = rel(out, ref)
                 ok = not out.isnan().any().item() and e <= TOL[dtype]
                 qs, ks, vs = (t.to(dtype).detach().requires_grad_() for t in (q, k, v))
@@ -85,9 +86,9 @@ def unet_step():
     step = lambda: unet(x, t, ctx, control=net(x, hint, t, ctx))
     res = {}
     for use in (True, False):
-        attn.use_kernel = use
+        attn.MODE = "ours" if use else "sdpa"
         res[use] = (timed(step), step().float())
-    attn.use_kernel = True
+    attn.MODE = "ours"
     print(f"SD1.5 UNet+ControlNet 512x512 batch 2 fp16 forward: ours {res[True][0] * 1e3:.1f} ms, SDPA "
           f"{res[False][0] * 1e3:.1f} ms, ratio {res[False][0] / res[True][0]:.3f}x, output rel diff "
           f"{rel(res[True][1], res[False][1]):.1e}, finite {bool(res[True][1].isfinite().all())}")
@@ -111,6 +112,7 @@ def train_step():
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), torch.__version__)
+    attn.MODE = "ours"                      # our kernel everywhere it runs, SDPA only where compared with it
     bad = kernel_checks()
     print(f"kernel checks: {bad} failed")
     unet_step()

@@ -12,6 +12,6 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/card.txt"
 timeout 290 python bench/flash_configs.py --pick "$out/tiles.json" --budget 260 2>&1 | tee "$out/flash_configs.txt"
 if [ -s "$out/tiles.json" ]; then export MINICONTROL_FLASH_TILES=$PWD/$out/tiles.json; fi
-echo "autotuning over: ${MINICONTROL_FLASH_TILES:-the tiles in minicontrol/attention.py}" | tee "$out/tiles_used.txt"
+echo "autotuning over: ${MINICONTROL_FLASH_TILES:-the tiles in minicontrol/tuning.py}" | tee "$out/tiles_used.txt"
 timeout 140 python bench/gpu_check.py 2>&1 | tee "$out/gpu_check.txt"
 timeout 150 python bench/attention.py 2>&1 | tee "$out/attention.txt"

@@ -5,9 +5,9 @@ would start the kernel, which here does nothing. Side by side in one process, al
   * Triton's launch of the same kernel with every argument and constant given (the floor under any launcher);
   * flash_attention() (the output tensor, the arguments and tile worked out once for this layout): attention()'s path
     on a GPU where nothing needs gradients (sampling);
-  * FlashAttention.apply(), the autograd Function around it, attention()'s path where gradients are needed (training),
-    here in inference mode;
-  * with --against REV, flash_attention() as minicontrol/attention.py was at git revision REV.
+  * plan() and FlashAttention.apply(), the autograd Function around it, attention()'s path where gradients are needed
+    (training), here in inference mode;
+  * with --against REV, flash_attention() as it was at git revision REV.
 
 At SD2.1's smallest shape, (2, 20, 64, 64) float16, with the tile table as it ships (so the shape's tiles are timed
 once, then looked up). On a GPU, bench/attention.py measures the same beside SDPA.
@@ -15,7 +15,7 @@ once, then looked up). On a GPU, bench/attention.py measures the same beside SDP
     python bench/launch_cost.py [--against REV] [--rounds 30]
 """
 import argparse
-import importlib.util
+import importlib
 import os
 import subprocess
 import sys
@@ -30,22 +30,23 @@ import launch_sm90  # noqa: E402
 import triton  # noqa: E402
 
 launch_sm90.use_stand_in(227 * 1024)
-import minicontrol.attention as attn  # noqa: E402
+import minicontrol.flash as flash  # noqa: E402
+import minicontrol.tuning as tuning  # noqa: E402
 
-attn.CACHE = tempfile.mkdtemp()                  # the stand-in's tile picks are kept apart from a real GPU's
+tuning.CACHE = tempfile.mkdtemp()                # the stand-in's tile picks are kept apart from a real GPU's
 
 
-def module_at(rev):
-    """minicontrol/attention.py as it was at git revision rev, imported under another name."""
-    source = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:minicontrol/attention.py"], check=True,
-                            capture_output=True, text=True).stdout
-    path = os.path.join(tempfile.mkdtemp(), "attention_at_rev.py")
-    with open(path, "w") as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location("attention_at_rev", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def flash_attention_at(rev):
+    """flash_attention() as it was at git revision rev: minicontrol/ from then, imported under another name."""
+    folder = tempfile.mkdtemp()
+    files = subprocess.run(["git", "-C", ROOT, "archive", rev, "minicontrol"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", folder], input=files, check=True)
+    os.rename(os.path.join(folder, "minicontrol"), os.path.join(folder, "minicontrol_at_rev"))
+    sys.path.insert(0, folder)
+    where = "tuning" if os.path.exists(os.path.join(folder, "minicontrol_at_rev", "tuning.py")) else "attention"
+    module = importlib.import_module(f"minicontrol_at_rev.{where}")
+    module.CACHE = tempfile.mkdtemp()
+    return module.flash_attention
 
 
 def main():
@@ -55,19 +56,19 @@ def main():
     args = p.parse_args()
     q, k, v = (torch.randn(2, 20, 64, 64, dtype=torch.float16) for _ in range(3))
     out = torch.empty_like(q)
-    attn.flash_attention(q, k, v)                                   # times the shape's tiles, keeps the fastest
-    block_m, block_n, warps, stages, pad = tile = attn.best_tiles[next(iter(attn.best_tiles))]
-    kargs, meta = attn.kernel_args(q, k, v, out)
-    d0, d1 = attn.split_width(64, pad)
+    tuning.flash_attention(q, k, v)                                 # times the shape's tiles, keeps the fastest
+    kargs, meta = flash.kernel_args(q, k, v, out)
+    block_m, block_n, warps, stages, pad = tile = tuning.pick(q, k, v, kargs, meta)            # that tile
+    d0, d1 = flash.split_width(64, pad)
     grid = (triton.cdiv(64, block_m), 40)
-    calls = {"Triton's own launch, all arguments given": lambda: attn._flash_fwd[grid](
+    calls = {"Triton's own launch, all arguments given": lambda: flash._flash_fwd[grid](
                  *kargs, **meta, D0=d0, D1=d1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages),
-             "flash_attention()": lambda: attn.flash_attention(q, k, v),
-             "FlashAttention.apply()": lambda: attn.FlashAttention.apply(q, k, v)}
+             "flash_attention()": lambda: tuning.flash_attention(q, k, v),
+             "plan() and FlashAttention.apply()": lambda: flash.FlashAttention.apply(q, k, v, tuning.plan(q, k, v))}
     if args.against:
-        old = module_at(args.against)
-        old.flash_attention(q, k, v)
-        calls[f"flash_attention() at {args.against}"] = lambda: old.flash_attention(q, k, v)
+        old = flash_attention_at(args.against)
+        old(q, k, v)
+        calls[f"flash_attention() at {args.against}"] = lambda: old(q, k, v)
     times = {name: [] for name in calls}
     with torch.inference_mode():
         for _ in range(args.rounds):

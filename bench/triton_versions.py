@@ -1,7 +1,7 @@
 """Does our attention kernel compile with every Triton release that a supported PyTorch (2.4 on) may bring? Each
 version is installed on its own (pip --target, no dependencies) and compiles the kernel for Ampere (sm_80) and Hopper
 (sm_90) with Triton's own compiler, on a machine without a GPU: every head width, float16, bfloat16 and float32, and
-every tile in minicontrol/attention.py's table. Compiling is not running: what the code does on a GPU is for
+every tile in minicontrol/tuning.py's table. Compiling is not running: what the code does on a GPU is for
 bench/gpu_check.py.
 
     python bench/triton_versions.py 3.0.0 3.1.0 3.2.0 3.3.1 3.4.0 3.5.1 3.6.0 3.7.0 3.8.0 3.9.0
@@ -25,7 +25,7 @@ def compile_kernel(d, dtype, tile, capability):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from minicontrol.attention import _flash_fwd, kernel_args, split_width
+    from minicontrol.flash import _flash_fwd, kernel_args, split_width
 
     heads = {40: 8, 64: 5, 80: 8, 160: 8}[d]
     make = lambda: torch.zeros(2, 1024, heads * d, dtype=dtype).view(2, 1024, heads, d).transpose(1, 2)
@@ -70,7 +70,7 @@ def compile_all():
     import torch
     import triton
     sys.path.insert(0, ROOT)
-    from minicontrol.attention import TILES
+    from minicontrol.tuning import TILES
     failures, cases = [], 0
     for capability in (80, 90):
         for d in (40, 64, 80, 160):

@@ -22,7 +22,7 @@ from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minicontrol.attention import _flash_fwd, kernel_args, split_width  # noqa: E402
+from minicontrol.flash import _flash_fwd, kernel_args, split_width  # noqa: E402
 
 HEADS = {40: 8, 64: 5, 80: 8, 160: 8}          # SD1.5 and SD2.1 heads at each width
 

@@ -2,9 +2,11 @@
 H100 (sm_90) with as much shared memory per block as the argument gives (a real one has 227 KiB), the kernel is compiled
 for it with Triton's own compiler, and the launch itself, which would start the kernel, records its grid and arguments
 instead. Triton's do_bench times those launches on the CPU clock, so which tile "wins" means nothing here; what is
-checked is the way there. Must run outside Triton's interpreter, so the tests start it as its own process:
+checked is the way there. Given WINNER (ours or sdpa), the tensors pass for CUDA ones and go through attention(), and
+SDPA and do_bench are stand-ins too: SDPA counts its calls, do_bench calls what it times once and says WINNER is the
+faster (our tiles all tie). Must run outside Triton's interpreter, so the tests start it as its own process:
 
-    MINICONTROL_CACHE=DIR python tests/launch_sm90.py SHARED_BYTES      # prints a JSON report
+    MINICONTROL_CACHE=DIR [MINICONTROL_ATTENTION=...] python tests/launch_sm90.py SHARED_BYTES [WINNER]   # JSON report
 """
 import json
 import os
@@ -12,14 +14,18 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
+import triton.testing
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.driver import CudaDriver
 from triton.runtime.driver import driver
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import minicontrol.attention as attn  # noqa: E402
+import minicontrol.tuning as tuning  # noqa: E402
 
 launches = []
+sdpa_runs = []
 
 
 class Launcher:
@@ -82,13 +88,44 @@ def use_stand_in(shared):
     torch.cuda.get_device_name = lambda device=None: "stand-in H100"
 
 
+class OnGPU(torch.Tensor):                           # CPU tensors that attention() takes for CUDA ones
+    is_cuda = property(lambda self: True)
+
+
+def sdpa(q, k, v):
+    sdpa_runs.append(q.shape)
+    return torch.zeros_like(q)
+
+
+def through_attention(q, k, v, winner):
+    """attention() twice on these tensors; what do_bench timed, and what ran outside it: kernel launches, SDPA calls."""
+    timed = []
+
+    def do_bench(fn, **kwargs):
+        runs, launched = len(sdpa_runs), len(launches)
+        fn()
+        timed.append("sdpa" if len(sdpa_runs) > runs else launches[-1]["ints"][-2:])
+        del sdpa_runs[runs:], launches[launched:]
+        return 1.0 if (timed[-1] == "sdpa") == (winner == "sdpa") else 2.0
+    triton.testing.do_bench = do_bench
+    F.scaled_dot_product_attention = sdpa
+    attn.has_tensor_core_code = lambda device: True
+    q, k, v = (t.as_subclass(OnGPU) for t in (q, k, v))
+    attn.attention(q, k, v)
+    attn.attention(q, k, v)
+    return dict(timed=timed, launches=launches, sdpa_runs=len(sdpa_runs))
+
+
 if __name__ == "__main__":
     use_stand_in(int(sys.argv[1]))
     # SD1.5's widest heads at 64 tokens, laid out as the UNet passes them; fp16, so row strides of 8 * 160 elements
     q, k, v = (torch.randn(2, n, 8 * 160, dtype=torch.float16).view(2, n, 8, 160).transpose(1, 2) for n in (64, 77, 77))
-    attn.TILES = {160: [(64, 32, 4, 3, False), (128, 128, 8, 3, False)]}
-    first = attn.flash_attention(q, k, v)
-    timed = len(launches)
-    again = attn.flash_attention(q, k, v)
-    print(json.dumps(dict(launches=launches, timed=timed, best=list(attn.best_tiles.values()),
-                          same_layout=first.stride() == again.stride() == q.stride())))
+    tuning.TILES = {160: [(64, 32, 4, 3, False), (128, 128, 8, 3, False)]}
+    if len(sys.argv) > 2:
+        print(json.dumps(through_attention(q, k, v, sys.argv[2])))
+    else:
+        first = tuning.flash_attention(q, k, v)
+        timed = len(launches)
+        again = tuning.flash_attention(q, k, v)
+        print(json.dumps(dict(launches=launches, timed=timed, best=list(tuning.picks.values()),
+                              same_layout=first.stride() == again.stride() == q.stride())))

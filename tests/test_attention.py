@@ -10,7 +10,11 @@ import torch
 
 triton = pytest.importorskip("triton")
 import minicontrol.attention as attn
-from minicontrol.attention import TILES, FlashAttention, attention_math, flash_attention, split_width
+import minicontrol.flash as flash
+import minicontrol.tuning as tuning
+from minicontrol.attention import attention_math
+from minicontrol.flash import FlashAttention, split_width
+from minicontrol.tuning import TILES, flash_attention
 
 # SD shapes scaled down: self-attention at 1024/256/64 tokens, cross-attention to 77 text tokens, odd query counts
 LENGTHS = [(64, 64), (256, 256), (1024, 1024), (256, 77), (100, 77), (77, 100)]
@@ -48,7 +52,7 @@ def test_forward_writes_every_element_and_matches(d, nq, nk, dtype):
 def test_gradients_match(d, dtype):
     q, k, v = (t.requires_grad_() for t in tensors(100, 77, d, dtype, seed=1))
     grad = torch.randn(2, 2, 100, d, generator=torch.Generator().manual_seed(2)).to(dtype)
-    ours = torch.autograd.grad(FlashAttention.apply(q, k, v), (q, k, v), grad)
+    ours = torch.autograd.grad(FlashAttention.apply(q, k, v, flash_attention), (q, k, v), grad)
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = torch.autograd.grad(attention_math(qf, kf, vf), (qf, kf, vf), grad.float())
     for a, b in zip(ours, ref):
@@ -57,14 +61,14 @@ def test_gradients_match(d, dtype):
 
 def test_each_width_times_its_own_tiles_once_per_shape(monkeypatch, tmp_path):
     small, wide, padded = (64, 32, 4, 3, False), (128, 64, 8, 3, False), (128, 64, 8, 3, True)
-    monkeypatch.setattr(attn, "TILES", {40: [small, padded], 64: [small, wide]})
-    assert attn.tiles_at(40) == [small, padded] and attn.tiles_at(64) == [small, wide]
-    assert attn.tiles_at(48) == [small]                                # a width never measured: the tiles all share
+    monkeypatch.setattr(tuning, "TILES", {40: [small, padded], 64: [small, wide]})
+    assert tuning.tiles_at(40) == [small, padded] and tuning.tiles_at(64) == [small, wide]
+    assert tuning.tiles_at(48) == [small]                              # a width never measured: the tiles all share
     # as on a GPU: each tile timed by do_bench, the fastest kept for the shape, one too big for shared memory skipped
-    monkeypatch.setattr(attn, "INTERPRET", False)
-    monkeypatch.setattr(attn, "best_tiles", {})
-    monkeypatch.setattr(attn, "plans", {})
-    monkeypatch.setattr(attn, "CACHE", str(tmp_path))
+    monkeypatch.setattr(flash, "INTERPRET", False)
+    monkeypatch.setattr(tuning, "picks", {})
+    monkeypatch.setattr(tuning, "plans", {})
+    monkeypatch.setattr(tuning, "CACHE", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU A")
     launched = []
 
@@ -72,7 +76,7 @@ def test_each_width_times_its_own_tiles_once_per_shape(monkeypatch, tmp_path):
         def __getitem__(self, grid):
             return lambda *args, BLOCK_M, BLOCK_N, num_warps, num_stages, D, D0, D1, **rest: launched.append(
                 (BLOCK_M, BLOCK_N, num_warps, num_stages, (D0, D1) != split_width(D)))
-    monkeypatch.setattr(attn, "_flash_fwd", Kernel())
+    monkeypatch.setattr(flash, "_flash_fwd", Kernel())
 
     def do_bench(fn, **kwargs):
         fn()
@@ -85,26 +89,26 @@ def test_each_width_times_its_own_tiles_once_per_shape(monkeypatch, tmp_path):
         launched.clear()
         flash_attention(q, k, v)
         flash_attention(q, k, v)                                       # the same shape again: no timing
-        assert launched == attn.TILES[d] + [fastest, fastest]
+        assert launched == tuning.TILES[d] + [fastest, fastest]
     flash_attention(*tensors(256, 77, 64, torch.float16))              # a new shape is timed anew
     assert launched[-3:] == [small, wide, wide]
-    monkeypatch.setattr(attn, "TILES", {80: [padded]})                 # no tile fits this GPU: the smallest does
+    monkeypatch.setattr(tuning, "TILES", {80: [padded]})               # no tile fits this GPU: the smallest does
     launched.clear()
     flash_attention(*tensors(100, 77, 80, torch.float16))
-    assert launched == [padded, attn.SMALLEST] and attn.SMALLEST == small
+    assert launched == [padded, tuning.SMALLEST] and tuning.SMALLEST == small
     # the picks are kept on disk: a new run (nothing in memory) launches them untimed, however the timings would go now
     kept = json.loads((tmp_path / "attention_tiles.json").read_text())
     assert len(kept) == 4 and all("GPU A" in key for key in kept)
-    monkeypatch.setattr(attn, "best_tiles", {})
-    monkeypatch.setattr(attn, "plans", {})
-    monkeypatch.setattr(attn, "TILES", {40: [small, padded], 64: [small, wide]})
+    monkeypatch.setattr(tuning, "picks", {})
+    monkeypatch.setattr(tuning, "plans", {})
+    monkeypatch.setattr(tuning, "TILES", {40: [small, padded], 64: [small, wide]})
     launched.clear()
     flash_attention(*tensors(100, 77, 64, torch.float16))
     assert launched == [wide]
     # another GPU, or another tile list, is measured anew
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU B")
-    monkeypatch.setattr(attn, "best_tiles", {})
-    monkeypatch.setattr(attn, "plans", {})
+    monkeypatch.setattr(tuning, "picks", {})
+    monkeypatch.setattr(tuning, "plans", {})
     launched.clear()
     flash_attention(*tensors(100, 77, 64, torch.float16))
     assert launched == [small, wide, wide] and len(json.loads((tmp_path / "attention_tiles.json").read_text())) == 5
@@ -151,8 +155,8 @@ def test_a_backward_goes_through_the_autograd_function_and_sampling_launches_dir
         is_cuda = property(lambda self: True)
     calls = []
     monkeypatch.setattr(attn, "has_tensor_core_code", lambda device: True)
-    monkeypatch.setattr(attn, "flash_attention", lambda q, k, v: calls.append("direct") or q)
-    monkeypatch.setattr(attn.FlashAttention, "apply", lambda q, k, v: calls.append("autograd") or q)
+    monkeypatch.setattr(tuning, "plan", lambda q, k, v, sdpa: lambda q, k, v: calls.append("direct") or q)
+    monkeypatch.setattr(attn.FlashAttention, "apply", lambda q, k, v, run: calls.append("autograd") or q)
     q, k, v = (t.as_subclass(OnGPU) for t in tensors(8, 8, 40, torch.float32))
     trained = k.detach().requires_grad_()            # a key from a projection being trained
     attn.attention(q, k, v)
@@ -236,3 +240,57 @@ def test_gpu_launch_path_times_the_tiles_that_fit_once_per_shape(tmp_path):
         run = subprocess.run([sys.executable, script, str(shared)], env=env, capture_output=True, text=True)
         again = json.loads(run.stdout)
         assert again["timed"] == 1 and again["best"] == [best] and again["launches"][0]["ints"][-2:] == best[:2]
+
+
+def stand_in(cache, winner, mode=""):
+    """tests/launch_sm90.py through attention(), do_bench saying `winner` is faster; a process of its own: a run."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(MINICONTROL_CACHE=str(cache), MINICONTROL_ATTENTION=mode)
+    script = os.path.join(os.path.dirname(__file__), "launch_sm90.py")
+    run = subprocess.run([sys.executable, script, str(227 * 1024), winner], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout)
+
+
+def test_the_default_times_sdpa_beside_our_tiles_keeps_the_pick_and_runs_it(tmp_path):
+    # attention() at a new shape on the GPU path: our tiles timed (the 128x128 one needs more shared memory than an H100
+    # has), then the fastest of them against PyTorch's SDPA; the pick is kept on disk, and the layout runs it
+    small = [64, 32]
+    for winner, kept_pick in (("sdpa", "sdpa"), ("ours", [64, 32, 4, 3, False])):
+        report = stand_in(tmp_path / winner, winner)
+        assert report["timed"] == [small, small, "sdpa"]
+        kept = json.loads((tmp_path / winner / "attention_tiles.json").read_text())
+        assert [pick for key, pick in kept.items() if "'sdpa'" in key] == [kept_pick]
+        if winner == "sdpa":                            # SDPA called, the kernel never launched outside the timing
+            assert report["sdpa_runs"] == 2 and report["launches"] == []
+        else:
+            assert report["sdpa_runs"] == 0 and [launch["ints"][-2:] for launch in report["launches"]] == [small, small]
+    # a new run finds the pick on disk: nothing timed, SDPA run as before
+    assert stand_in(tmp_path / "sdpa", "sdpa") == dict(timed=[], launches=[], sdpa_runs=2)
+
+
+def test_the_environment_forces_our_kernel_or_sdpa(tmp_path):
+    # MINICONTROL_ATTENTION=ours: SDPA is neither timed nor run, though it would be measured faster; =sdpa: nothing is
+    # timed and SDPA runs, though our kernel would be measured faster
+    ours = stand_in(tmp_path / "ours", "sdpa", mode="ours")
+    assert ours["timed"] == [[64, 32]] and ours["sdpa_runs"] == 0 and len(ours["launches"]) == 2
+    assert stand_in(tmp_path / "sdpa", "ours", mode="sdpa") == dict(timed=[], launches=[], sdpa_runs=2)
+
+
+def test_an_unknown_mode_raises_in_the_library_and_leaves_the_program_running():
+    # a program importing the library is not ended by a mistyped MINICONTROL_ATTENTION: attention() and check_mode()
+    # raise ValueError (the scripts turn it into one line before reading any weights)
+    code = ("import torch, minicontrol.attention as a\n"
+            "x = torch.zeros(1, 1, 4, 8)\n"
+            "for call in (a.check_mode, lambda: a.attention(x, x, x)):\n"
+            "    try:\n"
+            "        call()\n"
+            "    except ValueError as e:\n"
+            "        print(e)\n")
+    env = dict(os.environ, MINICONTROL_ATTENTION="flash")
+    root = os.path.join(os.path.dirname(__file__), "..")
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("MINICONTROL_ATTENTION=flash: give auto") for line in lines)
+    assert all("ours" in line and "sdpa" in line for line in lines)

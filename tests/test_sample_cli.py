@@ -195,12 +195,12 @@ def test_float_flags_refuse_nan_and_inf(files, tmp_path, flag, value):
 
 
 def test_attention_is_chosen_in_the_environment(files, tmp_path):
-    # MINICONTROL_ATTENTION: ours (our kernel on CUDA, the default) or sdpa (PyTorch's on CUDA too); anything else stops
-    # sample.py in one line before any weights are read
-    probe = [sys.executable, "-c", "import minicontrol.attention as a; print(a.use_kernel)"]
-    for value, uses_ours in (("", "True"), ("ours", "True"), ("sdpa", "False")):
+    # MINICONTROL_ATTENTION: auto (the faster of ours and SDPA at each shape on CUDA, the default), ours (our kernel on
+    # CUDA) or sdpa (PyTorch's on CUDA too); anything else stops sample.py in one line before any weights are read
+    probe = [sys.executable, "-c", "import minicontrol.attention as a; print(a.MODE)"]
+    for value, mode in (("", "auto"), ("ours", "ours"), ("sdpa", "sdpa")):
         env = dict(os.environ, MINICONTROL_ATTENTION=value)
-        assert subprocess.run(probe, env=env, cwd=ROOT, capture_output=True, text=True).stdout.strip() == uses_ours
+        assert subprocess.run(probe, env=env, cwd=ROOT, capture_output=True, text=True).stdout.strip() == mode
     env["MINICONTROL_ATTENTION"] = "flash"
     res = subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, base_args(files, tmp_path / "o"))],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
