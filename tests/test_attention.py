@@ -17,7 +17,7 @@ from minicontrol.flash import FlashAttention, split_width
 from minicontrol.tuning import TILES, flash_attention
 
 # SD shapes scaled down: self-attention at 1024/256/64 tokens, cross-attention to 77 text tokens, odd query counts
-LENGTHS = [(64, 64), (256, 256), (1024, 1024), (256, 77), (100, 77), (77, 100)]
+LENGTHS = [(64, 64), (256, 256), pytest.param(1024, 1024, marks=pytest.mark.slow), (256, 77), (100, 77), (77, 100)]
 WIDTHS = [40, 64, 80, 160]                 # SD1.5: 40/80/160 (8 heads), SD2.1: 64 (64-wide heads)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -183,6 +183,7 @@ def compile_sm90(cases):
     return json.loads(run.stdout)
 
 
+@pytest.mark.slow
 def test_hopper_code_moves_whole_vectors_prefetches_and_fits():
     # d = 40 rows are 80 bytes: only the strides' common factor of two lets the compiler load vectors rather than
     # single elements, and only vectors let it copy the next key and value tiles into shared memory while the current
@@ -197,6 +198,7 @@ def test_hopper_code_moves_whole_vectors_prefetches_and_fits():
     assert odd["b16_loads"] > 0 and odd["async_copies"] == 0          # rows at odd offsets: one element at a time
 
 
+@pytest.mark.slow
 def test_kernel_runs_only_where_triton_makes_tensor_core_code(monkeypatch):
     # attention() sends CUDA tensors to our kernel from MIN_CAPABILITY on: there Triton's compiler turns the kernel's
     # products into tensor-core instructions; one generation below (Turing, sm_75) they become scalar multiply-adds
@@ -213,6 +215,7 @@ def test_kernel_runs_only_where_triton_makes_tensor_core_code(monkeypatch):
     attn.has_tensor_core_code.cache_clear()
 
 
+@pytest.mark.slow
 def test_gpu_launch_path_times_the_tiles_that_fit_once_per_shape(tmp_path):
     # flash_attention on Triton's own launch path (not the interpreter) with a stand-in H100 driver, the kernel compiled
     # for sm_90 and its launches recorded (tests/launch_sm90.py): q (2, 8, 64, 160) and k, v (2, 8, 77, 160) in fp16

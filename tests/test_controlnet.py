@@ -1,4 +1,5 @@
 """Zero-convolution identity at initialisation and the official tool_add_control rule."""
+import pytest
 import torch
 
 from minicontrol.config import preset
@@ -58,6 +59,7 @@ def test_scales_and_shuffle_pooling_closed_form():
         assert a.shape[2:] == (1, 1) and torch.allclose(a, (p * k).mean(dim=(2, 3), keepdim=True), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_grad_checkpointing_recomputes_each_block_and_keeps_the_gradients():
     # --grad-checkpointing: every Block's forward runs again in the backward pass (torch.utils.checkpoint), and the
     # ControlNet's gradients through the locked UNet are those of plain autograd

@@ -1,5 +1,6 @@
 """Writing: `python -m minicontrol.export` splits a ControlNet 1.0 full file in two and moves a ControlNet to
 another base, as the official tool_transfer_control.py does."""
+import pytest
 import torch
 
 from helpers import run_module, same, tiny_models, write
@@ -29,6 +30,7 @@ def test_split_a_full_file_into_sd_and_control_files(tmp_path):
         assert str(code).startswith("error: ") and error in code
 
 
+@pytest.mark.slow
 def test_transfer_moves_a_controlnet_to_another_base(tmp_path):
     # The official tool_transfer_control rule on a fresh trainable copy (clone_encoder, the official add-control rule)
     # of base A: moved to base B, it is the fresh copy of B, its hint block and zero convolutions kept; in a 1.0 full

@@ -82,6 +82,7 @@ def test_diffusers_layout_files_are_named_as_such(tmp_path, tiny):
     assert "unknown" not in error(load_base, write(tmp_path / "x.pth", {"linear.weight": torch.zeros(2, 2)}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-sd1", "tiny-sd2"])
 def test_diffusers_controlnet_reads_as_the_official_file(tmp_path, name):
     # A ControlNet as diffusers saves it: diffusers' converter fills its ControlNetModel from the official file, and
@@ -119,6 +120,7 @@ def test_diffusers_controlnet_reads_as_the_official_file(tmp_path, name):
     assert "folder without its weights" in error(load_controlnet, tmp_path / "shuffle", base=cfg)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 @pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
 def test_vae_file_on_its_own_reads_as_diffusers_reads_it(tmp_path, tiny, suffix):

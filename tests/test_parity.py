@@ -55,6 +55,7 @@ def test_vae_matches_diffusers(pair):
 @torch.no_grad()
 @pytest.mark.parametrize("settings", [{"global_pool_conditions": True},
                                       {"controlnet_conditioning_channel_order": "bgr"}])
+@pytest.mark.slow
 def test_diffusers_controlnet_folder_settings_act_as_in_diffusers(pair, tmp_path, settings):
     # a diffusers ControlNet whose config.json pools its residuals (the 1.1 shuffle model) or takes the image's
     # channels in BGR order, loaded here from the folder, gives the residuals diffusers' own forward gives

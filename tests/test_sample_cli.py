@@ -53,6 +53,7 @@ def base_args(d, out):
             "--steps", 3, "--num-samples", 2, "--seed", 42, "--resolution", 64, "--out", out]
 
 
+@pytest.mark.slow
 def test_sample_writes_pngs_with_metadata_and_is_reproducible(files, tmp_path):
     first, second, skip = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     for out, extra in ((first, []), (second, ["--clip-skip", 1])):
@@ -83,6 +84,7 @@ def test_sample_writes_pngs_with_metadata_and_is_reproducible(files, tmp_path):
     assert not np.array_equal(np.asarray(samples[0]), np.asarray(Image.open(skip / "sample_0.png")))
 
 
+@pytest.mark.slow
 def test_flags_reach_the_sampler_as_given(files, tmp_path, monkeypatch):
     # every sampling flag arrives in pipeline.sample (whose guidance, guess mode, start/end and middle-only control
     # are checked against diffusers in test_parity.py and test_sampling.py) with the value given
@@ -114,6 +116,7 @@ def test_flags_reach_the_sampler_as_given(files, tmp_path, monkeypatch):
     assert (control.strength, control.start, control.end, guess_mode, only_mid) == (1.0, 0.0, 1.0, False, False)
 
 
+@pytest.mark.slow
 def test_controlnet_1_0_file_alone_is_base_and_controlnet(files, tmp_path):
     # the official 1.0 demos load one file, an SD and its ControlNet: as --base with no --controlnet it is both
     _, model, net = tiny_models("tiny-sd1")
@@ -131,6 +134,7 @@ def test_controlnet_1_0_file_alone_is_base_and_controlnet(files, tmp_path):
     one_line_error(run_here(*(plain[:4] + plain[6:])), "tiny-v1.ckpt holds no ControlNet")
 
 
+@pytest.mark.slow
 def test_diffusers_controlnet_folder_samples_as_the_official_file(files, tmp_path):
     # the same ControlNet saved by diffusers (its converter, then save_pretrained) gives the same pixels as the 1.1 file
     from helpers import diffusers_models
@@ -144,6 +148,7 @@ def test_diffusers_controlnet_folder_samples_as_the_official_file(files, tmp_pat
     assert np.array_equal(np.asarray(a), np.asarray(b)) and "ControlNet: control_tiny_diffusers" in a.text["parameters"]
 
 
+@pytest.mark.slow
 def test_base_alone_samples_text_to_image(files, tmp_path):
     res = run("--base", files / "tiny-v1.ckpt", "--config", "tiny-sd1", "--prompt", "a red circle", "--steps", 3,
               "--num-samples", 2, "--resolution", 100, "--out", tmp_path)
@@ -161,6 +166,7 @@ def one_line_error(res, *words):
     assert line.startswith("error:") and all(w in line for w in words), res.stderr
 
 
+@pytest.mark.slow
 def test_user_mistakes_get_clear_errors(files, tmp_path):
     # the first from the command line itself, the rest through main in this process (an exception would escape)
     args = base_args(files, tmp_path / "o")
@@ -194,6 +200,7 @@ def test_float_flags_refuse_nan_and_inf(files, tmp_path, flag, value):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_attention_is_chosen_in_the_environment(files, tmp_path):
     # MINICONTROL_ATTENTION: auto (the faster of ours and SDPA at each shape on CUDA, the default), ours (our kernel on
     # CUDA) or sdpa (PyTorch's on CUDA too); anything else stops sample.py in one line before any weights are read
@@ -208,6 +215,7 @@ def test_attention_is_chosen_in_the_environment(files, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_vae_flag_samples_as_a_base_carrying_that_vae(files, tmp_path):
     # --vae FILE (a VAE published alone, no key prefix) gives the pixels of a base file whose first_stage_model.* is
     # that VAE, written here by hand; and it is named in the PNGs
@@ -230,6 +238,7 @@ def test_vae_flag_samples_as_a_base_carrying_that_vae(files, tmp_path):
     one_line_error(run_here(*base_args(files, tmp_path / "o"), "--vae", files / "control_tiny.pth"), "not a VAE")
 
 
+@pytest.mark.slow
 def test_sd2_file_without_its_prediction_type_is_warned_of(files, tmp_path, monkeypatch):
     # SD 2.x files do not record eps or v; an official one (no --config, no config of ours in it) gets a warning. The
     # tiny SD2 stands in for the full-size one here: the preset guessed for an SD2 file is made the tiny one.
@@ -256,6 +265,7 @@ def test_sd2_file_without_its_prediction_type_is_warned_of(files, tmp_path, monk
     assert np.array_equal(pixels[0], pixels[1]) and not np.array_equal(pixels[0], pixels[2])
 
 
+@pytest.mark.slow
 def test_shuffle_model_without_its_yaml_is_warned_of(files, tmp_path):
     # the official 1.1 shuffle model pools its residuals by its yaml, published beside the .pth; without it, a warning
     import shutil
@@ -270,6 +280,7 @@ def test_shuffle_model_without_its_yaml_is_warned_of(files, tmp_path):
     assert res.returncode == 0 and "warning" not in res.stderr
 
 
+@pytest.mark.slow
 def test_long_prompt_says_it_is_truncated(files, tmp_path):
     args = base_args(files, tmp_path / "o")
     args[args.index("--prompt") + 1] = "circle " * 90
@@ -280,6 +291,7 @@ def test_long_prompt_says_it_is_truncated(files, tmp_path):
     assert "Prompt chunks: 2" in Image.open(args[-1] / "sample_0.png").text["parameters"]
 
 
+@pytest.mark.slow
 def test_control_image_as_the_map_runs_without_warnings(files, tmp_path):
     args = base_args(files, tmp_path / "o")
     args[args.index("--detector") + 1] = "none"
@@ -308,6 +320,7 @@ def test_default_size_is_the_models_training_size(files, config, size, tmp_path)
         assert args.resolution == 768
 
 
+@pytest.mark.slow
 def test_img2img_and_inpainting_encode_the_image_as_the_official_demos(files, tmp_path, monkeypatch):
     # gradio_tile.py and gradio_inpaint.py: x0 = image / 127.0 - 1 (not 127.5), one copy per sample, each encoded to a
     # posterior sample (mean + std * N(0, 1)) * scale_factor, the noise here each sample's seed's first draws
@@ -326,6 +339,7 @@ def test_img2img_and_inpainting_encode_the_image_as_the_official_demos(files, tm
         assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5), key
 
 
+@pytest.mark.slow
 def test_inpainting_keeps_the_image_outside_the_blurred_mask(files, tmp_path):
     # The official inpaint demo's last step: output = sample * soft + image * (1 - soft), soft the mask blurred by
     # OpenCV's GaussianBlur; pixels the blur does not reach are the input image exactly.
@@ -351,6 +365,7 @@ def test_inpainting_keeps_the_image_outside_the_blurred_mask(files, tmp_path):
     one_line_error(run_here(*args, "--mask", tmp_path / "absent.png"), "--mask", "absent.png")
 
 
+@pytest.mark.slow
 def test_shuffle_detector_shuffles_the_whole_image_with_the_seed(files, tmp_path):
     # The official shuffle demo shuffles the image as given (not the resized one) into the output size, drawing
     # from the seed; the map shown above the samples is that shuffle.
@@ -363,6 +378,7 @@ def test_shuffle_detector_shuffles_the_whole_image_with_the_seed(files, tmp_path
     assert np.array_equal(shown, shuffle(image, 64, 64, 42)) and not np.array_equal(shown, shuffle(image, 64, 64, 1))
 
 
+@pytest.mark.slow
 def test_each_sample_is_its_own_seeds_in_any_batch_and_batch_size(files, tmp_path):
     # sample i of --seed s is the image of --seed s + i alone, with every random draw (initial noise, DDIM noise at
     # eta > 0, the posterior sample of img2img and inpainting, the inpainting's re-noised known latents)
@@ -397,6 +413,7 @@ def test_each_sample_is_its_own_seeds_in_any_batch_and_batch_size(files, tmp_pat
     one_line_error(run_here(*args, tmp_path / "o", "--batch-size", 0), "--batch-size")
 
 
+@pytest.mark.slow
 def test_seed_minus_one_draws_a_seed_that_reproduces_the_images(files, tmp_path):
     args = base_args(files, tmp_path / "a")
     args[args.index("--seed") + 1] = -1

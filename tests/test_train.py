@@ -83,6 +83,7 @@ def held_out_loss(args, model, net, items):
         return micro_batch_loss(args, model, net, batch, torch.Generator().manual_seed(123)).item()
 
 
+@pytest.mark.slow
 def test_training_lowers_loss_and_touches_only_the_controlnet(setup, tmp_path):
     from train import build, parser
     d, base = setup
@@ -125,6 +126,7 @@ def test_unlocked_trains_output_blocks_and_out_only(setup, tmp_path):
     assert got == {"output_blocks", "out"}
 
 
+@pytest.mark.slow
 def test_unlocked_run_exports_a_full_file_with_its_trained_decoder(setup, tmp_path):
     # the trained output_blocks/out must reach the exported file: a ControlNet 1.0 full file (SD + control_model.*)
     _, base = setup
@@ -167,6 +169,7 @@ def weights(path):
     return sd
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_equals_uninterrupted(setup, tmp_path):
     full = tmp_path / "full"
     train(*common(setup, full, steps=8, extra=["--save-every", 2]))
@@ -196,6 +199,7 @@ def test_sigkill_and_resume_equals_uninterrupted(setup, tmp_path):
     assert "--stage" in res.stderr.strip().splitlines()[-1] and (full / "state.pt").read_bytes() == state
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_and_gradient_accumulation_match_one(setup, tmp_path):
     """A step's batch of 4 as one process, as two processes of 2 (torchrun), and as two micro-batches of 2
     (--grad-accum 2): the same items, random numbers and loss, so the same training."""
@@ -220,6 +224,7 @@ def test_torchrun_two_processes_and_gradient_accumulation_match_one(setup, tmp_p
         assert (diff <= 1e-5).float().mean() >= 0.999 and diff.max() <= 1e-3 * 3
 
 
+@pytest.mark.slow
 def test_torchrun_only_mid_control_with_accumulation_syncs_once_a_step(setup, tmp_path):
     """--only-mid-control under torchrun: the skips' zero convs get no gradient, which DDP refuses unless they do not
     require one. --grad-accum 2: DDP all-reduces the gradients once a step (at the last micro-batch), counted by a
@@ -240,6 +245,7 @@ def test_torchrun_only_mid_control_with_accumulation_syncs_once_a_step(setup, tm
     assert (diff <= 1e-5).float().mean() >= 0.999 and diff.max() <= 1e-3 * 3          # as in the test above
 
 
+@pytest.mark.slow
 def test_nodes_resuming_from_different_steps_are_refused(setup, tmp_path):
     """Two torchrun nodes whose --out are not one shared disk: the first holds the run's state.pt (rank 0 wrote it),
     the second none. Both stop with the reason before training, rather than train from different steps and hang."""
@@ -270,6 +276,7 @@ def test_nodes_resuming_from_different_steps_are_refused(setup, tmp_path):
     assert res.returncode != 0 and "state.pt: cannot be read" in res.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_half_precision_trains_as_fp32_does(setup, tmp_path):
     """--precision bf16 / fp16 (with loss scaling) autocast the UNet and ControlNet: the loss is fp32's to half
     precision's rounding, the second step moves the weights the way fp32's does (but not bitwise so), and an fp16
@@ -295,6 +302,7 @@ def test_half_precision_trains_as_fp32_does(setup, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_only_mid_control_and_grad_checkpointing_flags(setup, tmp_path, monkeypatch):
     """--only-mid-control: the UNet takes the middle residual alone, so the input blocks' zero convs get no gradient
     and stay zero while middle_block_out learns. --grad-checkpointing: blocks are recomputed, and the training is the
@@ -313,6 +321,7 @@ def test_only_mid_control_and_grad_checkpointing_flags(setup, tmp_path, monkeypa
     assert all(torch.allclose(runs["recompute"][k], runs["plain"][k], rtol=1e-5, atol=1e-7) for k in runs["plain"])
 
 
+@pytest.mark.slow
 def test_cached_latents_give_the_same_loss(setup, tmp_path):
     """--cache-latents encodes the data once: the first step's loss equals the one from encoding at the step."""
     losses = []
@@ -322,6 +331,7 @@ def test_cached_latents_give_the_same_loss(setup, tmp_path):
     assert abs(losses[0] - losses[1]) <= 1e-6 * max(1.0, abs(losses[0]))
 
 
+@pytest.mark.slow
 def test_checkpoint_runs_in_sample_py(setup, tmp_path):
     d, base = setup
     out = tmp_path / "run"
@@ -335,6 +345,7 @@ def test_checkpoint_runs_in_sample_py(setup, tmp_path):
     assert (tmp_path / "samples" / "grid.png").exists()
 
 
+@pytest.mark.slow
 def test_bad_data_line_is_named(setup, tmp_path):
     d, base = setup
     data = tmp_path / "data"
@@ -346,6 +357,7 @@ def test_bad_data_line_is_named(setup, tmp_path):
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_unreadable_image_met_while_training_is_named(setup, tmp_path):
     # images are read a step ahead on another thread: one that cannot be decoded still stops the run, with one line
     # that names it

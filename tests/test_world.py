@@ -72,6 +72,7 @@ def run(*args):
     assert res.returncode == 0, res.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_recipe_runs_every_stage_from_scratch(tmp_path):
     data = tmp_path / "circles"
     run("-m", "minicontrol.world", "--out", data, "--n", 16)
@@ -123,6 +124,7 @@ def test_shipped_weights_load_strictly_and_fit_the_budget():
     assert all(torch.isfinite(p).all() for p in list(model.parameters()) + list(net.parameters()))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not all(p.exists() for p in SHIPPED), reason="the tiny weights are not in weights/")
 def test_eval_table_and_curve_run(tmp_path):
     """The table and grid on the shipped weights, and a curve over two copies of one ControlNet, which must give the
@@ -137,6 +139,7 @@ def test_eval_table_and_curve_run(tmp_path):
     assert rows[1].split(",")[1:] == rows[2].split(",")[1:] and (tmp_path / "iou.png").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not all(p.exists() for p in SHIPPED), reason="the tiny weights are not in weights/")
 def test_bare_sample_draws_the_circles_on_their_outlines(tmp_path):
     # what a user sees first: `python sample.py` alone, with the tiny model's settings, puts each held-out colour
@@ -157,6 +160,7 @@ def test_bare_sample_draws_the_circles_on_their_outlines(tmp_path):
     assert iou > 0.8 and colour_error < 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not all(p.exists() for p in SHIPPED), reason="the tiny weights are not in weights/")
 def test_bare_sample_takes_the_asked_count_and_rounds_the_resolution(tmp_path):
     # one sample when one is asked for (four is only the default), at 100 rounded to a multiple of 64, as for
