@@ -20,6 +20,7 @@ from minicontrol import pipeline
 from minicontrol.attention import check_mode
 from minicontrol.cli import not_finite
 from minicontrol.config import PRESETS, preset
+from minicontrol.cpu import keep_freed_memory, native_bf16
 from minicontrol.ddim import img2img_start, timesteps
 from minicontrol.editing import composite, image_latents, inpainting
 from minicontrol.export import check_out_folder
@@ -103,15 +104,15 @@ def parser() -> argparse.ArgumentParser:
     a("--out", default="out", help="output folder: grid.png, sample_N.png and control_N.png (default out/)")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-      help="UNet and ControlNet precision; the VAE stays float32 (default: float16 on CUDA, float32 on CPU)")
+      help="UNet and ControlNet precision; the VAE and text encoder stay float32 (default: float16 on CUDA; on the CPU "
+           "bfloat16 where it has bfloat16 instructions (AVX512-BF16, AMX), else float32; float32 for the tiny model)")
     a("--config", choices=PRESETS, default=None, help="model preset for files whose size or prediction type "
                                                       "cannot be read from their tensors")
     return p
 
 
 def fail(msg: str):
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(f"error: {msg}")               # stderr, exit status 1
 
 
 def per_control(values: list, n: int) -> list:
@@ -129,9 +130,8 @@ def choose_files(args) -> bool:
     if tiny:
         missing = [str(p) for p in (TINY_BASE, TINY_CONTROL) if not p.is_file()]
         if missing:
-            fail(f"{', '.join(missing)} not found. These are the tiny model's weights; retrain them with the recipe "
-                 "in weights/README.md, or pass --base and --controlnet with official files (weights/README.md says "
-                 "where to get them)")
+            fail(f"{', '.join(missing)} not found: the tiny model's weights. Retrain them (weights/README.md), or pass "
+                 "--base and --controlnet with official files (weights/README.md says where to get them)")
         args.base = str(TINY_BASE)
         args.controlnet = [str(TINY_CONTROL)]
     try:
@@ -201,8 +201,8 @@ def check_args(args, tiny: bool):
         gpus = f" or cuda:0 to cuda:{count - 1}" if count else ""
         fail(f"--device {args.device}: this machine has {count} CUDA device(s); use --device cpu{gpus}")
     on_cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
-    if on_cpu and args.dtype not in (None, "float32"):
-        fail(f"--dtype {args.dtype} is for CUDA; on the CPU use float32")
+    if on_cpu and args.dtype == "float16":
+        fail("--dtype float16 is for CUDA; on the CPU use bfloat16 or float32")
     try:
         check_mode()                                 # MINICONTROL_ATTENTION
         check_out_folder(args.out)
@@ -234,8 +234,10 @@ def fill_defaults(args, tiny: bool):
         args.resolution = defaults["resolution"]
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.dtype is None:
-        args.dtype = "float16" if args.device.startswith("cuda") else "float32"
+    if args.dtype is None and args.device.startswith("cuda"):
+        args.dtype = "float16"
+    if args.dtype is None:                           # the tiny model's grid in README is float32's
+        args.dtype = "bfloat16" if native_bf16() and not tiny else "float32"
 
 
 def read_image(path, flag="--control-image") -> np.ndarray:
@@ -294,7 +296,6 @@ def main(argv=None):
             print(f"warning: {flag} is {token_count(text)} tokens; it is truncated to the first "
                   f"{75 * args.prompt_chunks} ({args.prompt_chunks} x CLIP's 77 with start and end tokens; "
                   "--prompt-chunks gives more)", file=sys.stderr)
-
     config = preset(args.config) if args.config else None
     try:
         model = load_base(args.base, config)
@@ -315,11 +316,11 @@ def main(argv=None):
     if args.clip_skip:
         text = replace(text, layer="last" if args.clip_skip == 1 else "penultimate")
     model.text.config = text                         # model.config follows
-    dtype = getattr(torch, args.dtype)
+    if args.device == "cpu":
+        keep_freed_memory()
     for part in [model.unet] + nets:                 # cast while moved, tensor by tensor: no float32 copy on the GPU
-        part.to(args.device, dtype)
+        part.to(args.device, getattr(torch, args.dtype))
     model.to(args.device)
-
     h, w = maps[0].shape[:2] if maps else (round64(args.resolution),) * 2
     controls = [pipeline.Control(*c) for c in zip(nets, hints, args.strength, args.start, args.end)]
     images = []
@@ -359,7 +360,8 @@ def parameters(args, prompt: str, seed: int, image: np.ndarray) -> str:
     if args.vae:
         settings["VAE"] = Path(args.vae).name
     settings["ControlNet"] = ", ".join(Path(c).name for c in args.controlnet)
-    settings.update({"Strength": args.strength, "Guess mode": args.guess_mode, "Start": args.start, "End": args.end})
+    settings.update({"Strength": args.strength, "Guess mode": args.guess_mode, "Start": args.start, "End": args.end,
+                     "Dtype": args.dtype})
     if args.clip_skip:
         settings["Clip skip"] = args.clip_skip
     if args.prompt_chunks > 1:

@@ -21,6 +21,7 @@ from minicontrol.attention import check_mode
 from minicontrol.cli import not_finite
 from minicontrol.config import preset
 from minicontrol.controlnet import clone_encoder
+from minicontrol.cpu import keep_freed_memory
 from minicontrol.data import (DataError, batch_indices, collate, encode_all, load_item, part_rows, prefetched,
                               read_index, vae_scale_factor)
 from minicontrol.export import check_out_folder, controlnet_state_dict, full_state_dict, save
@@ -67,8 +68,8 @@ def parser():
     a("--sample-steps", type=int, default=50, help="DDIM steps of those grids (official 50)")
     a("--seed", type=int, default=0, help="seed of new weights, the data order and the noise (default 0)")
     a("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="autocast of the UNet and ControlNet; "
-      "weights and optimizer stay fp32 (default: bf16 on CUDA; fp32, the official recipe's, on the CPU); fp16, with "
-      "loss scaling, is for GPUs without bf16 (before Ampere)")
+      "weights and optimizer stay fp32 (default: bf16 on CUDA; fp32, the official recipe's, on the CPU, where bf16 is "
+      "faster only with AVX512-BF16 or AMX); fp16, with loss scaling, is for GPUs without bf16 (before Ampere)")
     a("--grad-checkpointing", action="store_true", help="trade compute for memory")
     a("--cache-latents", action="store_true", help="encode every image once (the VAE is frozen outside its own "
       "stage; posteriors are still sampled per step); holds 8 floats per latent pixel per image in each process's RAM")
@@ -271,6 +272,8 @@ def train(args):
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)                # else every process's NCCL context also lands on GPU 0
+    else:
+        keep_freed_memory()
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
     state = read_state(state_path) if args.resume and state_path.is_file() else None

@@ -299,24 +299,41 @@ def test_control_image_as_the_map_runs_without_warnings(files, tmp_path):
     assert res.returncode == 0 and "Warning" not in res.stderr, res.stderr
 
 
+def settled(*argv):
+    """sample.py's flags as its main takes them: files chosen, checked, defaults filled."""
+    import sample
+    args = sample.parser().parse_args([str(a) for a in argv])
+    tiny = sample.choose_files(args)
+    sample.check_args(args, tiny)
+    sample.fill_defaults(args, tiny)
+    return args
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_samples_in_bfloat16_where_the_cpu_has_it(files, monkeypatch, native):
+    # bfloat16 where the CPU computes in it natively (about twice float32's speed there), float32 elsewhere and for
+    # the tiny model (README's grid); --dtype wins; float16 is for CUDA
+    import sample
+    monkeypatch.setattr(sample, "native_bf16", lambda: native)
+    base = ["--base", files / "tiny-v1.ckpt", "--prompt", "x", "--device", "cpu"]
+    assert settled(*base).dtype == ("bfloat16" if native else "float32")
+    assert settled(*base, "--dtype", "float32").dtype == "float32"
+    assert settled(*base, "--dtype", "bfloat16").dtype == "bfloat16"
+    assert settled("--device", "cpu").dtype == "float32"
+    one_line_error(run_here(*base, "--dtype", "float16"), "--dtype float16", "CUDA")
+
+
 @pytest.mark.parametrize("config, size", [("sd15", 512), ("sd21", 512), ("sd21-v", 768), (None, 512)])
 def test_default_size_is_the_models_training_size(files, config, size, tmp_path):
     # SD 2.1-v (v2-1_768-ema-pruned) was trained at 768x768 and SD 1.5 / 2.1-base at 512 (diffusers' default height
     # for each is unet.sample_size * 8: 96 * 8 and 64 * 8); an explicit --resolution wins.
-    def settled(argv):                               # the flags as main takes them: checked, defaults filled
-        args = sample.parser().parse_args(argv)
-        tiny = sample.choose_files(args)
-        sample.check_args(args, tiny)
-        sample.fill_defaults(args, tiny)
-        return args
-    import sample
     argv = ["--base", str(files / "tiny-v1.ckpt"), "--prompt", "x"] + (["--config", config] if config else [])
-    assert settled(argv).resolution == size
-    assert settled(argv + ["--resolution", "640"]).resolution == 640
+    assert settled(*argv).resolution == size
+    assert settled(*argv, "--resolution", "640").resolution == 640
     if config == "sd21-v":                           # the official v2-inference-v.yaml beside the file says v too
         (tmp_path / "v2.yaml").write_text(V_YAML)
         (tmp_path / "v2.ckpt").write_bytes((files / "tiny-v1.ckpt").read_bytes())
-        args = settled(["--base", str(tmp_path / "v2.ckpt"), "--prompt", "x"])
+        args = settled("--base", str(tmp_path / "v2.ckpt"), "--prompt", "x")
         assert args.resolution == 768
 
 
