@@ -92,16 +92,20 @@ def parse_args(**defaults):
 
 
 def measure(impl, fn, repeats, out_path):
-    """Memory added by the first call (what a fresh process needs), then the best time of `repeats` calls; saves the
-    last output for the comparison and prints this side's JSON row."""
+    """Memory added by the first call (what a fresh process needs), then the best time of `repeats` calls (repeats 0:
+    the first call's time, warm-up included, for runs too long to repeat); saves the last output for the comparison
+    and prints this side's JSON row."""
     import json
     import time
 
     import torch
     with torch.inference_mode():
+        start = time.perf_counter()
         with PeakRSS() as mem:
-            fn()
-        times = []
+            out = fn()
+        times = [time.perf_counter() - start]
+        if repeats:
+            times = []
         for _ in range(repeats):
             start = time.perf_counter()
             out = fn()

@@ -1,8 +1,10 @@
 """A full controlled sample, 256x256, 4 DDIM steps, guidance 9, batch 1, on CPU: minicontrol's pipeline beside
 diffusers' StableDiffusionControlNetPipeline on the same SD1.5-sized random weights, the same text embeddings and
-initial noise, the same threads; each side in its own process. Includes the VAE decode to pixels.
+initial noise, the same threads; each side in its own process. Includes the VAE decode to pixels. --bf16 1 runs our
+UNet and ControlNet in bfloat16, as sample.py does on a CPU with bfloat16 instructions; diffusers keeps its default,
+float32. Both sides run as their users get them: ours with sample.py's allocator setting on the CPU.
 
-    python bench/sample_pipeline.py [--size 256] [--steps 4] [--threads N]
+    python bench/sample_pipeline.py [--size 256] [--steps 4] [--bf16 0|1] [--repeats 2|0] [--threads N]
 """
 import os
 import sys
@@ -20,6 +22,11 @@ def side(args):
     torch.set_num_threads(args.threads)
     cfg, unet, net = build(args.impl)
     if args.impl == "minicontrol":
+        from minicontrol.cpu import keep_freed_memory
+        keep_freed_memory()                                  # as sample.py on the CPU
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        unet = unet.to(dtype)
+        net = net.to(dtype)
         from minicontrol.model import StableDiffusion
         from minicontrol.pipeline import Control, decode, sample
         from minicontrol.vae import AutoencoderKL
@@ -68,7 +75,7 @@ def main():
     compare(__file__, side, lambda a: f"SD1.5 ControlNet sample, {a.size}x{a.size}, {a.steps} DDIM steps, guidance 9, "
             f"batch 1, CPU, {a.threads} threads, torch {torch.__version__}; best of {a.repeats}",
             lambda a, o: f"largest pixel difference {(o['minicontrol'].int() - o['diffusers'].int()).abs().max()} of 255",
-            size=256, steps=4, repeats=2)
+            size=256, steps=4, repeats=2, bf16=0)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 ControlNetModel on the same weights (converted by diffusers' own converters), the step train.py takes: the locked
 UNet, noisy latents at random t, MSE on eps, backward through the ControlNet only, AdamW. Each side in its own process.
 
-    python bench/train_step.py [--steps 5] [--batch 4] [--latent 32] [--threads N]
+    python bench/train_step.py [--steps 5] [--batch 4] [--latent 32] [--bf16 0|1] [--threads N]
+
+--bf16 1: both sides under torch.autocast("cpu", bfloat16), as train.py --precision bf16 (and diffusers' training
+scripts with --mixed_precision bf16) run them. minicontrol with train.py's allocator setting on the CPU.
 """
 import json
 import os
@@ -33,6 +36,9 @@ def side(args):
     from minicontrol.ddim import alphas_cumprod
     from minicontrol.model import StableDiffusion
     torch.set_num_threads(args.threads)
+    if args.impl == "minicontrol":
+        from minicontrol.cpu import keep_freed_memory
+        keep_freed_memory()                          # as train.py on the CPU
     cfg = config()
     torch.manual_seed(0)
     model = StableDiffusion(cfg)
@@ -54,12 +60,13 @@ def side(args):
         ctx, hint = torch.randn(b, 77, cfg.unet.context_dim, generator=g), torch.rand(b, 3, 8 * h, 8 * h, generator=g)
         a = ac[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        if args.impl == "minicontrol":
-            out = unet(x_t, t, ctx, control=net(x_t, hint, t, ctx))
-        else:
-            down, mid = net(x_t, t, ctx, hint, return_dict=False)
-            out = unet(x_t, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
-        loss = F.mse_loss(out, noise)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bool(args.bf16)):      # train.py --precision bf16
+            if args.impl == "minicontrol":
+                out = unet(x_t, t, ctx, control=net(x_t, hint, t, ctx))
+            else:
+                down, mid = net(x_t, t, ctx, hint, return_dict=False)
+                out = unet(x_t, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        loss = F.mse_loss(out.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -78,10 +85,10 @@ def side(args):
 def main():
     from common import compare
     compare(__file__, side, lambda a: f"ControlNet training step (model_channels 64, 3 levels, latents {a.latent}x"
-            f"{a.latent}, batch {a.batch}), CPU, {a.threads} threads, torch {torch.__version__}; mean of {a.steps} steps "
+            f"{a.latent}, batch {a.batch}), {'bf16 autocast' if a.bf16 else 'fp32'}, CPU, {a.threads} threads, torch {torch.__version__}; mean of {a.steps} steps "
             "after 2 warm-up steps; time is seconds per step",
             lambda a, o: f"largest loss difference {(o['minicontrol'] - o['diffusers']).abs().max().item():.1e}",
-            steps=5, batch=4, latent=32)
+            steps=5, batch=4, latent=32, bf16=0)
 
 
 if __name__ == "__main__":

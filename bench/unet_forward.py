@@ -1,8 +1,11 @@
-"""One SD1.5 512x512 UNet + ControlNet forward at batch 2 on CPU, minicontrol beside diffusers on the same random
-weights (converted by diffusers' own single-file converters). Each side runs in its own process so that peak
-memory is its own; the printed table gives time and the memory added by the forward, and the ratio.
+"""One SD1.5 UNet + ControlNet forward at batch 2 on CPU, minicontrol beside diffusers, each side in its own process
+and built as its own users build it: random weights from each library's own constructors (diffusers'
+UNet2DConditionModel for SD1.5 and ControlNetModel.from_unet), cast to the dtype; minicontrol with the allocator
+setting sample.py makes on the CPU (minicontrol.cpu.keep_freed_memory). --native 0 instead gives diffusers the same
+weights as ours through its own single-file converters (outputs then compared). The printed table gives time, the
+memory added by the forward, and the ratio.
 
-    python bench/unet_forward.py [--size 512] [--batch 2] [--repeats 2] [--threads N]
+    python bench/unet_forward.py [--size 512] [--batch 2] [--repeats 2] [--bf16 0|1] [--native 1|0] [--threads N]
 """
 import os
 import sys
@@ -13,13 +16,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 
-def build(impl):
+def build(impl, native=False, dtype=torch.float32):
+    """(config, UNet, ControlNet) of SD1.5's size with random weights."""
     from helpers import diffusers_models, randomize
     from minicontrol.config import preset
     from minicontrol.controlnet import clone_encoder
     from minicontrol.model import StableDiffusion
     cfg = preset("sd15")
     torch.manual_seed(0)
+    if native and impl == "diffusers":
+        from diffusers import ControlNetModel, UNet2DConditionModel
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+        return cfg, unet.to(dtype).eval(), ControlNetModel.from_unet(unet).to(dtype).eval()
     model = StableDiffusion(cfg)
     with torch.no_grad():    # the zero-initialised convs get weights too, so both outputs are non-trivial
         for name, p in model.unet.named_parameters():
@@ -27,21 +35,25 @@ def build(impl):
                 p.normal_(std=0.01)
     net = randomize(clone_encoder(model.unet), seed=1, std=0.01)
     if impl == "minicontrol":
-        return cfg, model.unet.eval(), net.eval()
+        return cfg, model.unet.to(dtype).eval(), net.to(dtype).eval()
     unet, controlnet, _ = diffusers_models(cfg, model, net)
-    return cfg, unet, controlnet
+    return cfg, unet.to(dtype), controlnet.to(dtype)
 
 
 def side(args):
     from common import measure
     torch.set_num_threads(args.threads)
-    cfg, unet, net = build(args.impl)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    if args.impl == "minicontrol":
+        from minicontrol.cpu import keep_freed_memory
+        keep_freed_memory()
+    cfg, unet, net = build(args.impl, args.native, dtype)
     g = torch.Generator().manual_seed(0)
     h = args.size // 8
-    x = torch.randn(args.batch, 4, h, h, generator=g)
+    x = torch.randn(args.batch, 4, h, h, generator=g).to(dtype)
     t = torch.full((args.batch,), 500)
-    ctx = torch.randn(args.batch, 77, 768, generator=g)
-    hint = torch.rand(args.batch, 3, args.size, args.size, generator=g)
+    ctx = torch.randn(args.batch, 77, 768, generator=g).to(dtype)
+    hint = torch.rand(args.batch, 3, args.size, args.size, generator=g).to(dtype)
 
     def forward():
         if args.impl == "minicontrol":
@@ -54,11 +66,14 @@ def side(args):
 
 def main():
     from common import compare
-    compare(__file__, side, lambda a: f"SD1.5 UNet + ControlNet forward, {a.size}x{a.size}, batch {a.batch}, CPU, "
-            f"{a.threads} threads, torch {torch.__version__}; best of {a.repeats}",
-            lambda a, o: "output relative difference "
-            f"{((o['minicontrol'] - o['diffusers']).norm() / o['diffusers'].norm()).item():.2e}",
-            size=512, batch=2, repeats=2)
+    def note(a, o):
+        if a.native:
+            return "each side's own random weights"
+        diff = (o["minicontrol"].float() - o["diffusers"].float()).norm() / o["diffusers"].float().norm()
+        return f"the same weights; output relative difference {diff.item():.2e}"
+    compare(__file__, side, lambda a: f"SD1.5 UNet + ControlNet forward, {a.size}x{a.size}, batch {a.batch}, "
+            f"{'bfloat16' if a.bf16 else 'float32'}, CPU, {a.threads} threads, torch {torch.__version__}; best of "
+            f"{a.repeats}", note, size=512, batch=2, repeats=2, bf16=0, native=1)
 
 
 if __name__ == "__main__":
