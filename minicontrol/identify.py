@@ -13,10 +13,10 @@ def kind(sd: dict) -> str:
     """'sd' (base), 'controlnet-1.0' (full model), 'controlnet-1.1' (control_model.* only), 'controlnet' (no prefix),
     'controlnet-diffusers', 'diffusers' (another diffusers model's file, which is not read), 'vae' (a VAE alone),
     'sdxl' or 'unknown'."""
-    has_unet, has_control = any(k.startswith(UNET) for k in sd), any(k.startswith(CONTROL) for k in sd)
     if any(k.startswith("conditioner.embedders.") for k in sd):
         return "sdxl"
-    if has_unet:
+    has_control = any(k.startswith(CONTROL) for k in sd)
+    if any(k.startswith(UNET) for k in sd):
         return "controlnet-1.0" if has_control else "sd"
     if has_control:
         return "controlnet-1.1"
@@ -49,10 +49,6 @@ def family(sd: dict, prefix: str = UNET) -> str:
     """'sd1' or 'sd2' from tensor shapes: SD2 has Linear proj_in and a 1024-wide text context."""
     proj = sd.get(prefix + "middle_block.1.proj_in.weight")
     return "sd2" if proj is not None and proj.dim() == 2 else "sd1"
-
-
-def context_dim(sd: dict, prefix: str) -> int:
-    return sd[prefix + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
 
 
 def yaml_beside(path, key: str):
