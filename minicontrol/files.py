@@ -59,10 +59,7 @@ def diffusers_config(path) -> dict:
 
 class Inert:
     """Stands for a class or function that a pickle names beyond tensors and containers: made and given its state
-    without any of the original running."""
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
-
+    without any of the original running (object.__new__ takes the arguments too, as this __init__ does)."""
     def __init__(self, *args, **kwargs):
         pass
 
@@ -100,27 +97,25 @@ def read(path) -> tuple:
     file), unwrapping {"state_dict": ...}."""
     path = weights_file(path)
     check_file(path)
-    meta, stand_ins = None, []
+    stand_ins = []
     try:
         if is_safetensors(path):
-            sd, meta = safetensors.torch.load_file(str(path)), saved_config(path)
+            sd = safetensors.torch.load_file(str(path))
         else:
             sd, stand_ins = load_pickle(path)
     except CheckpointError:
         raise
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({str(e).strip()[:100]})") from None
-    except Exception as e:
+    except Exception as e:                           # pickle's, zipfile's, safetensors' or torch's own errors
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or not a PyTorch/safetensors file "
-                              f"({reason})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated, corrupt or not a PyTorch/safetensors "
+                              f"file ({reason})") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if isinstance(sd, dict) and any(isinstance(v, Inert) for v in sd.values()):
         raise refused(path, stand_ins[0])
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: holds no state dict of tensors; expected an SD or ControlNet checkpoint")
-    return sd, meta
+    return sd, saved_config(path)
 
 
 def is_safetensors(path) -> bool:
@@ -140,7 +135,8 @@ def saved_config(path):
 def pickle_imports(path) -> list:
     """The module.name pairs that the pickles in a file (data.pkl of torch's zip format; else the file's pickles one
     after another, as torch's older format has them before its raw data) import, read without running them."""
-    names, strings = [], []
+    names = []
+    strings = []                                     # the last strings pushed: STACK_GLOBAL's module and name
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
