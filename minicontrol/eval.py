@@ -63,17 +63,16 @@ def evaluate(base, controlnet, n=128, seed=1, steps=20, cfg=GUIDANCE, strength=S
     net = load_controlnet(controlnet, base=model.config)
     items = eval_items(n, seed)
     targets, controls = zip(*[draw(c, b, cx, cy, r) for c, b, cx, cy, r in items])
-    grids = {}
-    for name, use in (("base", False), ("controlnet", True)):
-        grids[name] = [image for i in range(0, len(items), batch) for image in
-                       generate(model, net if use else None, items[i:i + batch], controls[i:i + batch], steps, cfg,
-                                seed * 1000 + i, strength)]
+    grids = {"control": list(controls), "target": list(targets), "base": [], "controlnet": []}
+    for i in range(0, len(items), batch):                   # each batch's noise from its own seed
+        for name, use in (("base", None), ("controlnet", net)):
+            grids[name] += generate(model, use, items[i:i + batch], controls[i:i + batch], steps, cfg,
+                                    seed * 1000 + i, strength)
     with torch.no_grad():
         x = torch.from_numpy(np.stack(targets)).permute(0, 3, 1, 2).float() / 127.5 - 1
         grids["vae"] = list(decode(model, model.vae.encode(x, sample=False)))
     results = {name: {group: scores(grids[name][k * n:(k + 1) * n], items[k * n:(k + 1) * n])
                       for k, group in enumerate(GROUPS)} for name in ("base", "controlnet", "vae")}
-    grids["control"], grids["target"] = list(controls), list(targets)
     return results, grids
 
 
@@ -127,8 +126,7 @@ def main():
     try:
         if a.grid:
             check_out_folder(Path(a.grid).parent, "--grid")
-        with torch.no_grad():
-            run(a)
+        run(a)                                                  # sampling and decoding run without gradients
     except CheckpointError as e:
         raise SystemExit(f"error: {e}")
 
