@@ -46,15 +46,21 @@ def split(sd: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def resolve_config(sd: dict, meta, config, prefix: str, base: ModelConfig = None) -> ModelConfig:
-    """The config given, else the one save() wrote in the file, else the base's, else the weights' family's preset."""
+def resolve_config(path, sd: dict, meta, config, prefix: str, base: ModelConfig = None) -> ModelConfig:
+    """The config given, else the one save() wrote in the file, else the base's, else the preset of the weights'
+    family, predicting what the official yaml beside the file says (as stated_prediction, not reading the file again)."""
     if config is not None:
         return config
     if meta is not None:
         return ModelConfig.from_json(meta)
     if base is not None:
         return base
-    return preset("sd21" if family(sd, prefix) == "sd2" else "sd15")
+    yaml = yaml_beside(path, "parameterization")
+    if yaml not in (None, "eps", "v"):
+        raise CheckpointError(f"{Path(path).with_suffix('.yaml')}: parameterization {yaml}: minicontrol runs "
+                              "models that predict noise (eps) or v")
+    config = preset("sd21" if family(sd, prefix) == "sd2" else "sd15")
+    return replace(config, parameterization=yaml) if yaml else config
 
 
 def load_base(path, config: ModelConfig = None) -> StableDiffusion:
@@ -64,14 +70,7 @@ def load_base(path, config: ModelConfig = None) -> StableDiffusion:
     if k not in ("sd", "controlnet-1.0"):
         raise CheckpointError(f"{path}: not a Stable Diffusion base checkpoint: {WHAT[k]}"
                               + ("; pass it as --controlnet and give the SD file as --base" if "control" in k else ""))
-    # as stated_prediction, without reading the file again: a config given, then the file's own, then the yaml beside it
-    yaml = yaml_beside(path, "parameterization") if config is None and meta is None else None
-    if yaml not in (None, "eps", "v"):
-        raise CheckpointError(f"{Path(path).with_suffix('.yaml')}: parameterization {yaml}: minicontrol runs "
-                              "models that predict noise (eps) or v")
-    config = resolve_config(sd, meta, config, UNET)
-    if yaml is not None:
-        config = replace(config, parameterization=yaml)
+    config = resolve_config(path, sd, meta, config, UNET)
     first = sd.get(UNET + "input_blocks.0.0.weight")
     if first is not None and first.dim() == 4 and first.shape[1] == 9 and config.unet.in_channels == 4:
         raise CheckpointError(f"{path}: an inpainting base (a UNet of 9 input channels: latents, mask, masked image); "
@@ -120,7 +119,7 @@ def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) 
     if attn2 is None:
         raise CheckpointError(f"{path}: the ControlNet weights lack middle_block.1 (attention); "
                               "is this a ControlNet for Stable Diffusion 1.x/2.x?")
-    config = resolve_config(net_sd, meta, config, "", base)
+    config = resolve_config(path, net_sd, meta, config, "", base)
     if base is not None:
         # its UNet (the config's, with the family and text width its weights show) against the base's, hint aside
         own = dict(vars(config.unet), hint_channels=0, global_average_pooling=False, context_dim=attn2.shape[1],
