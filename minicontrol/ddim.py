@@ -63,8 +63,7 @@ def ddim_sample(model, x, steps: int, eta: float = 0.0, parameterization: str = 
     keep = (known latents, mask) for inpainting, as the official sampler's x0 and mask: before each step, where mask
     is 1, x is replaced by the known latents noised to t with fresh noise, q(x_t | x_0).
     start: img2img, as the official sampler's decode(x, t_start): only the steps below index start run, on an x
-    that noised_to(..., start) made (so the first step takes x, noised to ts[start], as being at ts[start - 1]).
-    """
+    that noised_to(..., start) made (so the first step takes x, noised to ts[start], as being at ts[start - 1])."""
     ac = alphas_cumprod().float().double()          # the official buffers are float32
     ts = timesteps(steps)
     a_ts = [ac[t].item() for t in ts]

@@ -31,8 +31,7 @@ def weights_file(path) -> Path:
 
 
 def check_file(path):
-    """A CheckpointError unless `path` is a file or a diffusers model folder; for another folder it names a checkpoint
-    file in it, if there is one."""
+    """A CheckpointError unless `path` is a file or diffusers model folder; for a folder, it names a file in it."""
     path = weights_file(path)
     if (path / "model_index.json").is_file():
         raise CheckpointError(f"{path}: a diffusers pipeline folder; of diffusers' files only ControlNets are read: "
@@ -93,8 +92,8 @@ def load_pickle(path) -> tuple:
 
 
 def read(path) -> tuple:
-    """(state dict, config json or None) from a .safetensors, .ckpt or .pth file (or a diffusers model folder's weights
-    file), unwrapping {"state_dict": ...}."""
+    """(state dict, config json or None) of a .safetensors, .ckpt or .pth file or diffusers folder, out of any
+    {"state_dict": ...}."""
     path = weights_file(path)
     check_file(path)
     stand_ins = []
@@ -107,8 +106,8 @@ def read(path) -> tuple:
         raise
     except Exception as e:                           # pickle's, zipfile's, safetensors' or torch's own errors
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint, truncated, corrupt or not a PyTorch/safetensors "
-                              f"file ({reason})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated, corrupt or not a "
+                              f"PyTorch/safetensors file ({reason})") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if isinstance(sd, dict) and any(isinstance(v, Inert) for v in sd.values()):

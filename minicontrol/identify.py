@@ -11,8 +11,7 @@ from .names import CONTROL, UNET
 
 def kind(sd: dict) -> str:
     """'sd' (base), 'controlnet-1.0' (full model), 'controlnet-1.1' (control_model.* only), 'controlnet' (no prefix),
-    'controlnet-diffusers', 'diffusers' (another diffusers model's file, which is not read), 'vae' (a VAE alone),
-    'sdxl' or 'unknown'."""
+    'controlnet-diffusers', 'vae' (a VAE alone), or one named in WHAT and not read (diffusers, sdxl, unknown)."""
     if any(k.startswith("conditioner.embedders.") for k in sd):
         return "sdxl"
     has_control = any(k.startswith(CONTROL) for k in sd)
@@ -70,8 +69,7 @@ def stated_prediction(path, config: ModelConfig = None):
 
 
 def guessed_prediction(path, model: StableDiffusion, config: ModelConfig = None):
-    """A warning where load_base(path, config) took an SD 2.x file as predicting noise for want of anything that says
-    so; else None."""
+    """A warning where load_base(path, config) took an SD 2.x file to predict noise, as nothing says; else None."""
     if not model.config.unet.use_linear_in_transformer or stated_prediction(path, config):
         return None
     return (f"{path}: an SD 2.x file does not say whether its UNet predicts noise or v; taken as predicting noise, as "

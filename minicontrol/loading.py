@@ -16,8 +16,8 @@ from .model import StableDiffusion
 from .names import CONTROL, TEXT_HF, TEXT_OC, UNET, VAE, from_diffusers, from_hf, to_hf
 from .vae import AutoencoderKL
 
-# entries a checkpoint may carry that no module here uses: EMA copies, the DDPM schedule (recomputed in ddim.py) and
-# the HF position_ids buffer (always 0..76)
+# entries a checkpoint may carry that no module here uses: EMA copies, the DDPM schedule (recomputed in ddim.py)
+# and the HF position_ids buffer (always 0..76)
 IGNORED_PREFIXES = ("model_ema.",)
 IGNORED_KEYS = set(schedule_buffers()) | {TEXT_HF + "embeddings.position_ids"}
 HINT = "Is it a Stable Diffusion 1.x/2.x checkpoint? For a model of another size pass its config (--config)."
@@ -48,7 +48,7 @@ def split(sd: dict, prefix: str) -> dict:
 
 def resolve_config(path, sd: dict, meta, config, prefix: str, base: ModelConfig = None) -> ModelConfig:
     """The config given, else the one save() wrote in the file, else the base's, else the preset of the weights'
-    family, predicting what the official yaml beside the file says (as stated_prediction, not reading the file again)."""
+    family, predicting what the official yaml beside the file says (as stated_prediction does)."""
     if config is not None:
         return config
     if meta is not None:
@@ -129,9 +129,10 @@ def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) 
         if diff:
             versions = ["SD2.x" if unet["use_linear_in_transformer"] else "SD1.x" for unet in (own, other)]
             raise CheckpointError(f"{path}: this ControlNet was made for another UNet ({versions[0]}, {diff} "
-                                  f"{own[diff]}) than the base model's ({versions[1]}, {diff} {other[diff]}); use a "
-                                  "ControlNet made for this base")
-    if str(yaml_beside(path, "global_average_pooling")).lower() == "true" or settings.get("global_pool_conditions"):
+                                  f"{own[diff]}) than the base model's ({versions[1]}, {diff} {other[diff]}); "
+                                  "use a ControlNet made for this base")
+    pooled = str(yaml_beside(path, "global_average_pooling")).lower() == "true"
+    if pooled or settings.get("global_pool_conditions"):
         config = replace(config, unet=replace(config.unet, global_average_pooling=True))
     with torch.device("meta"):
         net = ControlNet(config.unet)
@@ -139,9 +140,8 @@ def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) 
 
 
 def load_vae(path, config: ModelConfig) -> AutoencoderKL:
-    """A VAE file to use instead of the base's (such as vae-ft-mse-840000-ema-pruned: the LDM VAE's keys with no
-    prefix, perhaps beside its training loss's LPIPS and discriminator, loss.*, and EMA counters), or the VAE of an
-    SD checkpoint (first_stage_model.*)."""
+    """A VAE file to use instead of the base's (vae-ft-mse-840000-ema-pruned: the LDM VAE's keys, no prefix, beside
+    its training loss's, loss.*, and EMA counters), or the VAE of an SD checkpoint (first_stage_model.*)."""
     sd, _ = read(path)
     k = kind(sd)
     if k not in ("vae", "sd", "controlnet-1.0"):

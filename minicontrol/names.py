@@ -6,8 +6,8 @@ UNET, CONTROL, VAE = "model.diffusion_model.", "control_model.", "first_stage_mo
 TEXT_HF, TEXT_OC = "cond_stage_model.transformer.text_model.", "cond_stage_model.model."
 
 
-# HF CLIPTextModel (text_model.*) names -> open_clip's: the embeddings and final norm, and layer i's (HF_LAYER). q, k
-# and v are packed into in_proj in that order.
+# HF CLIPTextModel (text_model.*) names -> open_clip's: the embeddings and final norm, and layer i's (HF_LAYER).
+# q, k and v are packed into in_proj in that order.
 HF_NAMES = {"embeddings.token_embedding.weight": "token_embedding.weight",
             "embeddings.position_embedding.weight": "positional_embedding",
             "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}

@@ -16,9 +16,8 @@ def hwc3(img: np.ndarray) -> np.ndarray:
 
 
 def open_image(path) -> Image.Image:
-    """An image file as OpenCV's imread sees it: turned upright by its EXIF orientation (phone photos), and 16- or
-    32-bit integer grey (depth maps) cut to 8 bits (value >> 8; PIL's convert would clip it at 255). Float images are
-    refused: their range is not in the file."""
+    """An image file as OpenCV's imread sees it: upright by its EXIF orientation (phone photos), 16- or 32-bit
+    integer grey (depth maps) cut to 8 bits (value >> 8; PIL's convert clips at 255); floats refused (no range)."""
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
     if im.mode == "F":
@@ -95,9 +94,8 @@ def canny(image: np.ndarray, low: float = 100, high: float = 200) -> np.ndarray:
 
 
 def detect(image: np.ndarray, detector: str, low: float = 100, high: float = 200) -> np.ndarray:
-    """The control map (HxWx3 uint8) for a detector: canny, invert (white lines on black from dark lineart),
-    scribble (the official scribble demos: white where any channel of a drawing is darker than 127, else black),
-    none."""
+    """The control map (HxWx3 uint8) for a detector: canny, invert (white lines on black from dark lineart), none,
+    or scribble (the official scribble demos: white where any channel of a drawing is under 127, else black)."""
     image = hwc3(image)
     if detector == "canny":
         return hwc3(canny(image, low, high))
@@ -122,8 +120,7 @@ def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def cubic_resize(x: np.ndarray, h: int, w: int) -> np.ndarray:
-    """OpenCV's resize(x, (w, h), INTER_CUBIC) of a float (H, W) array: Keys' cubic (a = -0.75) at pixel centres,
-    edges repeated."""
+    """OpenCV's INTER_CUBIC resize of a float (H, W) array to (h, w): Keys' cubic (a = -0.75), edges repeated."""
     for axis, n in ((0, h), (1, w)):
         src = (np.arange(n) + 0.5) * x.shape[axis] / n - 0.5
         i = np.floor(src).astype(int)
@@ -155,9 +152,8 @@ def shuffle(image: np.ndarray, h: int, w: int, seed: int, f: int = 256) -> np.nd
 
 def control_map(image: np.ndarray, resolution: int, detector: str = "none", seed: int = 0, low: float = 100,
                 high: float = 200):
-    """(map, image resized): an image (H, W, 1 to 4 channels) brought to `resolution` by the official rule and
-    turned into the control map (HxWx3 uint8) as the official demos do; shuffle shuffles the whole image into the
-    resized image's size with `seed`."""
+    """(map, image resized): an image (H, W, 1 to 4 channels) brought to `resolution` by the official rule, and its
+    control map (HxWx3 uint8) as the official demos make it; shuffle shuffles the whole image to that size."""
     original = hwc3(image)
     img = resize_image(original, resolution)
     if detector == "shuffle":

@@ -51,7 +51,7 @@ def plan(q, k, v, out=None, tile=None, sdpa=False):
 
 
 def launcher(q, tile, scalars, meta):
-    """A function (q, k, v, out=None) launching our kernel with this tile and the scalar arguments of kernel_args."""
+    """A function (q, k, v, out=None) launching our kernel with this tile and kernel_args' scalar arguments."""
     grid, constants = launch_config(q, tile, meta)
     launch = flash._flash_fwd[grid]
 

@@ -118,7 +118,7 @@ class SpatialTransformer(nn.Module):
             y = rearrange(self.proj_in(y), "b c h w -> b (h w) c")
         for block in self.transformer_blocks:
             y = block(y, context)
-        if self.linear:                                           # contiguous: channels-last strides slow CPU convs
+        if self.linear:                                          # contiguous: channels-last strides slow CPU convs
             return x + rearrange(self.proj_out(y), "b (h w) c -> b c h w", h=h, w=w).contiguous()
         return x + self.proj_out(rearrange(y, "b (h w) c -> b c h w", h=h, w=w).contiguous())
 

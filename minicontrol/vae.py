@@ -68,8 +68,7 @@ def level(blocks, name: str, resample: nn.Module) -> nn.Module:
 
 
 class Encoder(nn.Module):
-    """(B, 3, H, W) image -> (B, 2 * z_channels, H/f, W/f): the posterior's mean and log-variance, f = 2 ** (levels
-    - 1), 8 for SD."""
+    """(B, 3, H, W) -> (B, 2 * z_channels, H/f, W/f): posterior mean and log-variance; f = 2 ** (levels - 1)."""
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         widths = [cfg.ch * m for m in cfg.ch_mult]
