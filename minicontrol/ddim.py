@@ -42,9 +42,8 @@ def timesteps(steps: int) -> list:
 
 
 def gaussian(x: torch.Tensor, generator=None) -> torch.Tensor:
-    """N(0, 1) noise shaped as x, drawn on the generator's device (so a CPU seed gives the same numbers anywhere).
-    A list of generators, one per row of x, draws each row from its own: a sample's noise is then its seed's alone,
-    whatever batch it is in."""
+    """N(0, 1) noise shaped as x, drawn on the generator's device (so a CPU seed gives the same numbers anywhere);
+    a list of generators, one per row, draws each row from its own: a sample's noise is its seed's in any batch."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != x.shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}: give one per sample")

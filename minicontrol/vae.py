@@ -121,10 +121,8 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    """Images in [-1, 1], (B, 3, H, W) <-> latents (B, 4, H/8, W/8) already multiplied by scale_factor.
-
-    The diffusion model works on these latents (LDM arXiv:2112.10752); SD's scale_factor 0.18215 brings them to about
-    unit variance, the scale that the noise schedule assumes."""
+    """Images in [-1, 1], (B, 3, H, W) <-> latents (B, 4, H/8, W/8) times scale_factor: SD's 0.18215 brings the
+    latents diffusion works on (LDM arXiv:2112.10752) to about the unit variance the noise schedule assumes."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()

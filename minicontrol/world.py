@@ -18,7 +18,6 @@ SIZE = 64                                   # pixels; the 8x VAE makes 8x8 laten
 # --seed 2 (the README reports --seed 1): the official demos' guidance 9 pulls this small model off the outline
 GUIDANCE = 2.0
 STRENGTH = 1.5
-NAMES = sorted(COLORS)
 # evaluation only: these (circle, background) pairs, and circles centred in the top-left corner region
 HELD_OUT_PAIRS = {("red", "blue"), ("green", "pink"), ("yellow", "navy"), ("cyan", "maroon"), ("white", "teal"),
                   ("orange", "purple"), ("black", "lime"), ("magenta", "olive")}
@@ -48,7 +47,7 @@ def random_circle(rng):
 def random_item(rng, split: str):
     """Draw until the item belongs to the split: 'train' excludes held-out pairs and positions, 'eval' needs one."""
     while True:
-        circle, background = rng.choice(NAMES, size=2, replace=False)
+        circle, background = rng.choice(sorted(COLORS), size=2, replace=False)
         cx, cy, r = random_circle(rng)
         held = (circle, background) in HELD_OUT_PAIRS or held_out_position(cx, cy)
         if held == (split == "eval"):
@@ -89,9 +88,8 @@ def make_dataset(folder, n: int, seed: int = 0, split: str = "train"):
 
 
 def demo_items(seeds):
-    """The tiny model's examples for `python sample.py`, one item per seed (as each sample's noise is): held-out pair
-    number seed mod 8 of the sorted held-out pairs, so consecutive seeds differ, and a circle drawn from the seed,
-    outside the held-out corner."""
+    """The tiny model's examples for `python sample.py`, one per seed (as each sample's noise is): held-out pair
+    seed mod 8 of the sorted eight, so consecutive seeds differ, and a circle from the seed, outside the corner."""
     pairs = sorted(HELD_OUT_PAIRS)
     items = []
     for seed in seeds:
