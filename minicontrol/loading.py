@@ -140,8 +140,8 @@ def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) 
 
 
 def load_vae(path, config: ModelConfig) -> AutoencoderKL:
-    """A VAE file to use instead of the base's (vae-ft-mse-840000-ema-pruned: the LDM VAE's keys, no prefix, beside
-    its training loss's, loss.*, and EMA counters), or the VAE of an SD checkpoint (first_stage_model.*)."""
+    """A VAE file to use instead of the base's (as vae-ft-mse-840000-ema-pruned: the LDM VAE's keys, no prefix,
+    maybe beside its training loss's LPIPS and discriminator, loss.*, and EMA entries), or an SD file's VAE."""
     sd, _ = read(path)
     k = kind(sd)
     if k not in ("vae", "sd", "controlnet-1.0"):
