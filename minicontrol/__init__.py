@@ -1,4 +1,1 @@
 """minicontrol: ControlNet (arXiv:2302.05543) on Stable Diffusion 1.x/2.x in plain PyTorch."""
-from .preprocess import canny, hwc3, resize_image
-
-__all__ = ["canny", "hwc3", "resize_image"]

@@ -42,9 +42,8 @@ def timesteps(steps: int) -> list:
 
 
 def gaussian(x: torch.Tensor, generator=None) -> torch.Tensor:
-    """N(0, 1) noise shaped as x, drawn on the generator's device (so a CPU seed gives the same numbers anywhere).
-    A list of generators, one per row of x, draws each row from its own: a sample's noise is then its seed's alone,
-    whatever batch it is in."""
+    """N(0, 1) noise shaped as x, drawn on the generator's device (so a CPU seed gives the same numbers anywhere);
+    a list of generators, one per row, draws each row from its own: a sample's noise is its seed's in any batch."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != x.shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}: give one per sample")
@@ -63,8 +62,7 @@ def ddim_sample(model, x, steps: int, eta: float = 0.0, parameterization: str = 
     keep = (known latents, mask) for inpainting, as the official sampler's x0 and mask: before each step, where mask
     is 1, x is replaced by the known latents noised to t with fresh noise, q(x_t | x_0).
     start: img2img, as the official sampler's decode(x, t_start): only the steps below index start run, on an x
-    that noised_to(..., start) made (so the first step takes x, noised to ts[start], as being at ts[start - 1]).
-    """
+    that noised_to(..., start) made (so the first step takes x, noised to ts[start], as being at ts[start - 1])."""
     ac = alphas_cumprod().float().double()          # the official buffers are float32
     ts = timesteps(steps)
     a_ts = [ac[t].item() for t in ts]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from .export import check_out_folder
 from .files import CheckpointError
@@ -63,17 +64,15 @@ def evaluate(base, controlnet, n=128, seed=1, steps=20, cfg=GUIDANCE, strength=S
     net = load_controlnet(controlnet, base=model.config)
     items = eval_items(n, seed)
     targets, controls = zip(*[draw(c, b, cx, cy, r) for c, b, cx, cy, r in items])
-    grids = {}
-    for name, use in (("base", False), ("controlnet", True)):
-        grids[name] = [image for i in range(0, len(items), batch) for image in
-                       generate(model, net if use else None, items[i:i + batch], controls[i:i + batch], steps, cfg,
-                                seed * 1000 + i, strength)]
-    with torch.no_grad():
-        x = torch.from_numpy(np.stack(targets)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        grids["vae"] = list(decode(model, model.vae.encode(x, sample=False)))
+    grids = {"control": list(controls), "target": list(targets), "base": [], "controlnet": []}
+    for i in range(0, len(items), batch):                   # each batch's noise from its own seed
+        for name, use in (("base", None), ("controlnet", net)):
+            grids[name] += generate(model, use, items[i:i + batch], controls[i:i + batch], steps, cfg,
+                                    seed * 1000 + i, strength)
+    x = torch.from_numpy(np.stack(targets)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    grids["vae"] = list(decode(model, model.vae.encode(x, sample=False)))        # a frozen VAE: no graph is kept
     results = {name: {group: scores(grids[name][k * n:(k + 1) * n], items[k * n:(k + 1) * n])
                       for k, group in enumerate(GROUPS)} for name in ("base", "controlnet", "vae")}
-    grids["control"], grids["target"] = list(controls), list(targets)
     return results, grids
 
 
@@ -94,7 +93,6 @@ def curve(run, base, n=16, seed=1, steps=20, cfg=GUIDANCE, strength=STRENGTH):
 
 def line_plot(x, y, png_path, label, width=640, height=320):
     """A line chart with PIL alone, so plots need nothing beyond the runtime dependencies."""
-    from PIL import Image, ImageDraw
     lo, hi = float(np.min(y)), float(np.max(y)) + 1e-12
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
@@ -124,16 +122,8 @@ def main():
     if a.n < 1 or not 1 <= a.steps <= 1000 or a.cfg < 0:
         raise SystemExit(f"error: --n must be at least 1, --steps 1 to 1000 and --cfg not negative; got --n {a.n}, "
                          f"--steps {a.steps}, --cfg {a.cfg}")
-    try:
-        if a.grid:
-            check_out_folder(Path(a.grid).parent, "--grid")
-        with torch.no_grad():
-            run(a)
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}")
-
-
-def run(a):
+    if a.grid:
+        check_out_folder(Path(a.grid).parent, "--grid")
     if a.curve:
         rows = curve(a.curve, a.base, a.n, a.seed, a.steps, a.cfg, a.strength)
         if not rows:
@@ -151,7 +141,6 @@ def run(a):
     for name, label in labels.items():
         print(f"| {label} | " + " | ".join(f"{iou:.3f} | {err:.3f}" for iou, err in res[name].values()) + " |")
     if a.grid:
-        from PIL import Image
         cols = [*range(min(4, a.n)), *range(a.n, a.n + min(4, a.n))]      # up to four of each group
         kinds = ("control", "target", "base", "controlnet", "vae")
         rows = [np.concatenate([grids[k][i] for i in cols], axis=1) for k in kinds]
@@ -159,4 +148,7 @@ def run(a):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CheckpointError as e:              # a file or folder that will not do: one line, no traceback
+        raise SystemExit(f"error: {e}")

@@ -31,8 +31,7 @@ def weights_file(path) -> Path:
 
 
 def check_file(path):
-    """A CheckpointError unless `path` is a file or a diffusers model folder; for another folder it names a checkpoint
-    file in it, if there is one."""
+    """A CheckpointError unless `path` is a file or diffusers model folder; for a folder, it names a file in it."""
     path = weights_file(path)
     if (path / "model_index.json").is_file():
         raise CheckpointError(f"{path}: a diffusers pipeline folder; of diffusers' files only ControlNets are read: "
@@ -59,10 +58,7 @@ def diffusers_config(path) -> dict:
 
 class Inert:
     """Stands for a class or function that a pickle names beyond tensors and containers: made and given its state
-    without any of the original running."""
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
-
+    without any of the original running (object.__new__ takes the arguments too, as this __init__ does)."""
     def __init__(self, *args, **kwargs):
         pass
 
@@ -96,31 +92,29 @@ def load_pickle(path) -> tuple:
 
 
 def read(path) -> tuple:
-    """(state dict, config json or None) from a .safetensors, .ckpt or .pth file (or a diffusers model folder's weights
-    file), unwrapping {"state_dict": ...}."""
+    """(state dict, config json or None) of a .safetensors, .ckpt or .pth file or diffusers folder, out of any
+    {"state_dict": ...}."""
     path = weights_file(path)
     check_file(path)
-    meta, stand_ins = None, []
+    stand_ins = []
     try:
         if is_safetensors(path):
-            sd, meta = safetensors.torch.load_file(str(path)), saved_config(path)
+            sd = safetensors.torch.load_file(str(path))
         else:
             sd, stand_ins = load_pickle(path)
     except CheckpointError:
         raise
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({str(e).strip()[:100]})") from None
-    except Exception as e:
+    except Exception as e:                           # pickle's, zipfile's, safetensors' or torch's own errors
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or not a PyTorch/safetensors file "
-                              f"({reason})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated, corrupt or not a "
+                              f"PyTorch/safetensors file ({reason})") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if isinstance(sd, dict) and any(isinstance(v, Inert) for v in sd.values()):
         raise refused(path, stand_ins[0])
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: holds no state dict of tensors; expected an SD or ControlNet checkpoint")
-    return sd, meta
+    return sd, saved_config(path)
 
 
 def is_safetensors(path) -> bool:
@@ -140,7 +134,8 @@ def saved_config(path):
 def pickle_imports(path) -> list:
     """The module.name pairs that the pickles in a file (data.pkl of torch's zip format; else the file's pickles one
     after another, as torch's older format has them before its raw data) import, read without running them."""
-    names, strings = [], []
+    names = []
+    strings = []                                     # the last strings pushed: STACK_GLOBAL's module and name
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:

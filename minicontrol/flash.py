@@ -132,9 +132,8 @@ def launch_config(q, tile, meta):
 
 
 class FlashAttention(torch.autograd.Function):
-    """Our kernel forward, launched by `run` (a layout's launch plan). The backward recomputes attention with
-    PyTorch's SDPA and differentiates that (memory efficient, exact up to rounding), so training on CUDA works with our
-    forward."""
+    """Our kernel forward, launched by `run` (a layout's launch plan); the backward recomputes attention with
+    PyTorch's SDPA and differentiates that (memory efficient, exact up to rounding), so training on CUDA works."""
 
     @staticmethod
     def forward(ctx, q, k, v, run):

@@ -11,12 +11,11 @@ from .names import CONTROL, UNET
 
 def kind(sd: dict) -> str:
     """'sd' (base), 'controlnet-1.0' (full model), 'controlnet-1.1' (control_model.* only), 'controlnet' (no prefix),
-    'controlnet-diffusers', 'diffusers' (another diffusers model's file, which is not read), 'vae' (a VAE alone),
-    'sdxl' or 'unknown'."""
-    has_unet, has_control = any(k.startswith(UNET) for k in sd), any(k.startswith(CONTROL) for k in sd)
+    'controlnet-diffusers', 'vae' (a VAE alone), or one named in WHAT and not read (diffusers, sdxl, unknown)."""
     if any(k.startswith("conditioner.embedders.") for k in sd):
         return "sdxl"
-    if has_unet:
+    has_control = any(k.startswith(CONTROL) for k in sd)
+    if any(k.startswith(UNET) for k in sd):
         return "controlnet-1.0" if has_control else "sd"
     if has_control:
         return "controlnet-1.1"
@@ -51,10 +50,6 @@ def family(sd: dict, prefix: str = UNET) -> str:
     return "sd2" if proj is not None and proj.dim() == 2 else "sd1"
 
 
-def context_dim(sd: dict, prefix: str) -> int:
-    return sd[prefix + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
-
-
 def yaml_beside(path, key: str):
     """The value of `key:` in the official yaml kept beside a file under its name (read as text), or None: the 1.1
     shuffle model's control_v11e_sd15_shuffle.yaml sets global_average_pooling: True, the one setting in which the 1.1
@@ -74,8 +69,7 @@ def stated_prediction(path, config: ModelConfig = None):
 
 
 def guessed_prediction(path, model: StableDiffusion, config: ModelConfig = None):
-    """A warning where load_base(path, config) took an SD 2.x file as predicting noise for want of anything that says
-    so; else None."""
+    """A warning where load_base(path, config) took an SD 2.x file to predict noise, as nothing says; else None."""
     if not model.config.unet.use_linear_in_transformer or stated_prediction(path, config):
         return None
     return (f"{path}: an SD 2.x file does not say whether its UNet predicts noise or v; taken as predicting noise, as "

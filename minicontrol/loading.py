@@ -11,7 +11,7 @@ from .config import ModelConfig, preset
 from .controlnet import ControlNet
 from .ddim import schedule_buffers
 from .files import CheckpointError, diffusers_config, read
-from .identify import WHAT, context_dim, family, kind, yaml_beside
+from .identify import WHAT, family, kind, yaml_beside
 from .model import StableDiffusion
 from .names import CONTROL, TEXT_HF, TEXT_OC, UNET, VAE, from_diffusers, from_hf, to_hf
 from .vae import AutoencoderKL
@@ -23,8 +23,8 @@ IGNORED_KEYS = set(schedule_buffers()) | {TEXT_HF + "embeddings.position_ids"}
 HINT = "Is it a Stable Diffusion 1.x/2.x checkpoint? For a model of another size pass its config (--config)."
 
 
-def check_fits(path, what: str, module: nn.Module, sd: dict, hint: str):
-    """Compare keys and shapes first, so a mismatch is one clear line rather than a long load_state_dict dump."""
+def fill(path, what: str, module: nn.Module, sd: dict, hint: str) -> nn.Module:
+    """Loaded strictly, in float32; keys and shapes compared first, so a mismatch is one line, not a long dump."""
     want = module.state_dict()
     missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     wrong = [k for k in want if k in sd and tuple(want[k].shape) != tuple(sd[k].shape)]
@@ -38,10 +38,6 @@ def check_fits(path, what: str, module: nn.Module, sd: dict, hint: str):
         problems.append(f"{len(wrong)} wrong shapes (first: {k} is {list(sd[k].shape)}, expected {list(want[k].shape)})")
     if problems:
         raise CheckpointError(f"{path}: the {what} weights do not fit the model: {'; '.join(problems)}. {hint}")
-
-
-def fill(path, what, module, sd, hint):
-    check_fits(path, what, module, sd, hint)
     module.load_state_dict(sd, strict=True, assign=True)
     return module.float()
 
@@ -50,12 +46,21 @@ def split(sd: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def resolve_config(sd: dict, meta, config, prefix: str) -> ModelConfig:
+def resolve_config(path, sd: dict, meta, config, prefix: str, base: ModelConfig = None) -> ModelConfig:
+    """The config given, else the one save() wrote in the file, else the base's, else the preset of the weights'
+    family, predicting what the official yaml beside the file says (as stated_prediction does)."""
     if config is not None:
         return config
     if meta is not None:
         return ModelConfig.from_json(meta)
-    return preset("sd21" if family(sd, prefix) == "sd2" else "sd15")
+    if base is not None:
+        return base
+    yaml = yaml_beside(path, "parameterization")
+    if yaml not in (None, "eps", "v"):
+        raise CheckpointError(f"{Path(path).with_suffix('.yaml')}: parameterization {yaml}: minicontrol runs "
+                              "models that predict noise (eps) or v")
+    config = preset("sd21" if family(sd, prefix) == "sd2" else "sd15")
+    return replace(config, parameterization=yaml) if yaml else config
 
 
 def load_base(path, config: ModelConfig = None) -> StableDiffusion:
@@ -65,36 +70,29 @@ def load_base(path, config: ModelConfig = None) -> StableDiffusion:
     if k not in ("sd", "controlnet-1.0"):
         raise CheckpointError(f"{path}: not a Stable Diffusion base checkpoint: {WHAT[k]}"
                               + ("; pass it as --controlnet and give the SD file as --base" if "control" in k else ""))
-    # as stated_prediction, without reading the file again: a config given, then the file's own, then the yaml beside it
-    yaml = yaml_beside(path, "parameterization") if config is None and meta is None else None
-    if yaml not in (None, "eps", "v"):
-        raise CheckpointError(f"{Path(path).with_suffix('.yaml')}: parameterization {yaml}: minicontrol runs "
-                              "models that predict noise (eps) or v")
-    config = resolve_config(sd, meta, config, UNET)
-    config = replace(config, parameterization=yaml) if yaml else config
+    config = resolve_config(path, sd, meta, config, UNET)
     first = sd.get(UNET + "input_blocks.0.0.weight")
     if first is not None and first.dim() == 4 and first.shape[1] == 9 and config.unet.in_channels == 4:
         raise CheckpointError(f"{path}: an inpainting base (a UNet of 9 input channels: latents, mask, masked image); "
                               "ControlNets go with the plain base of 4 (v1-5-pruned); to repaint, use it with the 1.1 "
                               "inpaint ControlNet and --mask")
-    ignored = [k for k in sd if k.startswith(IGNORED_PREFIXES + (CONTROL,)) or k in IGNORED_KEYS]
-    parts = {p: split(sd, p) for p in (UNET, VAE, TEXT_HF, TEXT_OC)}
-    rest = set(sd) - set(ignored) - {p + k for p, d in parts.items() for k in d}
+    known = (UNET, VAE, TEXT_HF, TEXT_OC, CONTROL) + IGNORED_PREFIXES
+    rest = sorted(k for k in sd if not k.startswith(known) and k not in IGNORED_KEYS)
     if rest:
-        raise CheckpointError(f"{path}: {len(rest)} unexpected keys (first: {sorted(rest)[0]}); {HINT}")
+        raise CheckpointError(f"{path}: {len(rest)} unexpected keys (first: {rest[0]}); {HINT}")
     model = StableDiffusion(config, device="meta")
-    fill(path, "UNet", model.unet, parts[UNET], HINT)
-    fill(path, "VAE", model.vae, parts[VAE], HINT)
-    text_sd, text_prefix = (parts[TEXT_HF], TEXT_HF) if config.text.layout == "hf" else (parts[TEXT_OC], TEXT_OC)
+    fill(path, "UNet", model.unet, split(sd, UNET), HINT)
+    fill(path, "VAE", model.vae, split(sd, VAE), HINT)
+    text_prefix = TEXT_HF if config.text.layout == "hf" else TEXT_OC
+    text_sd = split(sd, text_prefix)
     if not text_sd:
         raise CheckpointError(f"{path}: no text encoder weights under {text_prefix}*; {HINT}")
     if config.text.layout == "hf":
-        text_sd.pop("embeddings.position_ids", None)
         try:
             text_sd = from_hf(text_sd, config.text.layers)
         except KeyError as e:
             raise CheckpointError(f"{path}: the text encoder weights lack {text_prefix}{e.args[0]}; {HINT}") from None
-        unused = set(parts[TEXT_HF]) - {"embeddings.position_ids"} - set(to_hf(text_sd, config.text.layers))
+        unused = set(split(sd, TEXT_HF)) - set(to_hf(text_sd, config.text.layers))
         if unused:
             raise CheckpointError(f"{path}: unexpected text key {TEXT_HF}{sorted(unused)[0]}; {HINT}")
     fill(path, "text encoder", model.text, text_sd, HINT)
@@ -102,42 +100,39 @@ def load_base(path, config: ModelConfig = None) -> StableDiffusion:
 
 
 def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) -> ControlNet:
-    """Any of the three official ControlNet layouts, or diffusers'. With `base`, a ControlNet made for another family
+    """Any of the three official ControlNet layouts, or diffusers'. With `base`, a ControlNet made for another UNet
     is refused. The residuals are pooled (the 1.1 shuffle model) where the config says so, or the official yaml beside
     the file does, or a diffusers folder's config.json (global_pool_conditions)."""
     sd, meta = read(path)
-    k, settings = kind(sd), {}
-    if k == "controlnet-diffusers":
+    settings = {}
+    if kind(sd) == "controlnet-diffusers":
         settings = diffusers_config(path)
-        sd, k = from_diffusers(sd, settings), "controlnet"
-    prefix = {"controlnet-1.0": CONTROL, "controlnet-1.1": CONTROL, "controlnet": ""}.get(k)
-    if prefix is None:
+        sd = from_diffusers(sd, settings)                  # now a ControlNet without prefix
+    k = kind(sd)
+    if k not in ("controlnet-1.0", "controlnet-1.1", "controlnet"):
         raise CheckpointError(f"{path}: no ControlNet weights in it (control_model.* keys): {WHAT[k]}")
-    if k == "controlnet-1.1":
-        other = [key for key in sd if not key.startswith(CONTROL)]
-        if other:
-            raise CheckpointError(f"{path}: unexpected key {other[0]} beside the control_model.* keys")
-    net_sd = split(sd, prefix) if prefix else sd
-    if "middle_block.1.transformer_blocks.0.attn2.to_k.weight" not in net_sd:
+    if k == "controlnet-1.0":
+        net_sd = split(sd, CONTROL)                        # beside it, the SD it was trained on
+    else:                                                  # a key that is not the ControlNet's is named by fill
+        net_sd = {key.removeprefix(CONTROL): v for key, v in sd.items()}
+    attn2 = net_sd.get("middle_block.1.transformer_blocks.0.attn2.to_k.weight")      # (inner, text context width)
+    if attn2 is None:
         raise CheckpointError(f"{path}: the ControlNet weights lack middle_block.1 (attention); "
                               "is this a ControlNet for Stable Diffusion 1.x/2.x?")
+    config = resolve_config(path, net_sd, meta, config, "", base)
     if base is not None:
-        net_kind = family(net_sd, ""), context_dim(net_sd, "")
-        base_kind = "sd2" if base.unet.use_linear_in_transformer else "sd1", base.unet.context_dim
-        describe = lambda fam, width: (f"{'SD2.x' if fam == 'sd2' else 'SD1.x'} (text context width {width}, "
-                                       f"{'linear' if fam == 'sd2' else 'convolution'} proj_in)")
-        if net_kind != base_kind:
-            raise CheckpointError(f"{path}: this ControlNet is for {describe(*net_kind)} but the base model is "
-                                  f"{describe(*base_kind)}; use a ControlNet made for this base")
-    config = config or (base if base is not None and meta is None else resolve_config(net_sd, meta, None, ""))
-    if base is not None:
-        own = dict(vars(config.unet), hint_channels=0, global_average_pooling=False)
+        # its UNet (the config's, with the family and text width its weights show) against the base's, hint aside
+        own = dict(vars(config.unet), hint_channels=0, global_average_pooling=False, context_dim=attn2.shape[1],
+                   use_linear_in_transformer=family(net_sd, "") == "sd2")
         other = dict(vars(base.unet), hint_channels=0, global_average_pooling=False)
-        diff = next((k for k in own if own[k] != other[k]), None)
+        diff = next((name for name in own if own[name] != other[name]), None)
         if diff:
-            raise CheckpointError(f"{path}: this ControlNet was trained on another UNet ({diff} {own[diff]}, the base "
-                                  f"model has {other[diff]}); use a ControlNet made for this base")
-    if (yaml_beside(path, "global_average_pooling") or "").lower() == "true" or settings.get("global_pool_conditions"):
+            versions = ["SD2.x" if unet["use_linear_in_transformer"] else "SD1.x" for unet in (own, other)]
+            raise CheckpointError(f"{path}: this ControlNet was made for another UNet ({versions[0]}, {diff} "
+                                  f"{own[diff]}) than the base model's ({versions[1]}, {diff} {other[diff]}); "
+                                  "use a ControlNet made for this base")
+    pooled = str(yaml_beside(path, "global_average_pooling")).lower() == "true"
+    if pooled or settings.get("global_pool_conditions"):
         config = replace(config, unet=replace(config.unet, global_average_pooling=True))
     with torch.device("meta"):
         net = ControlNet(config.unet)
@@ -145,16 +140,16 @@ def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) 
 
 
 def load_vae(path, config: ModelConfig) -> AutoencoderKL:
-    """A VAE file to use instead of the base's (such as vae-ft-mse-840000-ema-pruned: the LDM VAE's keys with no
-    prefix, perhaps beside its training loss's LPIPS and discriminator, loss.*, and EMA counters), or the VAE of an
-    SD checkpoint (first_stage_model.*)."""
+    """A VAE file to use instead of the base's (as vae-ft-mse-840000-ema-pruned: the LDM VAE's keys, no prefix,
+    maybe beside its training loss's LPIPS and discriminator, loss.*, and EMA entries), or an SD file's VAE."""
     sd, _ = read(path)
     k = kind(sd)
     if k not in ("vae", "sd", "controlnet-1.0"):
         raise CheckpointError(f"{path}: not a VAE: {WHAT[k]}")
-    unused = lambda key: key.startswith("loss.") or key in ("model_ema.decay", "model_ema.num_updates")
-    vae_sd = split(sd, VAE) if k != "vae" else {key: v for key, v in sd.items() if not unused(key)}
+    if k == "vae":
+        vae_sd = {key: v for key, v in sd.items() if not key.startswith(("loss.", *IGNORED_PREFIXES))}
+    else:
+        vae_sd = split(sd, VAE)
     with torch.device("meta"):
         vae = AutoencoderKL(config.vae)
     return fill(path, "VAE", vae, vae_sd, "Is it a VAE for Stable Diffusion 1.x/2.x?").eval().requires_grad_(False)
-

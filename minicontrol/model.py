@@ -1,5 +1,4 @@
-"""The Stable Diffusion model as one object: its UNet, VAE and text encoder, and what the UNet predicts (LDM
-arXiv:2112.10752)."""
+"""The Stable Diffusion model as one object: UNet, VAE, text encoder, what it predicts (LDM arXiv:2112.10752)."""
 import torch
 import torch.nn as nn
 

@@ -6,26 +6,28 @@ UNET, CONTROL, VAE = "model.diffusion_model.", "control_model.", "first_stage_mo
 TEXT_HF, TEXT_OC = "cond_stage_model.transformer.text_model.", "cond_stage_model.model."
 
 
-# HF CLIPTextModel (text_model.*) <-> open_clip names; per layer i. q, k, v are packed into in_proj in that order.
-HF_NAMES = {
-    "layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-    "self_attn.out_proj": "attn.out_proj",
-}
+# HF CLIPTextModel (text_model.*) names -> open_clip's: the embeddings and final norm, and layer i's (HF_LAYER).
+# q, k and v are packed into in_proj in that order.
+HF_NAMES = {"embeddings.token_embedding.weight": "token_embedding.weight",
+            "embeddings.position_embedding.weight": "positional_embedding",
+            "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+HF_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+            "self_attn.out_proj": "attn.out_proj"}
 
 
-def layer_names(i: int) -> list:
-    """(HF key, open_clip key) of each weight of layer i that is only renamed (q, k, v are packed: not among them)."""
-    return [(f"encoder.layers.{i}.{a}.{p}", f"transformer.resblocks.{i}.{b}.{p}")
-            for a, b in HF_NAMES.items() for p in ("weight", "bias")]
+def hf_names(layers: int) -> dict:
+    """HF key -> open_clip key of every weight that is only renamed (q, k, v are packed: not among them)."""
+    names = dict(HF_NAMES)
+    for i in range(layers):
+        names |= {f"encoder.layers.{i}.{a}.{p}": f"transformer.resblocks.{i}.{b}.{p}"
+                  for a, b in HF_LAYER.items() for p in ("weight", "bias")}
+    return names
 
 
 def from_hf(sd: dict, layers: int) -> dict:
     """SD1 checkpoint keys (after `cond_stage_model.transformer.text_model.`) -> TextEncoder state dict."""
-    out = {"token_embedding.weight": sd["embeddings.token_embedding.weight"],
-           "positional_embedding": sd["embeddings.position_embedding.weight"],
-           "ln_final.weight": sd["final_layer_norm.weight"], "ln_final.bias": sd["final_layer_norm.bias"]}
+    out = {oc: sd[hf] for hf, oc in hf_names(layers).items()}
     for i in range(layers):
-        out |= {oc: sd[hf] for hf, oc in layer_names(i)}
         for p in ("weight", "bias"):
             qkv = [sd[f"encoder.layers.{i}.self_attn.{x}_proj.{p}"] for x in "qkv"]
             out[f"transformer.resblocks.{i}.attn.in_proj_{p}"] = torch.cat(qkv)
@@ -34,13 +36,9 @@ def from_hf(sd: dict, layers: int) -> dict:
 
 def to_hf(sd: dict, layers: int) -> dict:
     """The inverse of from_hf, adding the `embeddings.position_ids` buffer the released SD1 files carry."""
-    n = sd["positional_embedding"].shape[0]
-    out = {"embeddings.token_embedding.weight": sd["token_embedding.weight"],
-           "embeddings.position_embedding.weight": sd["positional_embedding"],
-           "embeddings.position_ids": torch.arange(n)[None],
-           "final_layer_norm.weight": sd["ln_final.weight"], "final_layer_norm.bias": sd["ln_final.bias"]}
+    out = {hf: sd[oc] for hf, oc in hf_names(layers).items()}
+    out["embeddings.position_ids"] = torch.arange(sd["positional_embedding"].shape[0])[None]
     for i in range(layers):
-        out |= {hf: sd[oc] for hf, oc in layer_names(i)}
         for p in ("weight", "bias"):
             for x, part in zip("qkv", sd[f"transformer.resblocks.{i}.attn.in_proj_{p}"].chunk(3)):
                 out[f"encoder.layers.{i}.self_attn.{x}_proj.{p}"] = part
@@ -55,7 +53,7 @@ def from_diffusers(sd: dict, settings: dict = None) -> dict:
     """A diffusers ControlNetModel's weights under the official names. diffusers names the encoder's blocks by level
     (down_blocks.L.resnets.J, .attentions.J, .downsamplers.0) where the official code numbers them in order
     (input_blocks.I), and the ResBlocks' layers by role where the official code numbers them; attention layers have
-    the same names in both. Keys that fit no block are kept as they are, for check_fits to name. settings: its
+    the same names in both. Keys that fit no block are kept as they are, for fill to name. settings: its
     config.json, whose BGR channel order (diffusers flips the image) becomes the first convolution's weights flipped."""
     levels = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("down_blocks.")), default=-1)
     per_level = 1 + max((int(k.split(".")[3]) for k in sd if k.startswith("down_blocks.0.resnets.")), default=-1)

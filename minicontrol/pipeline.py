@@ -19,23 +19,17 @@ class Control:
     end: float = 1.0            # fraction of the steps after which it is off
 
 
-def active(c: Control, step: int, total: int) -> bool:
-    """diffusers' control_guidance_start/end rule: step k of n runs if k/n >= start and (k+1)/n <= end."""
-    return not (step / total < c.start or (step + 1) / total > c.end)
-
-
 def residuals(controls, x, t, context, n_cond, guess_mode, step, total):
     """Sum of every active ControlNet's scaled residuals, or None. Rows [:n_cond] are the conditional pass; in guess
     mode (and always for the 1.1 shuffle model) the unconditional rows get no control, i.e. zero residuals."""
     total_res = None
     for c in controls:
-        if not active(c, step, total):
+        if step / total < c.start or (step + 1) / total > c.end:       # diffusers' control_guidance_start/end rule
             continue
         cond_only = guess_mode or c.net.config.global_average_pooling
         rows = n_cond if cond_only else x.shape[0]
         scales = guess_mode_scales(c.strength, len(c.net.zero_convs) + 1) if guess_mode else c.strength
-        hint = c.image.to(x.device, x.dtype)
-        hint = hint.expand(rows, -1, -1, -1) if hint.shape[0] == 1 else hint.repeat(rows // hint.shape[0], 1, 1, 1)
+        hint = c.image.to(x.device, x.dtype).repeat(rows // c.image.shape[0], 1, 1, 1)
         res = c.net(x[:rows], hint, t[:rows], context[:rows], scales)
         if rows < x.shape[0]:
             res = [torch.cat([r, torch.zeros_like(r).expand(x.shape[0] - rows, -1, -1, -1)]) for r in res]
@@ -70,15 +64,16 @@ def sample(model: StableDiffusion, prompts, negative, controls=(), steps=20, cfg
             raise ValueError(f"a control image batch is {tuple(c.image.shape)} (B, 3, H, W) for {len(prompts)} "
                              f"prompts at {(height, width)} pixels: give one image or one per prompt, at that size")
     unet = model.unet
-    down, vae_down = model.config.size_multiple, model.config.vae_down
+    down = model.config.size_multiple
     if height % down or width % down:
         raise ValueError(f"an image of {height}x{width} pixels: this model needs sides that are multiples of {down}")
     device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
-    encode = lambda p: (p if torch.is_tensor(p) else model.text.encode(list(p))).to(device, dtype)
+
+    def encode(texts):                                       # strings, or (B, 77, C) text embeddings
+        return (texts if torch.is_tensor(texts) else model.text.encode(list(texts))).to(device, dtype)
     b = len(prompts)
-    cond = encode(prompts)                                   # prompts: strings, or (B, 77, C) text embeddings
     guided = cfg_scale != 1.0
-    context = torch.cat([cond, encode(negative)]) if guided else cond
+    context = torch.cat([encode(prompts), encode(negative)]) if guided else encode(prompts)
     total = len(timesteps(steps))
     start = None
     if init is not None:
@@ -87,7 +82,8 @@ def sample(model: StableDiffusion, prompts, negative, controls=(), steps=20, cfg
             raise ValueError(f"denoise {denoise} of {steps} steps runs no step: give a larger denoise or more steps")
         x_T = noised_to(init.to(device, torch.float32).expand(b, -1, -1, -1), steps, start, generator)
     if x_T is None:
-        x_T = gaussian(torch.empty(b, unet.config.in_channels, height // vae_down, width // vae_down), generator)
+        f = model.config.vae_down                          # image pixels per latent pixel (LDM's f)
+        x_T = gaussian(torch.empty(b, unet.config.in_channels, height // f, width // f), generator)
     x_T = x_T.to(device, torch.float32)
 
     def model_fn(x, t, i):
@@ -101,7 +97,8 @@ def sample(model: StableDiffusion, prompts, negative, controls=(), steps=20, cfg
         out_cond, out_uncond = out.chunk(2)
         return out_uncond + cfg_scale * (out_cond - out_uncond)
 
-    keep = keep and tuple(k.to(device, torch.float32) for k in keep)
+    if keep is not None:
+        keep = tuple(k.to(device, torch.float32) for k in keep)
     yield from ddim_sample(model_fn, x_T, steps, eta, model.config.parameterization, generator, keep, start)
 
 

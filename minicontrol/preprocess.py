@@ -10,15 +10,14 @@ def hwc3(img: np.ndarray) -> np.ndarray:
     if img.shape[2] == 1:
         return np.repeat(img, 3, axis=2)
     if img.shape[2] == 4:
-        rgb, alpha = img[:, :, :3].astype(np.float32), img[:, :, 3:].astype(np.float32) / 255.0
-        return (rgb * alpha + 255.0 * (1.0 - alpha)).clip(0, 255).astype(np.uint8)
+        alpha = img[:, :, 3:].astype(np.float32) / 255.0
+        return (img[:, :, :3] * alpha + 255.0 * (1.0 - alpha)).clip(0, 255).astype(np.uint8)
     return img
 
 
 def open_image(path) -> Image.Image:
-    """An image file as OpenCV's imread sees it: turned upright by its EXIF orientation (phone photos), and 16- or
-    32-bit integer grey (depth maps) cut to 8 bits (value >> 8; PIL's convert would clip it at 255). Float images are
-    refused: their range is not in the file."""
+    """An image file as OpenCV's imread sees it: upright by its EXIF orientation (phone photos), 16- or 32-bit
+    integer grey (depth maps) cut to 8 bits (value >> 8; PIL's convert clips at 255); floats refused (no range)."""
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
     if im.mode == "F":
@@ -42,9 +41,9 @@ def resize_image(img: np.ndarray, resolution: int) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize(size, resample))
 
 
-def sobel(channel: np.ndarray):
-    """3x3 Sobel derivatives with replicated borders, in integers; channel (H, W) -> dx, dy (H, W)."""
-    p = np.pad(channel.astype(np.int32), 1, mode="edge")
+def sobel(image: np.ndarray):
+    """3x3 Sobel derivatives with replicated borders, in integers; image (H, W, C) -> dx, dy (H, W, C)."""
+    p = np.pad(image.astype(np.int32), ((1, 1), (1, 1), (0, 0)), mode="edge")
     dx = (p[:-2, 2:] + 2 * p[1:-1, 2:] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[1:-1, :-2] + p[2:, :-2])
     dy = (p[2:, :-2] + 2 * p[2:, 1:-1] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[:-2, 1:-1] + p[:-2, 2:])
     return dx, dy
@@ -53,28 +52,26 @@ def sobel(channel: np.ndarray):
 def canny(image: np.ndarray, low: float = 100, high: float = 200) -> np.ndarray:
     """Canny edges of an HxWx3 uint8 RGB image as OpenCV's cv2.Canny(image, low, high) computes them: per pixel the
     channel with the largest |dx|+|dy|, L1 magnitude, non-maximum suppression, hysteresis. Returns HxW uint8 0/255."""
-    image = hwc3(np.asarray(image))
-    grads = [sobel(image[:, :, c]) for c in range(image.shape[2])]
-    dx, dy = np.stack([g[0] for g in grads]), np.stack([g[1] for g in grads])
+    dx, dy = sobel(hwc3(np.asarray(image)))
     mags = np.abs(dx) + np.abs(dy)
-    pick = mags.argmax(axis=0)[None]                               # first channel wins ties, as OpenCV
-    dx, dy, mag = (np.take_along_axis(a, pick, 0)[0] for a in (dx, dy, mags))
-    low, high = int(np.floor(low)), int(np.floor(high))
-    low, high = min(low, high), max(low, high)
+    pick = mags.argmax(axis=2)[:, :, None]                         # first channel wins ties, as OpenCV
+    dx = np.take_along_axis(dx, pick, 2)[:, :, 0]
+    dy = np.take_along_axis(dy, pick, 2)[:, :, 0]
+    mag = np.take_along_axis(mags, pick, 2)[:, :, 0]
+    low, high = sorted([int(np.floor(low)), int(np.floor(high))])
 
     # non-maximum suppression in OpenCV's fixed point: tan(22.5 deg) in Q15
-    m = np.pad(mag, 1)                                              # zero outside the image
+    m = np.pad(mag, 1)                                              # zero outside the image; m[1:-1, 1:-1] is mag
     h, w = mag.shape
-    at = lambda oy, ox: m[1 + oy:1 + oy + h, 1 + ox:1 + ox + w]    # neighbour at offset (oy, ox)
-    x, y = np.abs(dx).astype(np.int64), np.abs(dy).astype(np.int64) << 15
+    x = np.abs(dx).astype(np.int64)
+    y = np.abs(dy).astype(np.int64) << 15
     tg22 = x * int(0.4142135623730950488 * (1 << 15) + 0.5)
     tg67 = tg22 + (x << 16)
-    s = np.where((dx ^ dy) < 0, -1, 1)
-    horizontal = (mag > at(0, -1)) & (mag >= at(0, 1))
-    vertical = (mag > at(-1, 0)) & (mag >= at(1, 0))
-    diag_pos = (mag > at(-1, -1)) & (mag > at(1, 1))               # s = +1
-    diag_neg = (mag > at(-1, 1)) & (mag > at(1, -1))               # s = -1
-    diagonal = np.where(s > 0, diag_pos, diag_neg)
+    horizontal = (mag > m[1:-1, :-2]) & (mag >= m[1:-1, 2:])
+    vertical = (mag > m[:-2, 1:-1]) & (mag >= m[2:, 1:-1])
+    diag_pos = (mag > m[:-2, :-2]) & (mag > m[2:, 2:])            # dx and dy of one sign
+    diag_neg = (mag > m[:-2, 2:]) & (mag > m[2:, :-2])            # of opposite signs
+    diagonal = np.where((dx ^ dy) < 0, diag_neg, diag_pos)
     keep = np.where(y < tg22, horizontal, np.where(y > tg67, vertical, diagonal))
     candidate = (mag > low) & keep
     strong = candidate & (mag > high)
@@ -97,9 +94,8 @@ def canny(image: np.ndarray, low: float = 100, high: float = 200) -> np.ndarray:
 
 
 def detect(image: np.ndarray, detector: str, low: float = 100, high: float = 200) -> np.ndarray:
-    """The control map (HxWx3 uint8) for a detector: canny, invert (white lines on black from dark lineart),
-    scribble (the official scribble demos: white where any channel of a drawing is darker than 127, else black),
-    none."""
+    """The control map (HxWx3 uint8) for a detector: canny, invert (white lines on black from dark lineart), none,
+    or scribble (the official scribble demos: white where any channel of a drawing is under 127, else black)."""
     image = hwc3(image)
     if detector == "canny":
         return hwc3(canny(image, low, high))
@@ -124,12 +120,11 @@ def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def cubic_resize(x: np.ndarray, h: int, w: int) -> np.ndarray:
-    """OpenCV's resize(x, (w, h), INTER_CUBIC) of a float (H, W) array: Keys' cubic (a = -0.75) at pixel centres,
-    edges repeated."""
+    """OpenCV's INTER_CUBIC resize of a float (H, W) array to (h, w): Keys' cubic (a = -0.75), edges repeated."""
     for axis, n in ((0, h), (1, w)):
         src = (np.arange(n) + 0.5) * x.shape[axis] / n - 0.5
-        i, f = np.floor(src).astype(int), (src - np.floor(src))[:, None]
-        d = np.abs(f - np.arange(-1, 3))                               # distances to the 4 neighbours
+        i = np.floor(src).astype(int)
+        d = np.abs((src - i)[:, None] - np.arange(-1, 3))              # distances to the 4 neighbours
         k = np.where(d <= 1, (1.25 * d - 2.25) * d * d + 1, ((-0.75 * d + 3.75) * d - 6) * d + 3)
         idx = np.clip(i[:, None] + np.arange(-1, 3), 0, x.shape[axis] - 1)
         x = np.moveaxis((np.moveaxis(x, axis, 0)[idx] * k.reshape(k.shape + (1,) * (x.ndim - 1))).sum(1), 0, axis)
@@ -142,12 +137,13 @@ def shuffle(image: np.ndarray, h: int, w: int, seed: int, f: int = 256) -> np.nd
     stretched over the image, drawn as np.random.seed(seed) would."""
     rng = np.random.RandomState(seed)
     H, W = image.shape[:2]
-    flow = []
+    flow = []                                                           # the x, then the y, of the place read
     for scale in (W - 1, H - 1):
         noise = cubic_resize(rng.uniform(0, 1, (h // f + 2, w // f + 2)), h + 2 * f, w + 2 * f)[f:f + h, f:f + w]
         noise = (noise - noise.min()) / (noise - noise.min()).max()
         flow.append((noise * scale).astype(np.float32))
-    (x, fx), (y, fy) = ((np.floor(v).astype(int), (v - np.floor(v))[..., None]) for v in flow)
+    x, y = np.floor(flow).astype(int)
+    fx, fy = (flow - np.floor(flow))[..., None]                         # (h, w, 1) each
     img = np.pad(image.astype(np.float32), ((0, 1), (0, 1), (0, 0)))    # the pixel past the edge has weight 0
     top = img[y, x] * (1 - fx) + img[y, x + 1] * fx
     low = img[y + 1, x] * (1 - fx) + img[y + 1, x + 1] * fx
@@ -156,9 +152,8 @@ def shuffle(image: np.ndarray, h: int, w: int, seed: int, f: int = 256) -> np.nd
 
 def control_map(image: np.ndarray, resolution: int, detector: str = "none", seed: int = 0, low: float = 100,
                 high: float = 200):
-    """(map, image resized): an image (H, W, 1 to 4 channels) brought to `resolution` by the official rule and
-    turned into the control map (HxWx3 uint8) as the official demos do; shuffle shuffles the whole image into the
-    resized image's size with `seed`."""
+    """(map, image resized): an image (H, W, 1 to 4 channels) brought to `resolution` by the official rule, and its
+    control map (HxWx3 uint8) as the official demos make it; shuffle shuffles the whole image to that size."""
     original = hwc3(image)
     img = resize_image(original, resolution)
     if detector == "shuffle":

@@ -42,19 +42,18 @@ def plan(q, k, v, out=None, tile=None, sdpa=False):
     layout (strides, tile and grid), so later calls only launch."""
     layout = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), None if out is None else out.stride(), q.dtype,
               q.device, tile, sdpa)
-    run = plans.get(layout)
-    if run is None:
-        run = plans[layout] = new_plan(q, k, v, out, tile, sdpa)
-    return run
-
-
-def new_plan(q, k, v, out, tile, sdpa):
+    if layout in plans:
+        return plans[layout]
     args, meta = kernel_args(q, k, v, torch.empty_like(q) if out is None else out)
     tile = tile or pick(q, k, v, args, meta, sdpa)
-    if tile == SDPA:
-        return SDPA
+    plans[layout] = SDPA if tile == SDPA else launcher(q, tile, args[4:], meta)
+    return plans[layout]
+
+
+def launcher(q, tile, scalars, meta):
+    """A function (q, k, v, out=None) launching our kernel with this tile and kernel_args' scalar arguments."""
     grid, constants = launch_config(q, tile, meta)
-    launch, scalars = flash._flash_fwd[grid], args[4:]
+    launch = flash._flash_fwd[grid]
 
     def run(q, k, v, out=None):
         out = torch.empty_like(q) if out is None else out
@@ -71,8 +70,10 @@ def pick(q, k, v, args, meta, sdpa=False):
 
 def tiles_at(d):
     """The tiles to time at head width d: its own, else those every listed width shares, else the smallest."""
+    if TILES.get(d):
+        return TILES[d]
     shared = sorted(set.intersection(*(set(tiles) for tiles in TILES.values())))
-    return TILES.get(d) or shared or [SMALLEST]
+    return shared if shared else [SMALLEST]
 
 
 def kept(q, k, v, args, meta, candidates):

@@ -110,21 +110,17 @@ class SpatialTransformer(nn.Module):
         self.proj_out = zero_module(nn.Linear(inner, channels) if linear else nn.Conv2d(inner, channels, 1))
 
     def forward(self, x, context):
-        b, c, h, w = x.shape
+        h, w = x.shape[2:]
         y = self.norm(x)
-        if not self.linear:                                       # SD1: 1x1 conv before the flatten
-            y = self.proj_in(y)
-        y = rearrange(y, "b c h w -> b (h w) c")
         if self.linear:                                           # SD2: Linear after the flatten
-            y = self.proj_in(y)
+            y = self.proj_in(rearrange(y, "b c h w -> b (h w) c"))
+        else:                                                     # SD1: 1x1 conv before it
+            y = rearrange(self.proj_in(y), "b c h w -> b (h w) c")
         for block in self.transformer_blocks:
             y = block(y, context)
-        if self.linear:
-            y = self.proj_out(y)
-        y = rearrange(y, "b (h w) c -> b c h w", h=h, w=w).contiguous()   # channels-last strides slow CPU convs
-        if not self.linear:
-            y = self.proj_out(y)
-        return x + y
+        if self.linear:                                          # contiguous: channels-last strides slow CPU convs
+            return x + rearrange(self.proj_out(y), "b (h w) c -> b c h w", h=h, w=w).contiguous()
+        return x + self.proj_out(rearrange(y, "b (h w) c -> b c h w", h=h, w=w).contiguous())
 
 
 class Downsample(nn.Module):
@@ -232,13 +228,9 @@ class UNet(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         if control is not None:
-            control = list(control)
-            h = h + control.pop()                       # the middle residual is added even with only_mid_control
+            h = h + control[-1]                         # the middle residual is added even with only_mid_control
+            if not only_mid_control:
+                skips = [skip + residual for skip, residual in zip(skips, control)]
         for block in self.output_blocks:
-            skip = skips.pop()
-            if control is not None:
-                residual = control.pop()
-                if not only_mid_control:
-                    skip = skip + residual
-            h = block(torch.cat([h, skip], dim=1), emb, context)           # channels: h's, then the skip's
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)    # channels: h's, then the skip's
         return self.out(h)

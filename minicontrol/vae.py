@@ -7,6 +7,7 @@ from einops import rearrange
 from .attention import attention
 from .config import VAEConfig
 from .ddim import gaussian
+from .unet import Upsample
 
 
 def norm(channels: int) -> nn.GroupNorm:
@@ -21,13 +22,12 @@ class ResnetBlock(nn.Module):
         super().__init__()
         self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
-        if c_in != c_out:
-            self.nin_shortcut = nn.Conv2d(c_in, c_out, 1)
+        self.nin_shortcut = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)    # Identity: no weights
 
     def forward(self, x):
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
-        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+        return self.nin_shortcut(x) + h
 
 
 class AttnBlock(nn.Module):
@@ -53,32 +53,22 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))        # asymmetric zero pad, then an unpadded stride-2 conv
 
 
-class Upsample(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 def mid_block(c: int) -> nn.Module:
     mid = nn.Module()
     mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
     return mid
 
 
-def level(blocks, resample=None) -> nn.Module:
+def level(blocks, name: str, resample: nn.Module) -> nn.Module:
+    # the resampling is named downsample or upsample, as in the released files; the last level's is an Identity
     lvl = nn.Module()
     lvl.block = nn.ModuleList(blocks)
-    if resample is not None:
-        lvl.add_module("downsample" if isinstance(resample, Downsample) else "upsample", resample)
+    lvl.add_module(name, resample)
     return lvl
 
 
 class Encoder(nn.Module):
-    """(B, 3, H, W) image -> (B, 2 * z_channels, H/f, W/f): the posterior's mean and log-variance, f = 2 ** (levels
-    - 1), 8 for SD."""
+    """(B, 3, H, W) -> (B, 2 * z_channels, H/f, W/f): posterior mean and log-variance; f = 2 ** (levels - 1)."""
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         widths = [cfg.ch * m for m in cfg.ch_mult]
@@ -86,7 +76,8 @@ class Encoder(nn.Module):
         self.down, c = nn.ModuleList(), cfg.ch
         for i, w in enumerate(widths):
             blocks = [ResnetBlock(c if j == 0 else w, w) for j in range(cfg.num_res_blocks)]
-            self.down.append(level(blocks, Downsample(w) if i != len(widths) - 1 else None))
+            down = Downsample(w) if i != len(widths) - 1 else nn.Identity()
+            self.down.append(level(blocks, "downsample", down))
             c = w
         self.mid = mid_block(c)
         self.norm_out = norm(c)
@@ -97,8 +88,7 @@ class Encoder(nn.Module):
         for lvl in self.down:
             for block in lvl.block:
                 h = block(h)
-            if hasattr(lvl, "downsample"):
-                h = lvl.downsample(h)
+            h = lvl.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -116,7 +106,7 @@ class Decoder(nn.Module):
         for i in reversed(range(len(widths))):            # built deepest first, stored shallowest first (up.0 ...)
             blocks = [ResnetBlock(c if j == 0 else widths[i], widths[i]) for j in range(cfg.num_res_blocks + 1)]
             c = widths[i]
-            levels.insert(0, level(blocks, Upsample(c) if i != 0 else None))
+            levels.insert(0, level(blocks, "upsample", Upsample(c) if i != 0 else nn.Identity()))
         self.up = nn.ModuleList(levels)
         self.norm_out = norm(c)
         self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, padding=1)
@@ -126,16 +116,13 @@ class Decoder(nn.Module):
         for lvl in reversed(self.up):
             for block in lvl.block:
                 h = block(h)
-            if hasattr(lvl, "upsample"):
-                h = lvl.upsample(h)
+            h = lvl.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class AutoencoderKL(nn.Module):
-    """Images in [-1, 1], (B, 3, H, W) <-> latents (B, 4, H/8, W/8) already multiplied by scale_factor.
-
-    The diffusion model works on these latents (LDM arXiv:2112.10752); SD's scale_factor 0.18215 brings them to about
-    unit variance, the scale that the noise schedule assumes."""
+    """Images in [-1, 1], (B, 3, H, W) <-> latents (B, 4, H/8, W/8) times scale_factor: SD's 0.18215 brings the
+    latents diffusion works on (LDM arXiv:2112.10752) to about the unit variance the noise schedule assumes."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()

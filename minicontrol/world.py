@@ -16,8 +16,8 @@ COLORS = {
 SIZE = 64                                   # pixels; the 8x VAE makes 8x8 latents
 # the tiny model's guidance scale and control strength (sample.py and eval), chosen on the held-out items of eval's
 # --seed 2 (the README reports --seed 1): the official demos' guidance 9 pulls this small model off the outline
-GUIDANCE, STRENGTH = 2.0, 1.5
-NAMES = sorted(COLORS)
+GUIDANCE = 2.0
+STRENGTH = 1.5
 # evaluation only: these (circle, background) pairs, and circles centred in the top-left corner region
 HELD_OUT_PAIRS = {("red", "blue"), ("green", "pink"), ("yellow", "navy"), ("cyan", "maroon"), ("white", "teal"),
                   ("orange", "purple"), ("black", "lime"), ("magenta", "olive")}
@@ -47,7 +47,7 @@ def random_circle(rng):
 def random_item(rng, split: str):
     """Draw until the item belongs to the split: 'train' excludes held-out pairs and positions, 'eval' needs one."""
     while True:
-        circle, background = rng.choice(NAMES, size=2, replace=False)
+        circle, background = rng.choice(sorted(COLORS), size=2, replace=False)
         cx, cy, r = random_circle(rng)
         held = (circle, background) in HELD_OUT_PAIRS or held_out_position(cx, cy)
         if held == (split == "eval"):
@@ -57,7 +57,8 @@ def random_item(rng, split: str):
 def eval_items(n: int, seed: int = 1):
     """n held-out items of each group, in this order: new colour pairs (circles outside the corner), then circles
     centred in the held-out corner (colour pairs seen in training)."""
-    rng, groups = np.random.default_rng(seed), ([], [])
+    rng = np.random.default_rng(seed)
+    groups = ([], [])
     while min(map(len, groups)) < n:
         item = random_item(rng, "eval")
         group = groups[held_out_position(*item[2:4])]
@@ -87,12 +88,13 @@ def make_dataset(folder, n: int, seed: int = 0, split: str = "train"):
 
 
 def demo_items(seeds):
-    """The tiny model's examples for `python sample.py`, one item per seed (as each sample's noise is): held-out pair
-    number seed mod 8 of the sorted held-out pairs, so consecutive seeds differ, and a circle drawn from the seed,
-    outside the held-out corner."""
-    pairs, items = sorted(HELD_OUT_PAIRS), []
+    """The tiny model's examples for `python sample.py`, one per seed (as each sample's noise is): held-out pair
+    seed mod 8 of the sorted eight, so consecutive seeds differ, and a circle from the seed, outside the corner."""
+    pairs = sorted(HELD_OUT_PAIRS)
+    items = []
     for seed in seeds:
-        rng, (cx, cy) = np.random.default_rng(seed), (0, 0)
+        rng = np.random.default_rng(seed)
+        cx, cy, r = random_circle(rng)
         while held_out_position(cx, cy):
             cx, cy, r = random_circle(rng)
         items.append((*pairs[seed % len(pairs)], cx, cy, r))
@@ -101,7 +103,8 @@ def demo_items(seeds):
 
 def demo_controls(seeds, resolution: int = SIZE):
     """demo_items' prompts and outlines (HxWx3 maps) at this resolution."""
-    items, scale = demo_items(seeds), resolution / SIZE
+    items = demo_items(seeds)
+    scale = resolution / SIZE
     maps = [draw(c, b, cx * scale, cy * scale, r * scale, resolution)[1] for c, b, cx, cy, r in items]
     return [prompt(c, b) for c, b, *_ in items], maps
 
