@@ -19,11 +19,8 @@ def save_state(path, run: dict, step: int):
     """state.pt: what a resumed run needs to go on exactly as this one would (weights, optimizer, loss scale, the data
     order's and the noise's generator, the step), written to a temporary file and renamed: a kill leaves the old
     state or the new one. run: trained (a module), extra (parameters outside it), optimizer, scaler, generator."""
-    state = {"trained": run["trained"].state_dict(),
-             "extra": [p.detach() for p in run["extra"]],
-             "step": step,
-             "optimizer": run["optimizer"].state_dict(),
-             "scaler": run["scaler"].state_dict(),
+    state = {"trained": run["trained"].state_dict(), "extra": [p.detach() for p in run["extra"]], "step": step,
+             "optimizer": run["optimizer"].state_dict(), "scaler": run["scaler"].state_dict(),
              "generator": run["generator"].get_state()}
     torch.save(state, path.with_suffix(".pt.tmp"))
     os.replace(path.with_suffix(".pt.tmp"), path)
