@@ -38,21 +38,24 @@ class PeakRSS:
 def run_sides(script, args, keys):
     """Run `script --impl X` for minicontrol then diffusers, each in a fresh process; return their JSON rows and
     outputs (saved by each side as a tensor file)."""
-    import json
-    import subprocess
-    import sys
-
     import torch
     rows, outs = {}, {}
     for impl in ("minicontrol", "diffusers"):
         out = f"/tmp/bench_{os.path.basename(script)}_{impl}.pt"
-        cmd = [sys.executable, script, "--impl", impl, "--out", out] + [f"--{k}={getattr(args, k)}" for k in keys]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode:
-            raise SystemExit(res.stderr[-3000:])
-        rows[impl] = json.loads(res.stdout.strip().splitlines()[-1])
+        rows[impl] = side_row([script, "--impl", impl, "--out", out] + [f"--{k}={getattr(args, k)}" for k in keys])
         outs[impl] = torch.load(out, weights_only=True)
     return rows, outs
+
+
+def side_row(argv):
+    """Run `python argv...` in a fresh process; its last line of output, a JSON row."""
+    import json
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, *argv], capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(res.stderr[-3000:])
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def print_table(title, rows, note):

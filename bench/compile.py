@@ -42,18 +42,13 @@ def side(args):
 
 
 def main():
-    import subprocess
-    from common import parse_args
+    from common import parse_args, side_row
     args, keys = parse_args(size=512, steps=3, bf16=1)
     if args.impl:
         return side(args)
     rows = {}
     for impl in ("eager", "compiled"):
-        cmd = [sys.executable, __file__, "--impl", impl] + [f"--{k}={getattr(args, k)}" for k in keys]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode:
-            raise SystemExit(res.stderr[-3000:])
-        rows[impl] = json.loads(res.stdout.strip().splitlines()[-1])
+        rows[impl] = side_row([__file__, "--impl", impl] + [f"--{k}={getattr(args, k)}" for k in keys])
     e, c = rows["eager"], rows["compiled"]
     print(f"SD1.5 UNet + ControlNet, {args.size}x{args.size}, batch 2, {'bfloat16' if args.bf16 else 'float32'}, CPU, "
           f"{args.threads} threads, torch {torch.__version__}")

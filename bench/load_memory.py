@@ -13,7 +13,6 @@ control_model.* only) and control_sd15_canny.pth (1.0: a whole SD and its Contro
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -78,6 +77,7 @@ def main():
     args = p.parse_args()
     if args.impl:
         return side(args)
+    from common import side_row
     write_files(args.files)
     print("| files | read whole: s | memory-mapped: s | time ratio | read whole: peak MiB | memory-mapped: peak MiB "
           "| memory ratio | same output |")
@@ -85,12 +85,8 @@ def main():
     for pair in PAIRS:
         rows = {}
         for impl in ("whole", "mmap", "whole", "mmap"):      # twice each, alternating: the second of each counts,
-            cmd = [sys.executable, __file__, "--impl", impl, "--pair", pair, "--files", args.files,   # page cache
-                   "--threads", str(args.threads)]                                                     # warm for both
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode:
-                raise SystemExit(res.stderr[-3000:])
-            rows[impl] = json.loads(res.stdout.strip().splitlines()[-1])
+            rows[impl] = side_row([__file__, "--impl", impl, "--pair", pair, "--files", args.files,   # page cache
+                                   "--threads", str(args.threads)])                                   # warm for both
         w, m = rows["whole"], rows["mmap"]
         print(f"| {' + '.join(dict.fromkeys(PAIRS[pair]))} | {w['seconds']:.1f} | {m['seconds']:.1f} | "
               f"{m['seconds'] / w['seconds']:.2f} | {w['peak_mb']:.0f} | {m['peak_mb']:.0f} | "

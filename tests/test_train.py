@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from minicontrol.config import preset
-from minicontrol.controlnet import ControlNet, clone_encoder
+from minicontrol.controlnet import clone_encoder
 from minicontrol.data import DataError, collate, load_item, read_index
 from minicontrol.export import full_state_dict
 from minicontrol.files import read
