@@ -16,7 +16,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
-from minicontrol import pipeline
+from minicontrol import detectors, pipeline
 from minicontrol.attention import check_mode
 from minicontrol.cli import not_finite
 from minicontrol.config import PRESETS, preset
@@ -27,7 +27,7 @@ from minicontrol.export import check_out_folder
 from minicontrol.files import CheckpointError, check_file
 from minicontrol.identify import guessed_prediction, holds_controlnet, stated_prediction
 from minicontrol.loading import load_base, load_controlnet, load_vae
-from minicontrol.preprocess import control_map, hwc3, open_image, round64
+from minicontrol.preprocess import hwc3, open_image, round64
 from minicontrol.text import token_count
 from minicontrol.world import GUIDANCE as TINY_CFG, STRENGTH as TINY_STRENGTH, demo_controls
 
@@ -55,13 +55,7 @@ def parser() -> argparse.ArgumentParser:
     a("--vae", help="a VAE file to use instead of the base's, e.g. vae-ft-mse-840000-ema-pruned.safetensors (or an "
                     "SD checkpoint, whose VAE is taken)")
     a("--control-image", action="append", default=[], help="control image for the ControlNet at the same position")
-    a("--detector", choices=["canny", "invert", "scribble", "shuffle", "none"], default=None,
-      help="turn each control image into a map: canny edges, invert (lineart drawn dark on white), scribble (a "
-           "drawing, dark on light, as the official scribble demo takes it: white where darker than 127), shuffle "
-           "(the 1.1 shuffle model's content shuffle, drawn from --seed), or none (the image already is a map; the "
-           "default)")
-    a("--low-threshold", type=float, default=100, help="Canny low threshold (default 100)")
-    a("--high-threshold", type=float, default=200, help="Canny high threshold (default 200)")
+    detectors.add_flags(p)
     a("--prompt", default=None, help="what to draw")
     a("--a-prompt", default=None, help="added to the prompt after a comma (official default "
                                        "'best quality, extremely detailed'; empty for the tiny model)")
@@ -206,6 +200,7 @@ def check_args(args, tiny: bool):
     try:
         check_mode()                                 # MINICONTROL_ATTENTION
         check_out_folder(args.out)
+        detectors.check(args)
     except (CheckpointError, ValueError) as e:
         fail(str(e))
 
@@ -265,9 +260,12 @@ def control_maps(args, tiny):
         return [], [], None
     maps = []
     source = None
+    try:
+        net = detectors.load(args.detector, args.annotators, args.device)
+    except CheckpointError as e:                     # an annotator file that would run code
+        fail(str(e))
     for f in args.control_image:
-        control, img = control_map(read_image(f), args.resolution, args.detector or "none", args.seed,
-                                   args.low_threshold, args.high_threshold)
+        control, img = detectors.detect(net, args.detector, read_image(f), args.resolution, args)
         maps.append(control)
         if source is None:                           # the first image at the output size: img2img's, inpainting's
             source = img

@@ -79,14 +79,14 @@ def load_pickle(path) -> tuple:
     in use is replaced by writing a new one and renaming it, as save() does, never rewritten in place)."""
     mmap = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), []
+        return torch.serialization.load(path, map_location="cpu", weights_only=True, mmap=mmap), []
     except pickle.UnpicklingError:
         other = list(dict.fromkeys(n for n in pickle_imports(path) if not n.startswith(("torch.", "collections."))))
         if not other:
             raise
         try:
             with torch.serialization.safe_globals([(Inert, name) for name in other]):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), other
+                return torch.serialization.load(path, map_location="cpu", weights_only=True, mmap=mmap), other
         except pickle.UnpicklingError:
             raise refused(path, other[0]) from None
 

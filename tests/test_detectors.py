@@ -1,0 +1,173 @@
+"""Detectors from the annotator library, read from random weights written under their published names, run through
+sample.py with the tiny model as the official 1.1 demos run them; and training sets made with them."""
+import importlib.util
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import run_main
+from minicontrol import dataset, detectors
+from minicontrol.files import CheckpointError
+from minicontrol.loading import load_base
+
+pytest.importorskip("controlnet_aux")
+import annotators  # noqa: E402  (needs controlnet_aux)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--base", ROOT / "weights" / "tiny_sd.safetensors", "--controlnet", ROOT / "weights" / "tiny_controlnet.safetensors"]
+NETWORKS = [name for name, d in detectors.DETECTORS.items() if d.files]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return annotators.make(tmp_path_factory.mktemp("annotators"))
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    """An odd-sized picture with shapes in it (517 x 333, neither side a multiple of 64)."""
+    yy, xx = np.mgrid[:333, :517]
+    img = np.full((333, 517, 3), 200, np.uint8)
+    img[(yy - 160) ** 2 + (xx - 250) ** 2 < 90 ** 2] = (30, 60, 200)
+    img[40:120, 350:480] = (220, 40, 40)
+    path = tmp_path_factory.mktemp("photo") / "photo.png"
+    Image.fromarray(img).save(path)
+    return path
+
+
+def official_size(h: int, w: int, resolution: int) -> tuple:
+    """The official demos' resize_image: short side to `resolution`, each side to the nearest multiple of 64."""
+    k = resolution / min(h, w)
+    return int(np.round(h * k / 64.0)) * 64, int(np.round(w * k / 64.0)) * 64
+
+
+def sample(folder, photo, out, *extra):
+    import sample as script
+    return run_main(script.main, *TINY, "--control-image", photo, "--prompt", "red circle", "--annotators", folder,
+                    "--resolution", 64, "--steps", 1, "--num-samples", 1, "--out", out, *extra)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NETWORKS)
+def test_each_detector_makes_a_map_at_the_output_size_the_same_each_run(folder, photo, tmp_path, name):
+    # at a small detect resolution, to keep the test quick; the arithmetic of the default is tested below
+    maps = []
+    for run in range(2):
+        res = sample(folder, photo, tmp_path / str(run), "--detector", name, "--detect-resolution", 128)
+        assert res.returncode == 0, res.stderr[-2000:]
+        maps.append(np.asarray(Image.open(tmp_path / str(run) / "control_0.png")))
+    assert maps[0].dtype == np.uint8 and maps[0].shape == (*official_size(333, 517, 64), 3)
+    assert np.array_equal(maps[0], maps[1])
+
+
+@pytest.mark.parametrize("size,detect,out", [((333, 517), 512, 512), ((517, 333), 300, 768), ((401, 700), 512, 64)])
+def test_the_network_sees_the_image_at_the_detect_resolution_and_the_map_comes_at_the_output_size(
+        folder, size, detect, out):
+    import argparse
+    p = argparse.ArgumentParser()
+    detectors.add_flags(p)
+    args = p.parse_args(["--detector", "hed", "--detect-resolution", str(detect)])
+    args.seed = 0
+    net = detectors.load("hed", folder)
+    seen = []
+    first_conv = next(m for m in net.netNetwork.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_pre_hook(lambda module, inputs: seen.append(tuple(inputs[0].shape[2:])))
+    image = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
+    control, img = detectors.detect(net, "hed", image, out, args)
+    assert seen == [official_size(*size, detect)]
+    assert control.shape == img.shape == (*official_size(*size, out), 3) and control.dtype == np.uint8
+
+
+def test_missing_extra_file_and_malicious_file_each_stop_before_the_base_is_read(folder, photo, tmp_path,
+                                                                                  monkeypatch):
+    import sample as script
+    monkeypatch.setattr(script, "load_base", lambda *a, **k: pytest.fail("the base was read"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "controlnet_aux" else real_find_spec(name, *a))
+    res = sample(folder, photo, tmp_path / "a", "--detector", "hed")
+    assert res.returncode == 1 and res.stderr.count("\n") == 1
+    assert "controlnet_aux" in res.stderr and 'pip install -e ".[detectors]"' in res.stderr
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+
+    res = sample(tmp_path, photo, tmp_path / "b", "--detector", "openpose")          # an empty annotators folder
+    assert res.returncode == 1 and res.stderr.count("\n") == 1
+    assert "body_pose_model.pth" in res.stderr and "huggingface.co/lllyasviel/Annotators" in res.stderr
+    res = sample(tmp_path, photo, tmp_path / "b", "--detector", "seg")
+    assert "upernet-convnext-small" in res.stderr and "huggingface.co/openmmlab" in res.stderr
+
+    class Boom:
+        def __reduce__(self):
+            import os
+            return (os.system, ("touch PWNED_MARKER",))
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    monkeypatch.chdir(tmp_path)
+    with open(evil / "ControlNetHED.pth", "wb") as f:
+        pickle.dump({"x": Boom()}, f)
+    res = sample(evil, photo, tmp_path / "c", "--detector", "hed")
+    with pytest.raises(CheckpointError) as as_base:
+        load_base(evil / "ControlNetHED.pth")
+    assert res.returncode == 1 and res.stderr == f"error: {as_base.value}\n" and "refused" in res.stderr
+    assert not (tmp_path / "PWNED_MARKER").exists()
+    assert torch.load is not None and torch.load.__module__ == "torch.serialization"    # put back as it was
+
+
+def pictures(folder: Path, n: int):
+    rng = np.random.default_rng(1)
+    folder.mkdir()
+    for i in range(n):
+        h, w = rng.integers(70, 140, 2)
+        img = np.full((h, w, 3), 230, np.uint8)
+        img[h // 4:h // 2, w // 3:2 * w // 3] = rng.integers(0, 255, 3)
+        Image.fromarray(img).save(folder / f"img{i:02d}.png")
+        (folder / f"img{i:02d}.txt").write_text(f"square number {i}\n")
+
+
+@pytest.mark.slow
+def test_dataset_command_makes_a_training_set_resumes_and_trains(tmp_path, monkeypatch, capsys):
+    pictures(tmp_path / "photos", 20)
+    (tmp_path / "photos" / "img05.png").write_bytes(b"not an image")
+    (tmp_path / "photos" / "img07.txt").unlink()
+    argv = ["--images", tmp_path / "photos", "--detector", "canny", "--out", tmp_path / "data", "--resolution", 64]
+
+    calls = []
+    detect = detectors.detect
+
+    def stopped_after_ten(*args):
+        if len(calls) == 10:
+            raise KeyboardInterrupt                  # as a run stopped with Ctrl-C or killed
+        calls.append(1)
+        return detect(*args)
+    monkeypatch.setattr(detectors, "detect", stopped_after_ten)
+    with pytest.raises(KeyboardInterrupt):
+        dataset.main([str(a) for a in argv])
+    assert len(list((tmp_path / "data" / "source").glob("*.png"))) == 10
+    monkeypatch.setattr(detectors, "detect", lambda *args: calls.append(1) or detect(*args))
+    res = run_main(dataset.main, *argv)
+    assert res.returncode == 0, res.stderr
+    assert len(calls) == 18                          # 20 images, one unreadable, one without a caption: none redone
+    assert "img05.png: cannot read it" in res.stderr and "img07.png: no caption" in res.stderr
+    assert "wrote 18 items to" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "data" / "prompt.json").read_text().splitlines()]
+    assert len(rows) == 18 and rows[0] == {"source": "source/img00.png", "target": "target/img00.png",
+                                           "prompt": "square number 0"}
+    from minicontrol.preprocess import canny, resize_image
+    target = np.asarray(Image.open(tmp_path / "data" / rows[3]["target"]))
+    source = np.asarray(Image.open(tmp_path / "data" / rows[3]["source"]))
+    original = np.asarray(Image.open(tmp_path / "photos" / "img03.png"))
+    assert np.array_equal(target, resize_image(original, 64))
+    assert np.array_equal(source[:, :, 0], canny(target))
+
+    import train
+    res = run_main(train.main, "--base", ROOT / "weights" / "tiny_sd.safetensors", "--data", tmp_path / "data",
+                   "--out", tmp_path / "run", "--steps", 5, "--batch-size", 2, "--resolution", 64,
+                   "--sample-every", 0, "--save-every", 5)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len((tmp_path / "run" / "loss.csv").read_text().splitlines()) == 6
