@@ -1,6 +1,5 @@
 """A training run's folder: state.pt, written atomically and read back so that a killed run resumes exactly, and the
 loss log with its plot."""
-import csv
 import os
 import time
 from pathlib import Path
@@ -74,10 +73,9 @@ def trim_log(out: Path, step: int):
 
 def plot_loss(csv_path, png_path):
     """loss.csv as a line (mean over 1% windows)."""
-    rows = list(csv.DictReader(Path(csv_path).read_text().splitlines()))
-    if len(rows) < 2:
+    loss = np.loadtxt(csv_path, delimiter=",", skiprows=1, usecols=1, ndmin=1)
+    if len(loss) < 2:
         return
-    loss = np.array([float(r["loss"]) for r in rows])
     k = max(1, len(loss) // 100)
     smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
     line_plot(np.arange(len(smooth)) + k, smooth, png_path, "loss")
