@@ -15,9 +15,8 @@ class RunError(ValueError):
 
 
 def save_state(path, run: dict, step: int):
-    """state.pt: what a resumed run needs to go on exactly as this one would (weights, optimizer, loss scale, the data
-    order's and the noise's generator, the step), written to a temporary file and renamed: a kill leaves the old
-    state or the new one. run: trained (a module), extra (parameters outside it), optimizer, scaler, generator."""
+    """state.pt: all a resumed run needs to go on exactly, written to a temporary file and renamed (a kill leaves the
+    old state or the new). run: trained (a module), extra (parameters outside it), optimizer, scaler, generator."""
     state = {"trained": run["trained"].state_dict(), "extra": [p.detach() for p in run["extra"]], "step": step,
              "optimizer": run["optimizer"].state_dict(), "scaler": run["scaler"].state_dict(),
              "generator": run["generator"].get_state()}
