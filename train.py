@@ -22,8 +22,8 @@ from minicontrol.cli import not_finite
 from minicontrol.config import preset
 from minicontrol.controlnet import clone_encoder
 from minicontrol.cpu import keep_freed_memory
-from minicontrol.data import (DataError, batch_indices, collate, encode_all, load_item, part_rows, prefetched,
-                              read_index, vae_scale_factor)
+from minicontrol.data import (DataError, batch_indices, collate, encode_all, load_item, prefetched, read_index,
+                              vae_scale_factor)
 from minicontrol.export import check_out_folder, controlnet_state_dict, full_state_dict, save
 from minicontrol.files import CheckpointError
 from minicontrol.identify import guessed_prediction, holds_controlnet
@@ -146,12 +146,10 @@ def build(args, device):
 def export(args, model, net, path):
     """What users load: a ControlNet 1.1 file (control_model.*); with --sd-unlocked a ControlNet 1.0 full file (SD
     with its trained decoder, and control_model.*); for the other stages a whole SD file."""
-    if args.stage == "controlnet" and args.sd_unlocked:
-        save(path, full_state_dict(model, net), model.config)
-    elif args.stage == "controlnet":
+    if args.stage == "controlnet" and not args.sd_unlocked:
         save(path, controlnet_state_dict(net), model.config)
     else:
-        save(path, full_state_dict(model), model.config)
+        save(path, full_state_dict(model, net if args.stage == "controlnet" else None), model.config)
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -172,12 +170,13 @@ def stage_loss(args, model, trained, batch, d, moments=None):
 
 def step_parts(args, items, world, rank, first_step):
     """This process's parts of every step's batch from `first_step` on, read ahead: (rows, item indices, items).
-    Micro-batch m of process r is part m * world + r of the step's batch (data.part_rows)."""
+    Micro-batch m of process r is part m * world + r of the step's batch, rows cut batch_size at a time; the step's
+    items and random numbers are drawn whole and cut alike, so any world and grad_accum train as one whole batch."""
     step_batch = args.batch_size * world * args.grad_accum
 
     def load(key):
         step, part = key
-        rows = part_rows(part, args.batch_size)
+        rows = slice(part * args.batch_size, (part + 1) * args.batch_size)
         own = batch_indices(len(items), step_batch, step, args.seed)[rows]
         return rows, own, [load_item(items[i], args.resolution, i + 1) for i in own]
     keys = ((s, m * world + rank) for s in range(first_step, args.steps) for m in range(args.grad_accum))

@@ -37,12 +37,9 @@ def has_tensor_core_code(device: torch.device) -> bool:
 
 
 def attention(q, k, v):
-    """Scaled dot-product attention over (B, H, N, d) tensors.
-
-    On CUDA GPUs from Ampere on, with Triton, our FlashAttention-2 kernel (flash.py) or PyTorch's SDPA, whichever was
-    measured faster at this shape (tuning.py); elsewhere PyTorch's scaled_dot_product_attention, whose CPU kernel is
-    blocked too, so a 512x512 SD step never holds a whole (Nq, Nk) score matrix. The VAE's single 512-wide head goes to
-    PyTorch's kernel (split_width refuses it)."""
+    """Scaled dot-product attention over (B, H, N, d) tensors: on CUDA GPUs from Ampere on, our FlashAttention-2
+    kernel (flash.py) or PyTorch's SDPA, whichever was measured faster at this shape (tuning.py); elsewhere, and for
+    the VAE's 512-wide head (split_width refuses it), SDPA, whose CPU kernel never holds a whole (Nq, Nk) matrix."""
     check_mode()
     if (MODE == "sdpa" or triton is None or not q.is_cuda or not has_tensor_core_code(q.device)
             or split_width(q.shape[-1]) is None):

@@ -4,9 +4,6 @@ import ctypes
 
 import torch
 
-M_TRIM_THRESHOLD = -1                   # glibc's mallopt parameters (malloc.h)
-M_MMAP_THRESHOLD = -3
-
 
 def native_bf16() -> bool:
     """Whether the CPU computes in bfloat16 natively (AVX512-BF16 or AMX), where oneDNN's bfloat16 convolutions and
@@ -15,13 +12,12 @@ def native_bf16() -> bool:
 
 
 def keep_freed_memory():
-    """oneDNN reorders a convolution's weights into scratch memory at every call. glibc serves blocks that large by
-    mapping fresh pages and gives them back when freed, so each call faults in every page again: 59 MB of weights
-    cost a 1280-channel 3x3 convolution at 8x8 twice its time. Large blocks come from the heap and stay there instead.
-    Process-wide, and nothing outside glibc; the entry points call it on the CPU."""
+    """Large blocks from the heap, kept there when freed (process-wide, glibc only; the entry points call it on the
+    CPU). oneDNN reorders a convolution's weights into scratch memory at every call, which glibc would map afresh and
+    unmap when freed: 59 MB of weights cost a 1280-channel 3x3 convolution at 8x8 twice its time."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(-1, 1 << 30)               # M_TRIM_THRESHOLD (malloc.h): freed memory stays in the heap
+    libc.mallopt(-3, 1 << 30)               # M_MMAP_THRESHOLD: blocks under 1 GiB come from the heap

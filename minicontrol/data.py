@@ -90,13 +90,6 @@ def batch_indices(n_items, global_batch, step, seed):
     return perm[pos * global_batch:(pos + 1) * global_batch].tolist()
 
 
-def part_rows(part: int, size: int) -> slice:
-    """Rows of part `part` of a step's batch, cut in parts of `size` rows. With N processes and M micro-batches a step
-    has N * M parts; micro-batch m of process r is part m * N + r. The step's items and random numbers are drawn
-    whole and cut the same way, so any N and M compute what one process would with the whole batch."""
-    return slice(part * size, (part + 1) * size)
-
-
 def prefetched(load, keys, ahead=2):
     """load(key) for each key in order, each started `ahead` keys early on a second thread: reading and decoding the
     next batch's images overlaps this step (on a GPU, the CPU mostly waits for the step)."""

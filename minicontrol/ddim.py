@@ -54,9 +54,8 @@ def gaussian(x: torch.Tensor, generator=None) -> torch.Tensor:
 
 def ddim_sample(model, x, steps: int, eta: float = 0.0, parameterization: str = "eps", generator=None, keep=None,
                 start: int = None):
-    """Yields (i, x_prev, x0) after each step, from t = ts[-1] (or ts[start - 1]) down to ts[0] = 1.
-
-    model(x, t, i) -> the (guided) model output for all rows of x at integer timestep t and step index i.
+    """Yields (i, x_prev, x0) after each step, from t = ts[-1] (or ts[start - 1]) down to ts[0] = 1; model(x, t, i)
+    is the (guided) model output for all rows of x at integer timestep t and step index i.
     x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z   (arXiv:2010.02502, eq. 12), where
     sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev) and a_prev of the last step is alpha-bar[0].
     keep = (known latents, mask) for inpainting, as the official sampler's x0 and mask: before each step, where mask

@@ -1,14 +1,6 @@
-"""Measure the tiny world's models on two held-out groups, n items each: colour pairs never trained on (circles
-anywhere outside the corner), and circles centred in the top-left corner, where no training circle is centred (a
-test of extrapolation to a region the models never drew in):
-
-* control fidelity: IoU between the generated circle (pixels nearer the named circle colour than the background's)
-  and the outlined disc;
-* prompt fidelity: mean absolute RGB error (in [0, 1]) of the circle and of the background against the named colours;
-* the VAE: the same IoU and colour error on its reconstructions of the targets.
-
-The guidance scale and control strength, world.GUIDANCE and STRENGTH, were chosen on the items of --seed 2; the
-README's numbers are --seed 1, another draw of outlines (the held-out colour pairs are the same eight).
+"""Measure the tiny world's models on its two held-out groups, n items each (world.eval_items): the IoU of the
+generated circle with the outlined disc, and the colour error of circle and background, for the base alone, with the
+ControlNet, and the VAE's reconstructions (README: The tiny world).
 
     python -m minicontrol.eval [--base weights/tiny_sd.safetensors] [--controlnet weights/tiny_controlnet.safetensors]
 """
@@ -26,10 +18,12 @@ from .pipeline import Control, decode, sample
 from .world import COLORS, GUIDANCE, SIZE, STRENGTH, draw, eval_items, prompt
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+GROUPS = ("held-out colour pairs", "held-out corner")
 
 
 def scores(images, items):
-    """(IoU, colour error) averaged over images, each item (circle, background, cx, cy, r)."""
+    """(IoU, colour error) averaged over images, each item (circle, background, cx, cy, r). The circle is the pixels
+    nearer the named circle colour than the background's; the colour error is the mean absolute RGB error in [0, 1]."""
     ious, errs = [], []
     yy, xx = np.mgrid[:SIZE, :SIZE] + 0.5
     for img, (c, b, cx, cy, r) in zip(images, items):
@@ -42,9 +36,6 @@ def scores(images, items):
         back_err = np.abs(x[~mask] - bg).mean() if (~mask).any() else 1.0
         errs.append((circle_err + back_err) / 2)
     return float(np.mean(ious)), float(np.mean(errs))
-
-
-GROUPS = ("held-out colour pairs", "held-out corner")
 
 
 def generate(model, net, items, controls, steps, cfg, seed, strength):

@@ -1,6 +1,4 @@
-"""Writing checkpoints: atomic saves, the official layouts built from the models, a ControlNet moved to another
-base, and the command that rewrites a file:
-
+"""Writing checkpoints: atomic saves, the official layouts, a ControlNet moved to another base, and the command:
     python -m minicontrol.export SRC DST [--half] [--part all|sd|control] [--transfer OLD NEW]"""
 import os
 import tempfile
@@ -64,10 +62,9 @@ def full_state_dict(model: StableDiffusion, net: ControlNet = None) -> dict:
 
 
 def transfer(sd: dict, old: dict, new: dict) -> dict:
-    """A ControlNet trained on base `old` moved to base `new` of the same family, as the official
-    tool_transfer_control.py does: each weight w whose UNet counterpart (control_model.X counting as
-    model.diffusion_model.X) both bases have becomes w + new - old; the rest (hint block, zero convolutions) stay; a
-    1.0 full file's VAE and text encoder become new's."""
+    """A ControlNet trained on base `old` moved to base `new`, as the official tool_transfer_control.py does: each
+    weight w whose UNet counterpart (control_model.X as model.diffusion_model.X) both bases have becomes w + new - old;
+    the rest (hint block, zero convolutions) stay; a 1.0 full file's VAE and text encoder become new's."""
     out = {}
     for key, w in sd.items():
         unet_key = UNET + key[len(CONTROL):] if key.startswith(CONTROL) else key

@@ -1,8 +1,6 @@
 """Reading checkpoint files safely: .ckpt, .pth and .safetensors, and diffusers' model folders, to a state dict.
-
-Pickled files are read with `torch.load(weights_only=True)`, which refuses anything but tensors and containers,
-so no code inside a file ever runs. Other objects beside the weights (a training checkpoint's callbacks and
-hyper-parameters) are read as inert stand-ins; weights that would need any code to build are refused."""
+Pickles are read with `torch.load(weights_only=True)`, so no code in a file runs; a training checkpoint's other
+objects (callbacks, hyper-parameters) become inert stand-ins, and weights that need code to build are refused."""
 import io
 import json
 import pickle
@@ -73,10 +71,9 @@ def refused(path, name: str) -> CheckpointError:
 
 def load_pickle(path) -> tuple:
     """(torch.load(weights_only=True), []); where that refuses a global, (the same with Inert for the globals, their
-    names); a CheckpointError where even that is refused (a module torch blocks, such as os).
-    torch's zip format is memory-mapped: tensors are read as they are used, so what is not loaded (EMA weights, the SD
-    copy in a 1.0 ControlNet file) is never read, and the weights loaded stay backed by the file until moved (so a file
-    in use is replaced by writing a new one and renaming it, as save() does, never rewritten in place)."""
+    names); a CheckpointError where even that is refused (a module torch blocks, such as os). torch's zip format is
+    memory-mapped: what is not loaded (EMA weights) is never read, and the weights stay backed by the file until
+    moved, so a file in use is replaced by renaming a new one over it (as save() does), never rewritten in place."""
     mmap = zipfile.is_zipfile(path)
     try:
         return torch.serialization.load(path, map_location="cpu", weights_only=True, mmap=mmap), []
@@ -132,8 +129,8 @@ def saved_config(path):
 
 
 def pickle_imports(path) -> list:
-    """The module.name pairs that the pickles in a file (data.pkl of torch's zip format; else the file's pickles one
-    after another, as torch's older format has them before its raw data) import, read without running them."""
+    """The module.name globals that a file's pickles import, read without running them: data.pkl of torch's zip
+    format, else the file's pickles one after another (torch's older format puts them before its raw data)."""
     names = []
     strings = []                                     # the last strings pushed: STACK_GLOBAL's module and name
     try:

@@ -69,13 +69,10 @@ if triton is not None:
                    UPCAST: tl.constexpr):
         """One program: BLOCK_M queries of one (batch, head) against all keys, FlashAttention-2 (arXiv:2307.08691,
         Algorithm 1): running row max m_i, running sum l_i, unnormalised output acc, rescaled as new keys arrive.
-        The head width D is computed as two power-of-two pieces, D0 then D1 wide, so no lane does padding work beyond
-        the last piece (padded, D0 + D1 > D: the last piece's tail is masked); where D1 = 0, the second piece is an
-        empty one past D, which _add_product skips.
-        Batch, head and token strides arrive divided by VEC, a power of two that divides them all: multiplied back here,
-        they show the compiler that every row starts on a VEC-element boundary, so it moves whole 16-byte vectors and
-        can prefetch the next key and value tiles while this one is computed (a 40-wide row is 80 bytes, and a plain
-        stride of 40 would leave it loading one element at a time)."""
+        The head width D runs as two power-of-two pieces, D0 then D1 wide (the last one's tail masked; D1 = 0: an
+        empty piece past D, which _add_product skips). Strides arrive divided by VEC, a power of two dividing them
+        all: multiplied back here, they show the compiler that rows start on VEC-element boundaries, so it moves whole
+        16-byte vectors and prefetches the next tiles (a plain stride of 40 would load one element at a time)."""
         sqb, sqh, sqn, skb, skh, skn = sqb * VEC, sqh * VEC, sqn * VEC, skb * VEC, skh * VEC, skn * VEC
         svb, svh, svn, sob, soh, son = svb * VEC, svh * VEC, svn * VEC, sob * VEC, soh * VEC, son * VEC
         start_m, bh = tl.program_id(0), tl.program_id(1)

@@ -51,9 +51,8 @@ def family(sd: dict, prefix: str = UNET) -> str:
 
 
 def yaml_beside(path, key: str):
-    """The value of `key:` in the official yaml kept beside a file under its name (read as text), or None: the 1.1
-    shuffle model's control_v11e_sd15_shuffle.yaml sets global_average_pooling: True, the one setting in which the 1.1
-    yamls differ; SD 2.x's v2-inference-v.yaml (kept as v2-1_768-ema-pruned.yaml) sets parameterization: "v"."""
+    """The value of `key:` in the official yaml kept beside a file under its name, or None: the 1.1 shuffle model's
+    sets global_average_pooling: True (the one way the 1.1 yamls differ), v2-inference-v.yaml's parameterization: v."""
     yaml = Path(path).with_suffix(".yaml")
     found = yaml.is_file() and re.search(rf"^\s*{key}:\s*[\"']?([^\"'#\s]+)", yaml.read_text(errors="replace"), re.M)
     return found.group(1) if found else None

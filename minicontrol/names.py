@@ -50,11 +50,9 @@ RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_
 
 
 def from_diffusers(sd: dict, settings: dict = None) -> dict:
-    """A diffusers ControlNetModel's weights under the official names. diffusers names the encoder's blocks by level
-    (down_blocks.L.resnets.J, .attentions.J, .downsamplers.0) where the official code numbers them in order
-    (input_blocks.I), and the ResBlocks' layers by role where the official code numbers them; attention layers have
-    the same names in both. Keys that fit no block are kept as they are, for fill to name. settings: its
-    config.json, whose BGR channel order (diffusers flips the image) becomes the first convolution's weights flipped."""
+    """A diffusers ControlNetModel's weights under the official names: blocks by level (down_blocks.L.resnets.J)
+    become blocks in order (input_blocks.I), ResBlock layers by role become numbered (RESNET); keys that fit no block
+    stay, for fill to name. settings: its config.json, whose BGR order flips the first convolution's weights."""
     levels = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("down_blocks.")), default=-1)
     per_level = 1 + max((int(k.split(".")[3]) for k in sd if k.startswith("down_blocks.0.resnets.")), default=-1)
     names = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",

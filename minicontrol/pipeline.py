@@ -42,14 +42,11 @@ def sample(model: StableDiffusion, prompts, negative, controls=(), steps=20, cfg
            guess_mode=False, only_mid_control=False, height=None, width=None, generator=None, x_T=None, keep=None,
            init=None, denoise=1.0):
     """Yields (i, x, x0) at every DDIM step, i counting down to 0; the last x is the final latent. prompts and negative:
-    strings (a negative prompt may be one string for all), or (B, 77, C) text embeddings. The image size is
-    the control images' (every one the same), or 512x512 without control. keep = (latents, mask) inpaints: latents
-    (1 or B, C, h, w) kept where mask (1 or B, 1, h, w) is 1 (see ddim_sample). init (1 or B, C, h, w): img2img from
-    these latents, noised `denoise` of the way, as the official tile demo: t_enc = min(int(denoise * S), S - 1) of the
-    S steps' timesteps is the noise level, and the steps below it run.
-
-    Initial noise and DDIM noise come from `generator` on the CPU, so a seed gives the same image on any device; a
-    list of generators, one per prompt, gives each sample its own (see ddim.gaussian)."""
+    strings (one negative string for all), or (B, 77, C) text embeddings. The size is the control images', else
+    512x512. keep = (latents, mask) inpaints: latents (1 or B, C, h, w) kept where mask (1 or B, 1, h, w) is 1. init
+    (1 or B, C, h, w): img2img from these latents noised `denoise` of the way (ddim.img2img_start, the tile demo's).
+    All noise comes from `generator` (one, or one per prompt; see ddim.gaussian), so a seed gives the same image on
+    any device."""
     if isinstance(prompts, str):                             # one prompt, or a negative prompt for every prompt
         prompts = [prompts]
     if isinstance(negative, str):

@@ -1,6 +1,5 @@
 """A training run's folder: state.pt, written atomically and read back so that a killed run resumes exactly, and the
 loss log with its plot."""
-import csv
 import os
 import time
 from pathlib import Path
@@ -16,9 +15,8 @@ class RunError(ValueError):
 
 
 def save_state(path, run: dict, step: int):
-    """state.pt: what a resumed run needs to go on exactly as this one would (weights, optimizer, loss scale, the data
-    order's and the noise's generator, the step), written to a temporary file and renamed: a kill leaves the old
-    state or the new one. run: trained (a module), extra (parameters outside it), optimizer, scaler, generator."""
+    """state.pt: all a resumed run needs to go on exactly, written to a temporary file and renamed (a kill leaves the
+    old state or the new). run: trained (a module), extra (parameters outside it), optimizer, scaler, generator."""
     state = {"trained": run["trained"].state_dict(), "extra": [p.detach() for p in run["extra"]], "step": step,
              "optimizer": run["optimizer"].state_dict(), "scaler": run["scaler"].state_dict(),
              "generator": run["generator"].get_state()}
@@ -74,10 +72,9 @@ def trim_log(out: Path, step: int):
 
 def plot_loss(csv_path, png_path):
     """loss.csv as a line (mean over 1% windows)."""
-    rows = list(csv.DictReader(Path(csv_path).read_text().splitlines()))
-    if len(rows) < 2:
+    loss = np.loadtxt(csv_path, delimiter=",", skiprows=1, usecols=1, ndmin=1)
+    if len(loss) < 2:
         return
-    loss = np.array([float(r["loss"]) for r in rows])
     k = max(1, len(loss) // 100)
     smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
     line_plot(np.arange(len(smooth)) + k, smooth, png_path, "loss")

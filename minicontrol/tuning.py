@@ -30,16 +30,14 @@ picks = {}                          # what pick() measured or read from disk, by
 
 
 def flash_attention(q, k, v, out=None, tile=None):
-    """Our kernel; q: (B, H, Nq, d), k, v: (B, H, Nk, d), any strides; writes into `out` if given, else into a tensor
-    laid out like q (the UNet's (B, N, H*d) view, so merging the heads back needs no copy).
-    tile=(BLOCK_M, BLOCK_N, warps, stages, pad) instead of the fastest one measured (benchmarks compare tiles)."""
+    """Our kernel; q: (B, H, Nq, d), k, v: (B, H, Nk, d), any strides; into `out`, else a tensor laid out like q (the
+    UNet's (B, N, H*d) view: no copy to merge the heads). tile: (BLOCK_M, BLOCK_N, warps, stages, pad) to use."""
     return plan(q, k, v, out, tile)(q, k, v, out)
 
 
 def plan(q, k, v, out=None, tile=None, sdpa=False):
-    """How attention runs on this layout: a function (q, k, v, out=None) launching our kernel with `tile`, else with the
-    fastest of our tiles at this shape; with sdpa, SDPA where it was measured faster than that. Worked out once per
-    layout (strides, tile and grid), so later calls only launch."""
+    """A function (q, k, v, out=None) launching our kernel with `tile`, else the fastest of our tiles here; with sdpa,
+    SDPA where it was measured faster. Worked out once per layout (strides, tile, grid): later calls only launch."""
     layout = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), None if out is None else out.stride(), q.dtype,
               q.device, tile, sdpa)
     if layout in plans:
@@ -77,10 +75,9 @@ def tiles_at(d):
 
 
 def kept(q, k, v, args, meta, candidates):
-    """The candidate kept in CACHE/attention_tiles.json for this GPU, Triton, shape and candidate list, else the fastest
-    measured now, then kept there. Tiles add up a row's keys in different orders, and SDPA in its own, so picks that
-    followed each run's timing noise would change the images a little from run to run; kept, the same seed gives the
-    same image. The CPU interpreter takes the first candidate."""
+    """The candidate kept in CACHE/attention_tiles.json for this GPU, Triton, shape and candidates, else the fastest
+    now, then kept: each sums a row's keys in its own order, so the same seed gives the same image only if the pick
+    stays from run to run. The CPU interpreter takes the first candidate."""
     if flash.INTERPRET:
         return candidates[0]
     shape = q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.dtype, *meta.values()
