@@ -264,8 +264,9 @@ def control_maps(args, tiny):
         net = detectors.load(args.detector, args.annotators, args.device)
     except CheckpointError as e:                     # an annotator file that would run code
         fail(str(e))
+    settings = detectors.settings(args)
     for f in args.control_image:
-        control, img = detectors.detect(net, args.detector, read_image(f), args.resolution, args)
+        control, img = detectors.detect(read_image(f), args.resolution, args.detector, net, **settings)
         maps.append(control)
         if source is None:                           # the first image at the output size: img2img's, inpainting's
             source = img

@@ -1,7 +1,7 @@
 """bfloat16 against float32 on the CPU, the UNet and ControlNet cast as sample.py casts them on a CPU with bfloat16
 instructions (the VAE and text encoder stay float32):
 
-  * the tiny world's evaluation (minicontrol.eval's scores, the same held-out items, seeds and settings): IoU and
+  * the tiny world's evaluation (bench/tiny_eval.py's scores, the same held-out items, seeds and settings): IoU and
     colour error of the shipped ControlNet in each dtype;
   * SD1.5-sized random weights (bench/unet_forward.py's): at every step of a 20-step guided DDIM run driven by the
     float32 model, both models' outputs on the same x_t (the conditional one, and the guided one at guidance 9, which
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 def tiny_world(n, dtype):
     """{group: (IoU, colour error)} of the shipped tiny ControlNet, its UNet and ControlNet in `dtype`."""
-    from minicontrol.eval import GROUPS, WEIGHTS, generate, scores
+    from tiny_eval import GROUPS, WEIGHTS, generate, scores
     from minicontrol.loading import load_base, load_controlnet
     from minicontrol.world import GUIDANCE, STRENGTH, draw, eval_items
     model = load_base(WEIGHTS / "tiny_sd.safetensors")

@@ -96,6 +96,7 @@ def main(argv=None):
         net = detectors.load(args.detector, args.annotators, args.device)
     except (ValueError, OSError) as e:               # DetectorError, CheckpointError, a bad captions file
         raise SystemExit(f"error: {e}") from None
+    settings = detectors.settings(args)
     for folder in ("source", "target"):
         (out / folder).mkdir(parents=True, exist_ok=True)
 
@@ -115,7 +116,7 @@ def main(argv=None):
                 tqdm.write(f"skipped {image}: cannot read it as an image ({type(e).__name__})", file=sys.stderr)
                 skipped += 1
                 continue
-            control, img = detectors.detect(net, args.detector, pixels, args.resolution, args)
+            control, img = detectors.detect(pixels, args.resolution, args.detector, net, **settings)
             save_png(img, out / row["target"])
             save_png(control, out / row["source"])
         rows.append(row)

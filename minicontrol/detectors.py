@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from . import files
-from .preprocess import control_map, hwc3, resize_image
+from .preprocess import hwc3, resize_image, shuffle
+from .preprocess import detect as weight_free
 
 ANNOTATORS = "https://huggingface.co/lllyasviel/Annotators"
 UPERNET = "upernet-convnext-small"                   # https://huggingface.co/openmmlab/upernet-convnext-small
@@ -21,26 +22,26 @@ UPERNET = "upernet-convnext-small"                   # https://huggingface.co/op
 class Detector:
     models: str                                      # the official ControlNets its maps are for
     files: list = field(default_factory=list)        # in the annotators folder, under their published names
-    aux: str = ""                                    # controlnet-aux's class; "" for preprocess.py's
+    aux: str = ""                                    # controlnet-aux's class ("": none, or UperNet for seg)
     fixed: dict = field(default_factory=dict)        # what that class is always called with for this detector
 
 
 DETECTORS = {
     "none": Detector("any: the image already is the map (the default)"),
     "canny": Detector("control_sd15_canny, control_v11p_sd15_canny"),
-    "invert": Detector("lineart drawn dark on white, for control_v11p_sd15_lineart"),
-    "scribble": Detector("a drawing, dark on light: control_sd15_scribble, control_v11p_sd15_scribble"),
+    "invert": Detector("control_v11p_sd15_lineart, from lineart drawn dark on white"),
+    "scribble": Detector("control_sd15_scribble, control_v11p_sd15_scribble, from a drawing, dark on light"),
     "shuffle": Detector("control_v11e_sd15_shuffle (drawn from --seed)"),
     "hed": Detector("control_sd15_hed, control_v11p_sd15_softedge", ["ControlNetHED.pth"], "HEDdetector"),
     "softedge": Detector("control_v11p_sd15_softedge (PiDiNet)", ["table5_pidinet.pth"], "PidiNetDetector"),
-    "fake_scribble": Detector("a photo, for control_sd15_scribble, control_v11p_sd15_scribble (HED, thinned)",
+    "fake_scribble": Detector("control_sd15_scribble, control_v11p_sd15_scribble, from a photo (HED, thinned)",
                               ["ControlNetHED.pth"], "HEDdetector"),
     "mlsd": Detector("control_sd15_mlsd, control_v11p_sd15_mlsd", ["mlsd_large_512_fp32.pth"], "MLSDdetector"),
     "depth": Detector("control_sd15_depth, control_v11f1p_sd15_depth (MiDaS)", ["dpt_hybrid-midas-501f0c75.pt"],
                       "MidasDetector"),
     "normal": Detector("control_v11p_sd15_normalbae", ["scannet.pt"], "NormalBaeDetector"),
     "normal_midas": Detector("control_sd15_normal (MiDaS)", ["dpt_hybrid-midas-501f0c75.pt"], "MidasDetector",
-                             {"depth_and_normal": True}),
+                             {"depth_and_normal": True, "bg_th": 0.4}),        # the 1.0 demo's background
     "openpose": Detector("control_sd15_openpose, control_v11p_sd15_openpose",
                          ["body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"], "OpenposeDetector"),
     "lineart": Detector("control_v11p_sd15_lineart", ["sk_model.pth", "sk_model2.pth"], "LineartDetector"),
@@ -52,7 +53,7 @@ DETECTORS = {
 
 
 class DetectorError(ValueError):
-    """A detector that cannot run: the extra not installed, or its weights missing; the message says what to do."""
+    """A detector that cannot run: its library not installed, or its weights missing; the message says what to do."""
 
 
 def add_flags(parser):
@@ -61,26 +62,21 @@ def add_flags(parser):
     names = "; ".join(f"{name}: {d.models}" for name, d in DETECTORS.items())
     a("--detector", choices=list(DETECTORS), default=None, help=f"turn each image into a control map for: {names}")
     a("--annotators", default=os.environ.get("MINICONTROL_ANNOTATORS"),
-      help=f"folder of the detectors' weights, laid out and named as {ANNOTATORS}; for seg, the transformers folder "
-           f"{UPERNET} in it (default: $MINICONTROL_ANNOTATORS)")
+      help=f"folder of the network detectors' weights, as {ANNOTATORS} lays them out; for seg, the transformers "
+           f"folder {UPERNET} in it (default: $MINICONTROL_ANNOTATORS)")
     a("--detect-resolution", type=int, default=512, help="short side the network detectors run at (default 512)")
     a("--low-threshold", type=float, default=100, help="Canny low threshold (default 100)")
     a("--high-threshold", type=float, default=200, help="Canny high threshold (default 200)")
     a("--safe", action="store_true", help="hed and softedge: the official 'safe' variant (edges in few levels)")
-    a("--mlsd-score", type=float, default=0.1, help="M-LSD score (value) threshold (default 0.1)")
+    a("--mlsd-score", type=float, default=0.1, help="M-LSD score threshold (default 0.1)")
     a("--mlsd-distance", type=float, default=0.1, help="M-LSD distance threshold (default 0.1)")
     a("--hands", action="store_true", help="openpose: the hands too")
     a("--face", action="store_true", help="openpose: the face too")
-    a("--normal-background", type=float, default=0.4, help="normal_midas: depth below this fraction is background, "
-                                                            "drawn facing the viewer (default 0.4)")
 
 
 def check(args):
-    """A DetectorError unless the detector chosen by these flags can run: its libraries installed and its weights in
-    the annotators folder."""
-    name = args.detector
-    folder = args.annotators
-    detector = DETECTORS[name or "none"]
+    """A DetectorError unless the detector the flags choose can run: its libraries installed, its weights there."""
+    detector = DETECTORS[args.detector or "none"]
     if not 64 <= args.detect_resolution <= 4096:
         raise DetectorError(f"--detect-resolution {args.detect_resolution}: give 64 to 4096")
     if not detector.files:
@@ -88,22 +84,22 @@ def check(args):
     needed = ["controlnet_aux"] if detector.aux else ["controlnet_aux", "transformers"]
     for module in needed:
         if importlib.util.find_spec(module) is None:
-            raise DetectorError(f"--detector {name} needs {module}, which is not installed: "
+            raise DetectorError(f"--detector {args.detector} needs {module}, which is not installed: "
                                 "pip install -e \".[detectors]\"")
-    if folder is None:
-        raise DetectorError(f"--detector {name} needs its weights: --annotators DIR (or MINICONTROL_ANNOTATORS) with "
-                            f"{', '.join(detector.files)}, from {ANNOTATORS}")
-    for f in detector.files:
-        if not (Path(folder) / f).exists():
-            where = "https://huggingface.co/openmmlab/upernet-convnext-small" if f == UPERNET else f"{ANNOTATORS}"
-            raise DetectorError(f"--annotators {folder}: {f} not found; it is published at {where}")
+    if args.annotators is None:
+        raise DetectorError(f"--detector {args.detector} needs its weights: --annotators DIR (or "
+                            f"MINICONTROL_ANNOTATORS) with {', '.join(detector.files)}, from {ANNOTATORS}")
+    for name in detector.files:
+        if not (Path(args.annotators) / name).exists():
+            where = "https://huggingface.co/openmmlab/" + UPERNET if name == UPERNET else ANNOTATORS
+            raise DetectorError(f"--annotators {args.annotators}: {name} not found; it is published at {where}")
 
 
 @contextlib.contextmanager
 def weights_only_torch_load():
     """controlnet-aux reads its files with torch.load, which before torch 2.6 runs whatever a pickle names. While it
-    builds a detector, torch.load is files.load_pickle (weights only; a refused file named in one line), which itself
-    calls torch.serialization.load, left as it is."""
+    builds a detector, torch.load is files.load_pickle (weights only; a refused file named in one line), which calls
+    torch.serialization.load, left as it is."""
     original = torch.load
     torch.load = lambda f, *args, **kwargs: files.load_pickle(f)[0]
     try:
@@ -117,69 +113,71 @@ def load(name, folder, device="cpu"):
     detector = DETECTORS[name or "none"]
     if not detector.files:
         return None
-    if not detector.aux:
+    if not detector.aux:                             # seg: safetensors only, as transformers saves them
         from transformers import AutoImageProcessor, UperNetForSemanticSegmentation
         path = Path(folder) / UPERNET
-        processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
         net = UperNetForSemanticSegmentation.from_pretrained(path, local_files_only=True, use_safetensors=True)
-        return processor, net.to(device).eval()
-    with warnings.catch_warnings():                  # its import warns of optional packages it can do without
+        return AutoImageProcessor.from_pretrained(path, local_files_only=True), net.to(device).eval()
+    with warnings.catch_warnings():                  # its import warns of optional packages it does without
         warnings.simplefilter("ignore")
         import controlnet_aux
     with weights_only_torch_load():
         return getattr(controlnet_aux, detector.aux).from_pretrained(folder).to(device)
 
 
-def options(name, args) -> dict:
-    """What controlnet-aux's detector is called with for these flags."""
-    chosen = dict(DETECTORS[name].fixed)
-    if name in ("hed", "softedge"):
+def settings(args) -> dict:
+    """detect()'s keywords for these flags: what the detector runs at, and what controlnet-aux's is called with."""
+    chosen = dict(detect_resolution=args.detect_resolution, seed=args.seed, low=args.low_threshold,
+                  high=args.high_threshold)
+    if args.detector in ("hed", "softedge"):
         chosen["safe"] = args.safe
-    if name == "mlsd":
+    if args.detector == "mlsd":
         chosen.update(thr_v=args.mlsd_score, thr_d=args.mlsd_distance)
-    if name == "openpose":
+    if args.detector == "openpose":
         chosen.update(include_hand=args.hands, include_face=args.face)
-    if name == "normal_midas":
-        chosen["bg_th"] = args.normal_background
     return chosen
 
 
 def segment(models, image: np.ndarray) -> np.ndarray:
-    """ADE20K classes of each pixel (UperNet), drawn in the ADE20K palette the seg ControlNets were trained on."""
+    """ADE20K's class of each pixel (UperNet), drawn in the ADE20K palette that the seg ControlNets were trained on."""
     from controlnet_aux.util import ade_palette
     processor, net = models
-    inputs = processor(images=image, return_tensors="pt").to(net.device)
     with torch.no_grad():
-        outputs = net(**inputs)
+        outputs = net(**processor(images=image, return_tensors="pt").to(net.device))
     labels = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.shape[:2]])[0]
     return np.array(ade_palette(), dtype=np.uint8)[labels.cpu().numpy()]
 
 
 def thinned(edges: np.ndarray) -> np.ndarray:
     """The official fake-scribble demo's strokes from soft edges: non-maximum suppression at 127, a blur of sigma 3,
-    and everything over 4 white."""
+    and all over 4 white."""
     import cv2
     from controlnet_aux.util import nms
     blurred = cv2.GaussianBlur(nms(edges, 127, 3.0), (0, 0), 3.0)
     return np.where(blurred > 4, 255, 0).astype(np.uint8)
 
 
-def detect(net, name, image: np.ndarray, resolution: int, args):
-    """(map, image resized): the image brought to `resolution` by the official rule and its control map (HxWx3 uint8)
-    at that size. As the ControlNet 1.1 demos: a network detector runs on the image resized to --detect-resolution
-    by the same rule, and its map is resized to the output size linearly."""
-    if net is None:
-        return control_map(image, resolution, name or "none", args.seed, args.low_threshold, args.high_threshold)
-    import cv2
-    from controlnet_aux.util import resize_image as official_resize
+def detect(image: np.ndarray, resolution: int, name="none", net=None, detect_resolution=512, seed=0, low=100,
+           high=200, **aux):
+    """(map, image resized): an image (H, W, 1 to 4 channels) brought to `resolution` by the official rule, and its
+    control map (HxWx3 uint8) at that size. Shuffle shuffles the whole image to that size; a network detector (net
+    from load()) runs, as in the ControlNet 1.1 demos, on the image brought to `detect_resolution` by the same rule,
+    and its map is resized to the output linearly. aux: controlnet-aux's keywords (settings())."""
+    name = name or "none"
     original = hwc3(image)
     img = resize_image(original, resolution)
+    if name == "shuffle":
+        return shuffle(original, *img.shape[:2], seed), img
+    if net is None:
+        return weight_free(img, name, low, high), img
+    import cv2
+    from controlnet_aux.util import resize_image as official_resize
     if name == "seg":
-        found = segment(net, official_resize(original, args.detect_resolution))
-    else:                                            # controlnet-aux resizes to detect_resolution itself
-        side = args.detect_resolution
-        found = net(original, detect_resolution=side, image_resolution=side, output_type="np", **options(name, args))
-    if name == "normal_midas":                       # (depth, normal); the 1.0 demo reverses the channels it is given
+        found = segment(net, official_resize(original, detect_resolution))
+    else:                                            # controlnet-aux brings the image to detect_resolution itself
+        sides = dict(detect_resolution=detect_resolution, image_resolution=detect_resolution)
+        found = net(original, output_type="np", **sides, **DETECTORS[name].fixed, **aux)
+    if name == "normal_midas":                       # (depth, normal); the 1.0 demo reverses the channels it gets
         found = found[1][:, :, ::-1]
     control = cv2.resize(hwc3(np.ascontiguousarray(found)), img.shape[1::-1], interpolation=cv2.INTER_LINEAR)
     if name == "fake_scribble":

@@ -145,13 +145,3 @@ def shuffle(image: np.ndarray, h: int, w: int, seed: int, f: int = 256) -> np.nd
     low = img[y + 1, x] * (1 - fx) + img[y + 1, x + 1] * fx
     return np.rint(top * (1 - fy) + low * fy).clip(0, 255).astype(np.uint8)
 
-
-def control_map(image: np.ndarray, resolution: int, detector: str = "none", seed: int = 0, low: float = 100,
-                high: float = 200):
-    """(map, image resized): an image (H, W, 1 to 4 channels) brought to `resolution` by the official rule, and its
-    control map (HxWx3 uint8) as the official demos make it; shuffle shuffles the whole image to that size."""
-    original = hwc3(image)
-    img = resize_image(original, resolution)
-    if detector == "shuffle":
-        return shuffle(original, *img.shape[:2], seed), img
-    return detect(img, detector, low, high), img

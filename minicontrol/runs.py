@@ -6,8 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from .eval import line_plot
+from PIL import Image, ImageDraw
 
 
 class RunError(ValueError):
@@ -78,3 +77,16 @@ def plot_loss(csv_path, png_path):
     k = max(1, len(loss) // 100)
     smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
     line_plot(np.arange(len(smooth)) + k, smooth, png_path, "loss")
+
+
+def line_plot(x, y, png_path, label, width=640, height=320):
+    """A line chart with PIL alone, so plots need nothing beyond the runtime dependencies."""
+    lo, hi = float(np.min(y)), float(np.max(y)) + 1e-12
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    span = max(1e-12, float(x[-1] - x[0]))
+    d.line([(40 + (a - x[0]) / span * (width - 50), height - 30 - (b - lo) / (hi - lo) * (height - 50))
+            for a, b in zip(x, y)], fill=(30, 70, 220), width=2)
+    d.text((5, 5), f"{label} {hi:.4f}", fill="black")
+    d.text((5, height - 20), f"{lo:.4f}   steps {x[0]}..{x[-1]}", fill="black")
+    img.save(png_path)

@@ -79,7 +79,7 @@ def test_the_network_sees_the_image_at_the_detect_resolution_and_the_map_comes_a
     first_conv = next(m for m in net.netNetwork.modules() if isinstance(m, torch.nn.Conv2d))
     first_conv.register_forward_pre_hook(lambda module, inputs: seen.append(tuple(inputs[0].shape[2:])))
     image = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
-    control, img = detectors.detect(net, "hed", image, out, args)
+    control, img = detectors.detect(image, out, "hed", net, **detectors.settings(args))
     assert seen == [official_size(*size, detect)]
     assert control.shape == img.shape == (*official_size(*size, out), 3) and control.dtype == np.uint8
 
@@ -140,16 +140,16 @@ def test_dataset_command_makes_a_training_set_resumes_and_trains(tmp_path, monke
     calls = []
     detect = detectors.detect
 
-    def stopped_after_ten(*args):
+    def stopped_after_ten(*args, **kwargs):
         if len(calls) == 10:
             raise KeyboardInterrupt                  # as a run stopped with Ctrl-C or killed
         calls.append(1)
-        return detect(*args)
+        return detect(*args, **kwargs)
     monkeypatch.setattr(detectors, "detect", stopped_after_ten)
     with pytest.raises(KeyboardInterrupt):
         dataset.main([str(a) for a in argv])
     assert len(list((tmp_path / "data" / "source").glob("*.png"))) == 10
-    monkeypatch.setattr(detectors, "detect", lambda *args: calls.append(1) or detect(*args))
+    monkeypatch.setattr(detectors, "detect", lambda *args, **kwargs: calls.append(1) or detect(*args, **kwargs))
     res = run_main(dataset.main, *argv)
     assert res.returncode == 0, res.stderr
     assert len(calls) == 18                          # 20 images, one unreadable, one without a caption: none redone

@@ -16,6 +16,7 @@ from minicontrol.loading import load_base, load_controlnet
 from minicontrol.world import COLORS, HELD_OUT_PAIRS, demo_items, draw, eval_items, held_out_position, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))             # the tiny world's evaluation: bench/tiny_eval.py
 
 
 def test_palette_is_large_and_well_separated():
@@ -47,7 +48,7 @@ def test_dataset_is_deterministic_and_holds_out_pairs_and_positions(tmp_path):
 def test_eval_scores_against_closed_forms():
     """A drawn target scores IoU 1 and colour error 0; a circle moved by d scores the lens-area IoU of two discs of
     radius r at distance d; a wrong background colour costs half its mean distance from the named one."""
-    from minicontrol.eval import scores
+    from tiny_eval import scores
     item = ("red", "blue", 32.0, 30.0, 14.0)
     target, _ = draw(*item)
     iou, err = scores([target], [item])
@@ -129,11 +130,11 @@ def test_shipped_weights_load_strictly_and_fit_the_budget():
 def test_eval_table_and_curve_run(tmp_path):
     """The table and grid on the shipped weights, and a curve over two copies of one ControlNet, which must give the
     same row twice (same weights, same seed)."""
-    run("-m", "minicontrol.eval", "--n", 2, "--steps", 2, "--grid", tmp_path / "grid.png")
+    run("bench/tiny_eval.py", "--n", 2, "--steps", 2, "--grid", tmp_path / "grid.png")
     assert Image.open(tmp_path / "grid.png").size == (4 * 64, 5 * 64)       # two of each group; five rows
     for step in (1, 2):
         (tmp_path / f"step{step:07d}.safetensors").write_bytes(SHIPPED[1].read_bytes())
-    run("-m", "minicontrol.eval", "--curve", tmp_path, "--n", 2, "--steps", 2)
+    run("bench/tiny_eval.py", "--curve", tmp_path, "--n", 2, "--steps", 2)
     rows = (tmp_path / "iou.csv").read_text().splitlines()
     assert rows[0] == "step,iou,colour_error" and [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
     assert rows[1].split(",")[1:] == rows[2].split(",")[1:] and (tmp_path / "iou.png").exists()
@@ -144,7 +145,7 @@ def test_eval_table_and_curve_run(tmp_path):
 def test_bare_sample_draws_the_circles_on_their_outlines(tmp_path):
     # what a user sees first: `python sample.py` alone, with the tiny model's settings, puts each held-out colour
     # pair's circle on its outline (IoU against the outlined disc, a closed form)
-    from minicontrol.eval import scores
+    from tiny_eval import scores
     from minicontrol.world import GUIDANCE, STRENGTH
     run("sample.py", "--num-samples", 8, "--out", tmp_path)
     images = [np.asarray(Image.open(tmp_path / f"sample_{i}.png")) for i in range(8)]
@@ -178,7 +179,7 @@ def test_img2img_from_a_picture_keeps_its_circle(tmp_path):
     # --denoise starts from the first control image noised part of the way (the official tile demo): at 0.05 the
     # circle stays the picture's own (IoU against its disc, a closed form); from pure noise it does not, because
     # this picture is no outline the tiny ControlNet knows.
-    from minicontrol.eval import scores
+    from tiny_eval import scores
     item = eval_items(1, seed=5)[0]
     Image.fromarray(draw(*item)[0]).save(tmp_path / "picture.png")
     common = ["sample.py", "--control-image", tmp_path / "picture.png", "--prompt", f"{item[0]} circle with "

@@ -2,7 +2,7 @@
 generated circle with the outlined disc, and the colour error of circle and background, for the base alone, with the
 ControlNet, and the VAE's reconstructions (README: The tiny world).
 
-    python -m minicontrol.eval [--base weights/tiny_sd.safetensors] [--controlnet weights/tiny_controlnet.safetensors]
+    python bench/tiny_eval.py [--base weights/tiny_sd.safetensors] [--controlnet weights/tiny_controlnet.safetensors]
 """
 import argparse
 from pathlib import Path
@@ -11,11 +11,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .export import check_out_folder
-from .files import CheckpointError
-from .loading import load_base, load_controlnet
-from .pipeline import Control, decode, sample
-from .world import COLORS, GUIDANCE, SIZE, STRENGTH, draw, eval_items, prompt
+from minicontrol.export import check_out_folder
+from minicontrol.files import CheckpointError
+from minicontrol.loading import load_base, load_controlnet
+from minicontrol.pipeline import Control, decode, sample
+from minicontrol.runs import line_plot
+from minicontrol.world import COLORS, GUIDANCE, SIZE, STRENGTH, draw, eval_items, prompt
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 GROUPS = ("held-out colour pairs", "held-out corner")
@@ -80,19 +81,6 @@ def curve(run, base, n=16, seed=1, steps=20, cfg=GUIDANCE, strength=STRENGTH):
         rows.append((int(path.stem[4:]), *scores(images, items)))
         print(*rows[-1], sep="\t", flush=True)
     return rows
-
-
-def line_plot(x, y, png_path, label, width=640, height=320):
-    """A line chart with PIL alone, so plots need nothing beyond the runtime dependencies."""
-    lo, hi = float(np.min(y)), float(np.max(y)) + 1e-12
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    span = max(1e-12, float(x[-1] - x[0]))
-    d.line([(40 + (a - x[0]) / span * (width - 50), height - 30 - (b - lo) / (hi - lo) * (height - 50))
-            for a, b in zip(x, y)], fill=(30, 70, 220), width=2)
-    d.text((5, 5), f"{label} {hi:.4f}", fill="black")
-    d.text((5, height - 20), f"{lo:.4f}   steps {x[0]}..{x[-1]}", fill="black")
-    img.save(png_path)
 
 
 def main():
