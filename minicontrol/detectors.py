@@ -113,10 +113,14 @@ def load(name, folder, device="cpu"):
     detector = DETECTORS[name or "none"]
     if not detector.files:
         return None
-    if not detector.aux:                             # seg: safetensors only, as transformers saves them
-        from transformers import AutoImageProcessor, UperNetForSemanticSegmentation
+    if not detector.aux:                             # seg: the network from its config, the weights read as ours
+        from transformers import AutoImageProcessor, UperNetConfig, UperNetForSemanticSegmentation
         path = Path(folder) / UPERNET
-        net = UperNetForSemanticSegmentation.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            weights = path / "pytorch_model.bin"     # what the published folder holds
+        net = UperNetForSemanticSegmentation(UperNetConfig.from_pretrained(path, local_files_only=True))
+        net.load_state_dict(files.read(weights)[0])
         return AutoImageProcessor.from_pretrained(path, local_files_only=True), net.to(device).eval()
     with warnings.catch_warnings():                  # its import warns of optional packages it does without
         warnings.simplefilter("ignore")

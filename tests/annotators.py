@@ -33,12 +33,15 @@ def normalbae_args():
 
 
 def upernet(folder: Path):
-    """A small UperNet-ConvNeXt for ADE20K's 150 classes, saved as openmmlab/upernet-convnext-small is."""
+    """A small UperNet-ConvNeXt for ADE20K's 150 classes, saved as openmmlab/upernet-convnext-small is (its main
+    branch holds pytorch_model.bin)."""
     from transformers import ConvNextConfig, SegformerImageProcessor, UperNetConfig, UperNetForSemanticSegmentation
     backbone = ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1],
                               out_features=["stage1", "stage2", "stage3", "stage4"])
     config = UperNetConfig(backbone_config=backbone, hidden_size=16, auxiliary_in_channels=32, num_labels=150)
-    UperNetForSemanticSegmentation(config).save_pretrained(folder, safe_serialization=True)
+    folder.mkdir()
+    config.save_pretrained(folder)
+    torch.save(UperNetForSemanticSegmentation(config).state_dict(), folder / "pytorch_model.bin")
     SegformerImageProcessor(size={"height": 512, "width": 512}).save_pretrained(folder)
 
 
