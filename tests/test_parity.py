@@ -1,6 +1,7 @@
 """Numerical parity with diffusers, filled by diffusers' own converters for original LDM checkpoints."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import diffusers_models, rel_err, tiny_models
 
@@ -72,3 +73,20 @@ def test_diffusers_controlnet_folder_settings_act_as_in_diffusers(pair, tmp_path
     plain = net(x, hint, t, ctx)
     for a, b, c in zip(ours, list(down) + [mid], plain):
         assert rel_err(a, b) <= 1e-5 and rel_err(a, c) > 1e-3      # the setting changed every residual
+
+
+def test_group_norm_sums_16_bit_inputs_in_float32():
+    # as the official GroupNorm32 (x.float(), then back): against float64 on the same bfloat16 values, only the
+    # final rounding to bfloat16 may differ; inputs far from zero, where sums kept in bfloat16 lose the variance
+    from minicontrol.unet import GroupNorm32
+    torch.manual_seed(0)
+    x = (torch.randn(2, 64, 16, 16) + 40).bfloat16()
+    norm = GroupNorm32(64)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    norm = norm.bfloat16()
+    expected = F.group_norm(x.double(), 32, norm.weight.double(), norm.bias.double(), 1e-5)
+    got = norm(x)
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - expected).abs() <= expected.abs() * 2 ** -7 + 2 ** -9).all()
