@@ -171,3 +171,20 @@ def test_dataset_command_makes_a_training_set_resumes_and_trains(tmp_path, monke
                    "--sample-every", 0, "--save-every", 5)
     assert res.returncode == 0, res.stderr[-2000:]
     assert len((tmp_path / "run" / "loss.csv").read_text().splitlines()) == 6
+
+
+def test_dataset_captions_from_jsonl_and_a_bad_line_named(tmp_path, capsys):
+    pictures(tmp_path / "photos", 3)
+    lines = [json.dumps({"file_name": "img00.png", "text": "first"}), "",
+             json.dumps({"file": "photos/img02.png", "caption": "third"})]
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    argv = ["--images", tmp_path / "photos", "--captions", tmp_path / "captions.jsonl", "--out", tmp_path / "data",
+            "--resolution", 64]
+    res = run_main(dataset.main, *argv)              # the .txt files beside the images are not read
+    assert res.returncode == 0 and "img01.png: no caption" in res.stderr
+    rows = [json.loads(line) for line in (tmp_path / "data" / "prompt.json").read_text().splitlines()]
+    assert [(r["target"], r["prompt"]) for r in rows] == [("target/img00.png", "first"), ("target/img02.png", "third")]
+    (tmp_path / "captions.jsonl").write_text(lines[0] + "\n{not json\n")
+    res = run_main(dataset.main, *argv)
+    expected = f"error: --captions {tmp_path / 'captions.jsonl'} line 2: expected JSON with file and caption\n"
+    assert res.returncode == 1 and res.stderr == expected
