@@ -143,7 +143,7 @@ def settings(args) -> dict:
 
 
 def segment(models, image: np.ndarray) -> np.ndarray:
-    """ADE20K's class of each pixel (UperNet), drawn in the ADE20K palette that the seg ControlNets were trained on."""
+    """ADE20K's class of each pixel (UperNet), drawn in the ADE20K palette the seg ControlNets were trained on."""
     from controlnet_aux.util import ade_palette
     processor, net = models
     with torch.no_grad():

@@ -20,7 +20,8 @@ pytest.importorskip("controlnet_aux")
 import annotators  # noqa: E402  (needs controlnet_aux)
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--base", ROOT / "weights" / "tiny_sd.safetensors", "--controlnet", ROOT / "weights" / "tiny_controlnet.safetensors"]
+WEIGHTS = ROOT / "weights"
+TINY = ["--base", WEIGHTS / "tiny_sd.safetensors", "--controlnet", WEIGHTS / "tiny_controlnet.safetensors"]
 NETWORKS = [name for name, d in detectors.DETECTORS.items() if d.files]
 
 
@@ -183,7 +184,8 @@ def test_dataset_captions_from_jsonl_and_a_bad_line_named(tmp_path, capsys):
     res = run_main(dataset.main, *argv)              # the .txt files beside the images are not read
     assert res.returncode == 0 and "img01.png: no caption" in res.stderr
     rows = [json.loads(line) for line in (tmp_path / "data" / "prompt.json").read_text().splitlines()]
-    assert [(r["target"], r["prompt"]) for r in rows] == [("target/img00.png", "first"), ("target/img02.png", "third")]
+    assert [(r["target"], r["prompt"]) for r in rows] == [("target/img00.png", "first"),
+                                                          ("target/img02.png", "third")]
     (tmp_path / "captions.jsonl").write_text(lines[0] + "\n{not json\n")
     res = run_main(dataset.main, *argv)
     expected = f"error: --captions {tmp_path / 'captions.jsonl'} line 2: expected JSON with file and caption\n"
