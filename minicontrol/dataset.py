@@ -59,17 +59,12 @@ def caption(image: Path, captions) -> str:
     return txt.read_text(encoding="utf-8").strip() if txt.is_file() else None
 
 
-def save_png(array: np.ndarray, path: Path):
-    """Written whole or not at all: a stopped run leaves no half-written image to be taken for a finished one."""
+def written_whole(path: Path, write):
+    """write(a temporary path), then a rename: a stopped run leaves no half-written file to be taken for a finished
+    one."""
     partial = path.with_name(path.name + ".partial")
-    Image.fromarray(array).save(partial, format="PNG")
+    write(partial)
     os.replace(partial, path)
-
-
-def write_index(out: Path, rows: list):
-    partial = out / "prompt.json.partial"
-    partial.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    os.replace(partial, out / "prompt.json")
 
 
 def main(argv=None):
@@ -117,10 +112,11 @@ def main(argv=None):
                 skipped += 1
                 continue
             control, img = detectors.detect(pixels, args.resolution, args.detector, net, **settings)
-            save_png(img, out / row["target"])
-            save_png(control, out / row["source"])
+            written_whole(out / row["target"], lambda path: Image.fromarray(img).save(path, format="PNG"))
+            written_whole(out / row["source"], lambda path: Image.fromarray(control).save(path, format="PNG"))
         rows.append(row)
-    write_index(out, rows)
+    index = "".join(json.dumps(row) + "\n" for row in rows)
+    written_whole(out / "prompt.json", lambda path: path.write_text(index, encoding="utf-8"))
     print(f"wrote {len(rows)} items to {out / 'prompt.json'}; {skipped} image(s) skipped")
 
 
