@@ -269,11 +269,10 @@ def train(args):
         torch.cuda.set_device(device)                # else every process's NCCL context also lands on GPU 0
     else:
         keep_freed_memory()
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
     state = read_state(state_path) if args.resume and state_path.is_file() else None
     step = state["step"] if state else 0
     if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
         check_same_step(step, world, device, state_path)
     items = read_index(args.data)
     step_batch = args.batch_size * world * args.grad_accum
