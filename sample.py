@@ -5,6 +5,7 @@
         --control-image bird.png --detector canny --prompt "a bird" --out out/
 """
 import argparse
+import math
 import random
 import re
 import sys
@@ -46,14 +47,12 @@ OFFICIAL = {"cfg": 9.0, "strength": 1.0, "num_samples": 1, "resolution": 512,
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--base", help="SD 1.x/2.x base checkpoint (.ckpt/.safetensors) or a ControlNet 1.0 full .pth, which is "
-                     "also the ControlNet when none is given (default: "
-                     f"{TINY_BASE.relative_to(WEIGHTS.parent)})")
-    a("--controlnet", action="append", default=[], help="ControlNet file, 1.0 full or 1.1 control-only, or a "
-                                                        "ControlNet saved by diffusers (its folder); repeat for several, "
-                                                        "each paired with the --control-image at its position")
+    a("--base", help="SD 1.x/2.x base checkpoint (.ckpt/.safetensors) or a ControlNet 1.0 full .pth, which is also "
+      f"the ControlNet when none is given (default: {TINY_BASE.relative_to(WEIGHTS.parent)})")
+    a("--controlnet", action="append", default=[], help="ControlNet file: 1.0 full, 1.1 control-only, or the folder "
+      "of one saved by diffusers; repeat for several, each paired with the --control-image at its position")
     a("--vae", help="a VAE file to use instead of the base's, e.g. vae-ft-mse-840000-ema-pruned.safetensors (or an "
-                    "SD checkpoint, whose VAE is taken)")
+      "SD checkpoint, whose VAE is taken)")
     a("--control-image", action="append", default=[], help="control image for the ControlNet at the same position")
     detectors.add_flags(p)
     a("--prompt", default=None, help="what to draw")
@@ -86,20 +85,18 @@ def parser() -> argparse.ArgumentParser:
     a("--clip-skip", type=int, choices=[1, 2], default=None,
       help="text from CLIP's last layer (1, SD1's default) or the one before it (2, SD2's default; the official "
            "ControlNet 1.1 lineart_anime demo uses 2 with its SD1 base), LayerNorm applied after either")
-    a("--seed", type=int, default=12345, help="random seed of the first sample, seed + i of sample i: each image "
-                                              "is its own seed's, whatever the batch, and that seed is written in "
-                                              "its PNG; -1 draws one, as the official demos do")
+    a("--seed", type=int, default=12345, help="random seed of the first sample, seed + i of sample i (each image its "
+      "own seed's, whatever the batch), written in its PNG; -1 draws one, as the official demos do")
     a("--num-samples", type=int, default=None, help="images to generate (default 1; 4 for the tiny model)")
     a("--batch-size", type=int, default=None, help="images drawn at once (default: all of them); any batch size "
                                                    "gives the same images, as each draws from its own seed")
-    a("--resolution", type=int, default=None, help="short side of the output, rounded to a multiple of 64 "
-                                                   "(default 512; 768 for v-prediction models, which were trained "
-                                                   "at 768; 64 for the tiny model)")
+    a("--resolution", type=int, default=None, help="short side of the output, rounded to a multiple of 64 (default "
+      "512; 768 for v-prediction models, which were trained at 768; 64 for the tiny model)")
     a("--out", default="out", help="output folder: grid.png, sample_N.png and control_N.png (default out/)")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-      help="UNet and ControlNet precision; the VAE and text encoder stay float32 (default: float16 on CUDA; on the CPU "
-           "bfloat16 where it has bfloat16 instructions (AVX512-BF16, AMX), else float32; float32 for the tiny model)")
+      help="UNet and ControlNet precision; the VAE and text encoder stay float32 (default: float16 on CUDA; on the "
+           "CPU bfloat16 with AVX512-BF16 or AMX, else float32; float32 for the tiny model)")
     a("--config", choices=PRESETS, default=None, help="model preset for files whose size or prediction type "
                                                       "cannot be read from their tensors")
     return p
@@ -151,43 +148,35 @@ def check_args(args, tiny: bool):
         held = "" if n else f" ({args.base} holds no ControlNet: it is not a 1.0 file)"
         fail(f"{n} --controlnet but {len(args.control_image)} --control-image; give one control image per "
              f"ControlNet, in the same order{held}")
-    for f in args.control_image:
+    images = [("--control-image", f) for f in args.control_image] + ([("--mask", args.mask)] if args.mask else [])
+    for flag, f in images:
         if not Path(f).is_file():
-            fail(f"--control-image {f}: no such file")
-    if args.mask and not Path(args.mask).is_file():
-        fail(f"--mask {args.mask}: no such file")
+            fail(f"{flag} {f}: no such file")
     if args.mask and (not args.control_image or (args.detector or "none") != "none"):
         fail("--mask goes with the image to repaint as the first --control-image, used as it is (no --detector)")
     if args.denoise is not None and not (0 < args.denoise <= 1 and args.control_image):
         fail(f"--denoise {args.denoise}: give a value in (0, 1], and the image to start from as the first "
              "--control-image")
-    if args.mask_blur < 0:
-        fail(f"--mask-blur must not be negative, got {args.mask_blur}")
     for flag, values in (("--strength", args.strength), ("--start", args.start), ("--end", args.end)):
         if len(values) not in (0, 1, n):
             fail(f"{flag} was given {len(values)} times for {n} ControlNets; give it once or once per ControlNet")
-    starts = per_control(args.start or [0.0], n)
-    ends = per_control(args.end or [1.0], n)
-    for s, e in zip(starts, ends):
+    for s, e in zip(per_control(args.start or [0.0], n), per_control(args.end or [1.0], n)):
         if not 0 <= s < e <= 1:
             fail(f"--start {s} and --end {e} must satisfy 0 <= start < end <= 1")
-    if not 1 <= args.prompt_chunks <= 8:
-        fail(f"--prompt-chunks must be from 1 to 8, got {args.prompt_chunks}")
-    if not 1 <= args.steps <= 1000:
-        fail(f"--steps must be between 1 and 1000, got {args.steps}")
+    # the numbers that have a range: (flag, value, lowest, highest); None is a flag left out
+    ranges = [("--steps", args.steps, 1, 1000), ("--prompt-chunks", args.prompt_chunks, 1, 8),
+              ("--resolution", args.resolution, 64, 4096), ("--num-samples", args.num_samples, 1, math.inf),
+              ("--batch-size", args.batch_size, 1, math.inf), ("--cfg", args.cfg, 0, math.inf),
+              ("--eta", args.eta, 0, math.inf), ("--mask-blur", args.mask_blur, 0, math.inf)]
+    for flag, x, low, high in ranges:
+        if x is not None and not low <= x <= high:
+            upto = f" to {high}" if high < math.inf else " or more"
+            fail(f"{flag} {x}: give {low}{upto}")
     if args.denoise and img2img_start(args.denoise, args.steps) < 1:
         fail(f"--denoise {args.denoise} of --steps {args.steps} runs no step (the official rule runs "
              "min(int(denoise * steps), steps - 1)); give a larger --denoise or more --steps")
     if not -1 <= args.seed < 2 ** 32:
         fail(f"--seed must be from 0 to 2**32 - 1, or -1 to draw one; got {args.seed}")
-    for flag, count in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size)):
-        if count is not None and count < 1:
-            fail(f"{flag} must be at least 1, got {count}")
-    for flag, x in (("--cfg", args.cfg), ("--eta", args.eta)):
-        if x is not None and x < 0:
-            fail(f"{flag} must not be negative, got {x}")
-    if args.resolution is not None and not 64 <= args.resolution <= 4096:
-        fail(f"--resolution {args.resolution} cannot be used: give 64 to 4096 (multiples of 64 are kept as they are)")
     if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         fail(f"--device {args.device}: give cpu, cuda or cuda:N")
     count = torch.cuda.device_count()
@@ -208,7 +197,13 @@ def check_args(args, tiny: bool):
 def fill_defaults(args, tiny: bool):
     """Every flag left out gets its default: the tiny model's or the official demos' (TINY, OFFICIAL)."""
     defaults = TINY if tiny else OFFICIAL
-    for name in ("cfg", "num_samples", "a_prompt", "negative_prompt"):
+    if args.resolution is None and not tiny:
+        try:                                         # v-models were trained at 768
+            if stated_prediction(args.base, preset(args.config) if args.config else None) == "v":
+                args.resolution = 768
+        except Exception:                            # a file that cannot be read: load_base names the problem
+            pass
+    for name in ("cfg", "num_samples", "a_prompt", "negative_prompt", "resolution"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
     n = len(args.controlnet)
@@ -219,14 +214,6 @@ def fill_defaults(args, tiny: bool):
         args.seed = random.randint(0, 65535)
     if args.batch_size is None:
         args.batch_size = args.num_samples
-    if args.resolution is None and not tiny:
-        try:                                         # v-models were trained at 768
-            v_model = stated_prediction(args.base, preset(args.config) if args.config else None) == "v"
-        except Exception:                            # a file that cannot be read: load_base names the problem
-            v_model = False
-        args.resolution = 768 if v_model else defaults["resolution"]
-    if args.resolution is None:
-        args.resolution = defaults["resolution"]
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.dtype is None and args.device.startswith("cuda"):
@@ -258,18 +245,15 @@ def control_maps(args, tiny):
         return maps, [as_hint(np.stack(maps))], None
     if not args.control_image:                       # --base alone: text to image
         return [], [], None
-    maps = []
-    source = None
     try:
         net = detectors.load(args.detector, args.annotators, args.device)
     except CheckpointError as e:                     # an annotator file that would run code
         fail(str(e))
     settings = detectors.settings(args)
-    for f in args.control_image:
-        control, img = detectors.detect(read_image(f), args.resolution, args.detector, net, **settings)
-        maps.append(control)
-        if source is None:                           # the first image at the output size: img2img's, inpainting's
-            source = img
+    found = [detectors.detect(read_image(f), args.resolution, args.detector, net, **settings)
+             for f in args.control_image]
+    maps = [control for control, _ in found]
+    source = found[0][1]                             # the first image at the output size: img2img's, inpainting's
     size = maps[0].shape[1::-1]                      # every map at the first one's (W, H)
     maps = [maps[0]] + [np.asarray(Image.fromarray(m).resize(size, Image.BILINEAR)) for m in maps[1:]]
     return maps, [as_hint(m) for m in maps], source
@@ -355,22 +339,15 @@ def seeds(args) -> list:
 def parameters(args, prompt: str, seed: int, image: np.ndarray) -> str:
     """One sample's settings, as the PNG text chunk `parameters` that image tools read."""
     settings = {"Steps": args.steps, "CFG scale": args.cfg, "Eta": args.eta, "Seed": seed,
-                "Size": f"{image.shape[1]}x{image.shape[0]}", "Model": Path(args.base).name}
-    if args.vae:
-        settings["VAE"] = Path(args.vae).name
-    settings["ControlNet"] = ", ".join(Path(c).name for c in args.controlnet)
-    settings.update({"Strength": args.strength, "Guess mode": args.guess_mode, "Start": args.start, "End": args.end,
-                     "Dtype": args.dtype})
-    if args.clip_skip:
-        settings["Clip skip"] = args.clip_skip
-    if args.prompt_chunks > 1:
-        settings["Prompt chunks"] = args.prompt_chunks
-    if args.mask:
-        settings["Mask"] = Path(args.mask).name
-        settings["Mask blur"] = args.mask_blur
-    if args.denoise:
-        settings["Denoise"] = args.denoise
-    listed = ", ".join(f"{name}: {value}" for name, value in settings.items())
+                "Size": f"{image.shape[1]}x{image.shape[0]}", "Model": Path(args.base).name,
+                "VAE": Path(args.vae or "").name, "ControlNet": ", ".join(Path(c).name for c in args.controlnet),
+                "Strength": args.strength, "Guess mode": args.guess_mode, "Start": args.start, "End": args.end,
+                "Dtype": args.dtype, "Clip skip": args.clip_skip, "Prompt chunks": args.prompt_chunks,
+                "Mask": Path(args.mask or "").name, "Mask blur": args.mask_blur, "Denoise": args.denoise}
+    # these are written only when the flag is used
+    used = {"VAE": args.vae, "Clip skip": args.clip_skip, "Prompt chunks": args.prompt_chunks > 1, "Mask": args.mask,
+            "Mask blur": args.mask, "Denoise": args.denoise}
+    listed = ", ".join(f"{name}: {value}" for name, value in settings.items() if used.get(name, True))
     return f"{prompt}\nNegative prompt: {args.negative_prompt}\n{listed}"
 
 

@@ -6,6 +6,7 @@ CPU to many GPUs: `torchrun --nproc_per_node N train.py ...` runs DistributedDat
     python train.py ... --resume                                                                   # after a stop
 """
 import argparse
+import math
 import os
 import sys
 from contextlib import nullcontext
@@ -19,7 +20,7 @@ from PIL import Image
 
 from minicontrol.attention import check_mode
 from minicontrol.cli import not_finite
-from minicontrol.config import preset
+from minicontrol.config import PRESETS, preset
 from minicontrol.controlnet import clone_encoder
 from minicontrol.cpu import keep_freed_memory
 from minicontrol.data import (DataError, batch_indices, collate, encode_all, load_item, prefetched, read_index,
@@ -45,7 +46,7 @@ def parser():
            "(encoder frozen, so the latent space and every UNet trained on it stay valid)")
     a("--base", help="SD checkpoint to start from (ControlNet: built from its UNet by the official rule; a ControlNet "
                      "1.0 full file gives its own, as the official tutorial's resume_path does)")
-    a("--config", help="preset for a model built from scratch (e.g. tiny) when there is no --base, or for a --base "
+    a("--config", choices=PRESETS, help="preset for a model built from scratch (e.g. tiny) when there is no --base, or for a --base "
                        "whose prediction type its file does not tell (sd21-v: the 768 SD 2.x models predict v)")
     a("--controlnet", help="existing ControlNet (1.0 or 1.1 file, or diffusers folder) to fine-tune instead of a "
                            "fresh copy")
@@ -82,20 +83,18 @@ def check_args(args):
     bad = not_finite(args)
     if bad:
         raise SystemExit(f"error: {bad}")
-    counts = {"--steps": args.steps, "--batch-size": args.batch_size, "--grad-accum": args.grad_accum,
-              "--save-every": args.save_every, "--sample-steps": args.sample_steps}
-    if args.resolution is not None:
-        counts["--resolution"] = args.resolution
-    for flag, n in counts.items():
-        if n < 1:
-            raise SystemExit(f"error: {flag} must be at least 1, got {n}")
+    # the numbers that have a range: (flag, value, lowest, highest); None is a flag left out
+    ranges = [("--steps", args.steps, 1, math.inf), ("--batch-size", args.batch_size, 1, math.inf),
+              ("--grad-accum", args.grad_accum, 1, math.inf), ("--save-every", args.save_every, 1, math.inf),
+              ("--sample-steps", args.sample_steps, 1, math.inf), ("--resolution", args.resolution, 1, math.inf),
+              ("--sample-every", args.sample_every, 0, math.inf), ("--latent-noise", args.latent_noise, 0, math.inf),
+              ("--drop-prompt", args.drop_prompt, 0, 1)]                    # a probability
+    for flag, x, low, high in ranges:
+        if x is not None and not low <= x <= high:
+            upto = f" to {high}" if high < math.inf else " or more"
+            raise SystemExit(f"error: {flag} {x}: give {low}{upto}")
     if args.lr <= 0:
         raise SystemExit(f"error: --lr must be positive, got {args.lr}")
-    if not 0 <= args.drop_prompt <= 1:
-        raise SystemExit(f"error: --drop-prompt is a probability, from 0 to 1; got {args.drop_prompt}")
-    for flag, x in (("--sample-every", args.sample_every), ("--latent-noise", args.latent_noise)):
-        if x < 0:
-            raise SystemExit(f"error: {flag} must not be negative, got {x}")
     if args.latent_noise and args.stage != "decoder":
         raise SystemExit("error: --latent-noise is for --stage decoder; leave it out for the other stages")
     if args.controlnet and args.stage != "controlnet":
@@ -112,15 +111,12 @@ def check_args(args):
 
 # --------------------------------------------------------------------------------------------------------- model
 def build(args, device):
-    """(model, trainable module, parameters to optimise)."""
-    try:
-        config = preset(args.config) if args.config else None
-        model = load_base(args.base, config) if args.base else None
-        if model and args.stage == "controlnet" and not args.controlnet and holds_controlnet(args.base):
-            args.controlnet = args.base              # its ControlNet too, as the official tutorial's resume_path does
-        net = load_controlnet(args.controlnet, base=model.config) if args.controlnet and model else None
-    except (CheckpointError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    """(model, trainable module, parameters to optimise); the files' errors are CheckpointErrors."""
+    config = preset(args.config) if args.config else None
+    model = load_base(args.base, config) if args.base else None
+    if model and args.stage == "controlnet" and not args.controlnet and holds_controlnet(args.base):
+        args.controlnet = args.base                  # its ControlNet too, as the official tutorial's resume_path does
+    net = load_controlnet(args.controlnet, base=model.config) if args.controlnet and model else None
     if model is None:
         if not args.config or args.stage in ("controlnet", "decoder"):
             raise SystemExit("error: give --base (an SD checkpoint), or --config to build a new model for --stage vae/base")
@@ -273,11 +269,10 @@ def train(args):
         torch.cuda.set_device(device)                # else every process's NCCL context also lands on GPU 0
     else:
         keep_freed_memory()
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
     state = read_state(state_path) if args.resume and state_path.is_file() else None
     step = state["step"] if state else 0
     if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
         check_same_step(step, world, device, state_path)
     items = read_index(args.data)
     step_batch = args.batch_size * world * args.grad_accum
