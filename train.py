@@ -46,8 +46,8 @@ def parser():
            "(encoder frozen, so the latent space and every UNet trained on it stay valid)")
     a("--base", help="SD checkpoint to start from (ControlNet: built from its UNet by the official rule; a ControlNet "
                      "1.0 full file gives its own, as the official tutorial's resume_path does)")
-    a("--config", choices=PRESETS, help="preset for a model built from scratch (e.g. tiny) when there is no --base, or for a --base "
-                       "whose prediction type its file does not tell (sd21-v: the 768 SD 2.x models predict v)")
+    a("--config", choices=PRESETS, help="preset for a model built from scratch (e.g. tiny) when there is no --base, "
+      "or for a --base whose prediction type its file does not tell (sd21-v: the 768 SD 2.x models predict v)")
     a("--controlnet", help="existing ControlNet (1.0 or 1.1 file, or diffusers folder) to fine-tune instead of a "
                            "fresh copy")
     a("--data", required=True, help="folder with prompt.json (fill50k layout: source, target, prompt per line)")
@@ -111,12 +111,15 @@ def check_args(args):
 
 # --------------------------------------------------------------------------------------------------------- model
 def build(args, device):
-    """(model, trainable module, parameters to optimise); the files' errors are CheckpointErrors."""
-    config = preset(args.config) if args.config else None
-    model = load_base(args.base, config) if args.base else None
-    if model and args.stage == "controlnet" and not args.controlnet and holds_controlnet(args.base):
-        args.controlnet = args.base                  # its ControlNet too, as the official tutorial's resume_path does
-    net = load_controlnet(args.controlnet, base=model.config) if args.controlnet and model else None
+    """(model, trainable module, parameters to optimise)."""
+    try:
+        config = preset(args.config) if args.config else None
+        model = load_base(args.base, config) if args.base else None
+        if model and args.stage == "controlnet" and not args.controlnet and holds_controlnet(args.base):
+            args.controlnet = args.base              # its ControlNet too, as the official tutorial's resume_path does
+        net = load_controlnet(args.controlnet, base=model.config) if args.controlnet and model else None
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
     if model is None:
         if not args.config or args.stage in ("controlnet", "decoder"):
             raise SystemExit("error: give --base (an SD checkpoint), or --config to build a new model for --stage vae/base")

@@ -103,10 +103,10 @@ def test_dataset_and_eval_mistakes_are_refused_in_one_line(tmp_path):
     # before any item is drawn or model read: a count of none, and outputs inside a file (the modules run here, where
     # any other exception would escape)
     (tmp_path / "x").write_text("")
-    for module, args, flag in (("world", ["--out", tmp_path / "d", "--n", 0], "--n"),
-                               ("world", ["--out", tmp_path / "x" / "d"], "--out"),
-                               ("eval", ["--grid", tmp_path / "x" / "g.png"], "--grid")):
-        code = run_module(f"minicontrol.{module}", *args)
+    for module, args, flag in (("minicontrol.world", ["--out", tmp_path / "d", "--n", 0], "--n"),
+                               ("minicontrol.world", ["--out", tmp_path / "x" / "d"], "--out"),
+                               ("tiny_eval", ["--grid", tmp_path / "x" / "g.png"], "--grid")):
+        code = run_module(module, *args)
         assert str(code).startswith(f"error: {flag}"), code
     assert not (tmp_path / "d").exists()
 
