@@ -25,7 +25,8 @@ def tiny_world(n, dtype):
     """{group: (IoU, colour error)} of the shipped tiny ControlNet, its UNet and ControlNet in `dtype`."""
     from tiny_eval import GROUPS, WEIGHTS, generate, scores
     from minicontrol.loading import load_base, load_controlnet
-    from minicontrol.world import GUIDANCE, STRENGTH, draw, eval_items
+    from minicontrol.world import GUIDANCE, STRENGTH, draw
+    from tiny_eval import eval_items
     model = load_base(WEIGHTS / "tiny_sd.safetensors")
     net = load_controlnet(WEIGHTS / "tiny_controlnet.safetensors", base=model.config).to(dtype)
     model.unet.to(dtype)

@@ -1,4 +1,4 @@
-"""Measure the tiny world's models on its two held-out groups, n items each (world.eval_items): the IoU of the
+"""Measure the tiny world's models on its two held-out groups, n items each (eval_items): the IoU of the
 generated circle with the outlined disc, and the colour error of circle and background, for the base alone, with the
 ControlNet, and the VAE's reconstructions (README: The tiny world).
 
@@ -16,10 +16,23 @@ from minicontrol.files import CheckpointError
 from minicontrol.loading import load_base, load_controlnet
 from minicontrol.pipeline import Control, decode, sample
 from minicontrol.runs import line_plot
-from minicontrol.world import COLORS, GUIDANCE, SIZE, STRENGTH, draw, eval_items, prompt
+from minicontrol.world import COLORS, GUIDANCE, SIZE, STRENGTH, draw, held_out_position, prompt, random_item
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 GROUPS = ("held-out colour pairs", "held-out corner")
+
+
+def eval_items(n: int, seed: int = 1):
+    """n held-out items of each group, in this order: new colour pairs (circles outside the corner), then circles
+    centred in the held-out corner (colour pairs seen in training)."""
+    rng = np.random.default_rng(seed)
+    groups = ([], [])
+    while min(map(len, groups)) < n:
+        item = random_item(rng, "eval")
+        group = groups[held_out_position(*item[2:4])]
+        if len(group) < n:
+            group.append(item)
+    return groups[0] + groups[1]
 
 
 def scores(images, items):

@@ -54,19 +54,6 @@ def random_item(rng, split: str):
             return str(circle), str(background), float(cx), float(cy), float(r)
 
 
-def eval_items(n: int, seed: int = 1):
-    """n held-out items of each group, in this order: new colour pairs (circles outside the corner), then circles
-    centred in the held-out corner (colour pairs seen in training)."""
-    rng = np.random.default_rng(seed)
-    groups = ([], [])
-    while min(map(len, groups)) < n:
-        item = random_item(rng, "eval")
-        group = groups[held_out_position(*item[2:4])]
-        if len(group) < n:
-            group.append(item)
-    return groups[0] + groups[1]
-
-
 def prompt(circle: str, background: str) -> str:
     return f"{circle} circle with {background} background"
 
