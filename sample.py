@@ -28,7 +28,7 @@ from minicontrol.export import check_out_folder
 from minicontrol.files import CheckpointError, check_file
 from minicontrol.identify import guessed_prediction, holds_controlnet, stated_prediction
 from minicontrol.loading import load_base, load_controlnet, load_vae
-from minicontrol.preprocess import hwc3, open_image, round64
+from minicontrol.preprocess import hwc3, read_pixels, round64
 from minicontrol.text import token_count
 from minicontrol.world import GUIDANCE as TINY_CFG, STRENGTH as TINY_STRENGTH, demo_controls
 
@@ -224,8 +224,7 @@ def fill_defaults(args, tiny: bool):
 
 def read_image(path, flag="--control-image") -> np.ndarray:
     try:
-        im = open_image(path)
-        return np.asarray(im.convert("RGBA") if im.mode in ("RGBA", "LA", "P") else im.convert("RGB"))
+        return read_pixels(path)
     except Exception as e:
         fail(f"{flag} {path}: cannot read it as an image ({type(e).__name__}: {str(e)[:80]})")
 
@@ -247,7 +246,7 @@ def control_maps(args, tiny):
         return [], [], None
     try:
         net = detectors.load(args.detector, args.annotators, args.device)
-    except CheckpointError as e:                     # an annotator file that would run code
+    except ValueError as e:                          # an annotator file unreadable, or that would run code
         fail(str(e))
     settings = detectors.settings(args)
     found = [detectors.detect(read_image(f), args.resolution, args.detector, net, **settings)

@@ -5,7 +5,8 @@
 writes the fill50k layout that train.py reads: target/ (each image at --resolution by the official rule), source/ (its
 map) and prompt.json (one JSON object per line: source, target, prompt). Captions come from a .txt beside each image,
 or from --captions, a JSONL file of {"file": ..., "caption": ...} (or file_name and text, as Hugging Face's
-metadata.jsonl). A run stopped and started again skips the images it has finished.
+metadata.jsonl). A run stopped and started again with the same flags (kept in dataset.json) skips the images it
+has finished.
 """
 import argparse
 import json
@@ -13,13 +14,13 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
 from . import detectors
 from .cli import not_finite
-from .preprocess import open_image
+from .preprocess import read_pixels
 
 IMAGES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -51,7 +52,7 @@ def read_captions(path) -> dict:
     return captions
 
 
-def caption(image: Path, captions) -> str:
+def caption(image: Path, captions):
     """The image's caption, or None where it has none."""
     if captions is not None:
         return captions.get(image.name)
@@ -85,6 +86,15 @@ def main(argv=None):
         raise SystemExit(f"error: {bad}")
     if not 64 <= args.resolution <= 4096:
         raise SystemExit(f"error: --resolution {args.resolution}: give 64 to 4096")
+    if args.detector in (None, "none"):
+        raise SystemExit("error: give --detector: the control map to compute from each image (--help lists them)")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device}: this machine has no CUDA device; use --device cpu")
+    made = {"detector": args.detector, "resolution": args.resolution, **detectors.settings(args)}
+    record = out / "dataset.json"                    # a set is finished with the settings it was begun with
+    if record.is_file() and json.loads(record.read_text(encoding="utf-8")) != made:
+        raise SystemExit(f"error: --out {out} was begun with other settings ({record}); give the same flags, or "
+                         "another --out")
     try:
         captions = read_captions(args.captions) if args.captions else None
         detectors.check(args)
@@ -94,6 +104,7 @@ def main(argv=None):
     settings = detectors.settings(args)
     for folder in ("source", "target"):
         (out / folder).mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(made), encoding="utf-8")
 
     rows = []
     skipped = 0
@@ -106,9 +117,11 @@ def main(argv=None):
         row = {"source": f"source/{image.stem}.png", "target": f"target/{image.stem}.png", "prompt": text}
         if not (out / row["source"]).is_file():      # the map is written last: a finished image has it
             try:
-                pixels = np.asarray(open_image(image).convert("RGB"))
+                pixels = read_pixels(image)
             except Exception as e:
-                tqdm.write(f"skipped {image}: cannot read it as an image ({type(e).__name__})", file=sys.stderr)
+                reason = str(e).strip().splitlines()[0][:80] if str(e).strip() else ""
+                tqdm.write(f"skipped {image}: cannot read it as an image ({type(e).__name__}: {reason})",
+                           file=sys.stderr)
                 skipped += 1
                 continue
             control, img = detectors.detect(pixels, args.resolution, args.detector, net, **settings)

@@ -2,6 +2,7 @@
 annotator networks through the ecosystem's libraries (controlnet-aux; transformers' UperNet for seg)."""
 import contextlib
 import importlib.util
+import io
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ UPERNET = "upernet-convnext-small"                   # https://huggingface.co/op
 class Detector:
     models: str                                      # the official ControlNets its maps are for
     files: list = field(default_factory=list)        # in the annotators folder, under their published names
-    aux: str = ""                                    # controlnet-aux's class ("": none, or UperNet for seg)
+    aux: str = ""                                    # the class that runs it: controlnet-aux's, or transformers'
     fixed: dict = field(default_factory=dict)        # what that class is always called with for this detector
 
 
@@ -48,7 +49,8 @@ DETECTORS = {
     "lineart_coarse": Detector("control_v11p_sd15_lineart", ["sk_model.pth", "sk_model2.pth"], "LineartDetector",
                                {"coarse": True}),
     "lineart_anime": Detector("control_v11p_sd15s2_lineart_anime", ["netG.pth"], "LineartAnimeDetector"),
-    "seg": Detector("control_sd15_seg, control_v11p_sd15_seg (ADE20K colours)", [UPERNET]),
+    "seg": Detector("control_sd15_seg, control_v11p_sd15_seg (ADE20K colours)",
+                    [f"{UPERNET}/config.json", f"{UPERNET}/preprocessor_config.json"], "UperNet"),
 }
 
 
@@ -81,25 +83,31 @@ def check(args):
         raise DetectorError(f"--detect-resolution {args.detect_resolution}: give 64 to 4096")
     if not detector.files:
         return
-    needed = ["controlnet_aux"] if detector.aux else ["controlnet_aux", "transformers"]
+    needed = ["controlnet_aux", "transformers"] if args.detector == "seg" else ["controlnet_aux"]
     for module in needed:
         if importlib.util.find_spec(module) is None:
             raise DetectorError(f"--detector {args.detector} needs {module}, which is not installed: "
                                 "pip install -e \".[detectors]\"")
-    if args.annotators is None:
-        raise DetectorError(f"--detector {args.detector} needs its weights: --annotators DIR (or "
-                            f"MINICONTROL_ANNOTATORS) with {', '.join(detector.files)}, from {ANNOTATORS}")
-    for name in detector.files:
-        if not (Path(args.annotators) / name).exists():
-            where = "https://huggingface.co/openmmlab/" + UPERNET if name == UPERNET else ANNOTATORS
-            raise DetectorError(f"--annotators {args.annotators}: {name} not found; it is published at {where}")
+    check_files(args.detector, args.annotators)
+
+
+def check_files(name, folder):
+    """A DetectorError unless the annotators folder holds the detector's files."""
+    detector = DETECTORS[name]
+    if folder is None:
+        raise DetectorError(f"--detector {name} needs its weights: --annotators DIR (or MINICONTROL_ANNOTATORS) "
+                            f"with {', '.join(detector.files)}, from {ANNOTATORS}")
+    for f in detector.files:
+        if not (Path(folder) / f).exists():
+            where = "https://huggingface.co/openmmlab/" + UPERNET if f.startswith(UPERNET) else ANNOTATORS
+            raise DetectorError(f"--annotators {folder}: {f} not found; it is published at {where}")
 
 
 @contextlib.contextmanager
 def weights_only_torch_load():
-    """controlnet-aux reads its files with torch.load, which before torch 2.6 runs whatever a pickle names. While it
-    builds a detector, torch.load is files.load_pickle (weights only; a refused file named in one line), which calls
-    torch.serialization.load, left as it is."""
+    """controlnet-aux reads its files with torch.load, which before torch 2.6 runs whatever a pickle names, and has no
+    way to be given weights read otherwise. While it builds a detector, torch.load is files.load_pickle (weights only;
+    a refused file named in one line), which calls torch.serialization.load, left as it is."""
     original = torch.load
     torch.load = lambda f, *args, **kwargs: files.load_pickle(f)[0]
     try:
@@ -109,24 +117,35 @@ def weights_only_torch_load():
 
 
 def load(name, folder, device="cpu"):
-    """The detector's network(s) on `device`, read from `folder` (check() first); None for the weight-free ones."""
+    """The detector's network(s) on `device`, read from `folder`; None for the weight-free ones. Nothing is
+    downloaded: a file missing is a DetectorError."""
     detector = DETECTORS[name or "none"]
     if not detector.files:
         return None
-    if not detector.aux:                             # seg: the network from its config, the weights read as ours
+    check_files(name, folder)
+    with warnings.catch_warnings():                  # its import warns of optional packages it does without
+        warnings.simplefilter("ignore")
+        import controlnet_aux
+    if name == "seg":                                # the network from its config, the weights read as ours are
         from transformers import AutoImageProcessor, UperNetConfig, UperNetForSemanticSegmentation
         path = Path(folder) / UPERNET
         weights = path / "model.safetensors"
         if not weights.is_file():
             weights = path / "pytorch_model.bin"     # what the published folder holds
-        net = UperNetForSemanticSegmentation(UperNetConfig.from_pretrained(path, local_files_only=True))
+        config = UperNetConfig.from_pretrained(path, local_files_only=True, use_pretrained_backbone=False)
+        net = UperNetForSemanticSegmentation(config)
         net.load_state_dict(files.read(weights)[0])
         return AutoImageProcessor.from_pretrained(path, local_files_only=True), net.to(device).eval()
-    with warnings.catch_warnings():                  # its import warns of optional packages it does without
-        warnings.simplefilter("ignore")
-        import controlnet_aux
-    with weights_only_torch_load():
-        return getattr(controlnet_aux, detector.aux).from_pretrained(folder).to(device)
+    try:                                             # its networks print as they are built
+        with weights_only_torch_load(), contextlib.redirect_stdout(io.StringIO()):
+            built = getattr(controlnet_aux, detector.aux).from_pretrained(folder, local_files_only=True)
+    except files.CheckpointError:
+        raise
+    except Exception as e:                           # a file of another network, cut short, or not weights at all
+        reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
+        raise DetectorError(f"--annotators {folder}: {', '.join(detector.files)} cannot be read as {detector.aux}'s "
+                            f"weights ({reason}); download them again from {ANNOTATORS}") from None
+    return built.to(device)
 
 
 def settings(args) -> dict:
@@ -172,17 +191,22 @@ def detect(image: np.ndarray, resolution: int, name="none", net=None, detect_res
     img = resize_image(original, resolution)
     if name == "shuffle":
         return shuffle(original, *img.shape[:2], seed), img
+    if net is None and DETECTORS[name].files:
+        raise ValueError(f"the {name} detector needs its network: net = detectors.load({name!r}, annotators folder)")
     if net is None:
         return weight_free(img, name, low, high), img
     import cv2
     from controlnet_aux.util import resize_image as official_resize
+    small = official_resize(original, detect_resolution)
     if name == "seg":
-        found = segment(net, official_resize(original, detect_resolution))
-    else:                                            # controlnet-aux brings the image to detect_resolution itself
-        sides = dict(detect_resolution=detect_resolution, image_resolution=detect_resolution)
-        found = net(original, output_type="np", **sides, **DETECTORS[name].fixed, **aux)
-    if name == "normal_midas":                       # (depth, normal); the 1.0 demo reverses the channels it gets
-        found = found[1][:, :, ::-1]
+        found = segment(net, small)
+    else:
+        # controlnet-aux brings the image to detect_resolution, then its map to image_resolution by the same rule:
+        # given the short side of the image it detected on, that second resize leaves the map as it is
+        found = net(original, output_type="np", detect_resolution=detect_resolution,
+                    image_resolution=min(small.shape[:2]), **DETECTORS[name].fixed, **aux)
+    if name == "normal_midas":                       # (depth, normal), the normal's channels reversed as the 1.0 demo
+        found = found[1]                             # gives them to the model
     control = cv2.resize(hwc3(np.ascontiguousarray(found)), img.shape[1::-1], interpolation=cv2.INTER_LINEAR)
     if name == "fake_scribble":
         control = thinned(control)

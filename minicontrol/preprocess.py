@@ -29,6 +29,12 @@ def open_image(path) -> Image.Image:
     return im
 
 
+def read_pixels(path) -> np.ndarray:
+    """An image file's pixels (open_image): RGB, or RGBA where it may be transparent (hwc3 puts it over white)."""
+    im = open_image(path)
+    return np.asarray(im.convert("RGBA") if im.mode in ("RGBA", "LA", "P") else im.convert("RGB"))
+
+
 def round64(x: float) -> int:
     """The nearest multiple of 64, halves to even: the official demos' rounding of image sides."""
     return int(np.round(x / 64.0)) * 64

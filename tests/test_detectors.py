@@ -67,22 +67,65 @@ def test_each_detector_makes_a_map_at_the_output_size_the_same_each_run(folder, 
     assert np.array_equal(maps[0], maps[1])
 
 
-@pytest.mark.parametrize("size,detect,out", [((333, 517), 512, 512), ((517, 333), 300, 768), ((401, 700), 512, 64)])
+@pytest.mark.parametrize("size,detect,out", [((333, 517), 512, 512), ((517, 333), 300, 768), ((401, 700), 512, 64),
+                                             ((333, 517), 352, 512)])
 def test_the_network_sees_the_image_at_the_detect_resolution_and_the_map_comes_at_the_output_size(
-        folder, size, detect, out):
-    import argparse
-    p = argparse.ArgumentParser()
-    detectors.add_flags(p)
-    args = p.parse_args(["--detector", "hed", "--detect-resolution", str(detect)])
-    args.seed = 0
+        folder, size, detect, out, monkeypatch):
+    # the official 1.1 demos: detect on resize_image(image, detect), then one linear resize of the map to the output
+    # size; every resize on the way (the library's and ours) must go to one of those two sizes
+    import cv2
     net = detectors.load("hed", folder)
     seen = []
     first_conv = next(m for m in net.netNetwork.modules() if isinstance(m, torch.nn.Conv2d))
     first_conv.register_forward_pre_hook(lambda module, inputs: seen.append(tuple(inputs[0].shape[2:])))
+    resized = []
+    resize = cv2.resize
+
+    def recorded(src, dsize, *args, **kwargs):
+        resized.append(tuple(dsize)[::-1])
+        return resize(src, dsize, *args, **kwargs)
+    monkeypatch.setattr(cv2, "resize", recorded)
     image = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
-    control, img = detectors.detect(image, out, "hed", net, **detectors.settings(args))
+    control, img = detectors.detect(image, out, "hed", net, detect_resolution=detect)
     assert seen == [official_size(*size, detect)]
+    assert set(resized) == {official_size(*size, detect), official_size(*size, out)} and resized[-1] == img.shape[:2]
     assert control.shape == img.shape == (*official_size(*size, out), 3) and control.dtype == np.uint8
+
+
+def test_detector_settings_are_parameters_of_the_library_detectors():
+    # controlnet-aux's detectors take **kwargs and ignore a name they do not know: each keyword passed must be one of
+    # theirs by name
+    import argparse
+    import inspect
+    import controlnet_aux
+    p = argparse.ArgumentParser()
+    detectors.add_flags(p)
+    for name, d in detectors.DETECTORS.items():
+        if d.files and name != "seg":
+            args = p.parse_args(["--detector", name])
+            args.seed = 0
+            keys = set(d.fixed) | set(detectors.settings(args)) - {"detect_resolution", "seed", "low", "high"}
+            accepted = inspect.signature(getattr(controlnet_aux, d.aux).__call__).parameters
+            assert keys <= set(accepted), (name, keys - set(accepted))
+
+
+def test_normal_midas_gives_the_channels_as_the_1_0_demo(folder):
+    # a depth that rises to the right: the official annotator makes (x, y, z) = (sobel dx, 0, 2 pi), normalised, as
+    # (n * 127.5 + 127.5) in uint8, and the 1.0 demo hands the model its channels reversed: (z, y, x)
+    net = detectors.load("normal_midas", folder)
+
+    class Ramp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.arange(x.shape[3], dtype=torch.float32).expand(x.shape[0], x.shape[2], x.shape[3])
+    net.model = Ramp()
+    control, _ = detectors.detect(np.zeros((64, 64, 3), np.uint8), 64, "normal_midas", net, detect_resolution=64)
+    n = np.sqrt(8.0 ** 2 + (2 * np.pi) ** 2)                          # a 3x3 Sobel of slope 1 is 8
+    expected = (np.array([2 * np.pi, 0, 8.0]) / n * 127.5 + 127.5).astype(np.uint8)
+    assert np.abs(control[32, 40:56].astype(int) - expected).max() <= 1
 
 
 def test_missing_extra_file_and_malicious_file_each_stop_before_the_base_is_read(folder, photo, tmp_path,
@@ -101,6 +144,7 @@ def test_missing_extra_file_and_malicious_file_each_stop_before_the_base_is_read
     assert res.returncode == 1 and res.stderr.count("\n") == 1
     assert "body_pose_model.pth" in res.stderr and "huggingface.co/lllyasviel/Annotators" in res.stderr
     res = sample(tmp_path, photo, tmp_path / "b", "--detector", "seg")
+    assert res.returncode == 1 and res.stderr.count("\n") == 1
     assert "upernet-convnext-small" in res.stderr and "huggingface.co/openmmlab" in res.stderr
 
     class Boom:
@@ -112,11 +156,15 @@ def test_missing_extra_file_and_malicious_file_each_stop_before_the_base_is_read
     monkeypatch.chdir(tmp_path)
     with open(evil / "ControlNetHED.pth", "wb") as f:
         pickle.dump({"x": Boom()}, f)
+    # torch 2.6 and later refuse it by default too; the message, the same as for a base, tells our reader ran
     res = sample(evil, photo, tmp_path / "c", "--detector", "hed")
     with pytest.raises(CheckpointError) as as_base:
         load_base(evil / "ControlNetHED.pth")
     assert res.returncode == 1 and res.stderr == f"error: {as_base.value}\n" and "refused" in res.stderr
     assert not (tmp_path / "PWNED_MARKER").exists()
+    (evil / "ControlNetHED.pth").write_bytes(b"<html>a page saved in place of the file</html>")
+    res = sample(evil, photo, tmp_path / "c", "--detector", "hed")
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "ControlNetHED.pth" in res.stderr
     assert torch.load is not None and torch.load.__module__ == "torch.serialization"    # put back as it was
 
 
@@ -150,15 +198,22 @@ def test_dataset_command_makes_a_training_set_resumes_and_trains(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         dataset.main([str(a) for a in argv])
     assert len(list((tmp_path / "data" / "source").glob("*.png"))) == 10
-    monkeypatch.setattr(detectors, "detect", lambda *args, **kwargs: calls.append(1) or detect(*args, **kwargs))
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return detect(*args, **kwargs)
+    calls.clear()
+    monkeypatch.setattr(detectors, "detect", counted)
     res = run_main(dataset.main, *argv)
     assert res.returncode == 0, res.stderr
-    assert len(calls) == 18                          # 20 images, one unreadable, one without a caption: none redone
+    assert len(calls) == 8                           # 20 images, one unreadable, one without a caption, 10 done before
     assert "img05.png: cannot read it" in res.stderr and "img07.png: no caption" in res.stderr
     assert "wrote 18 items to" in capsys.readouterr().out
     rows = [json.loads(line) for line in (tmp_path / "data" / "prompt.json").read_text().splitlines()]
     assert len(rows) == 18 and rows[0] == {"source": "source/img00.png", "target": "target/img00.png",
                                            "prompt": "square number 0"}
+    res = run_main(dataset.main, *argv[:-2], "--resolution", 128)      # going on with other settings is refused
+    assert res.returncode == 1 and "was begun with other settings" in res.stderr and res.stderr.count("\n") == 1
     from minicontrol.preprocess import canny, resize_image
     target = np.asarray(Image.open(tmp_path / "data" / rows[3]["target"]))
     source = np.asarray(Image.open(tmp_path / "data" / rows[3]["source"]))
@@ -180,7 +235,7 @@ def test_dataset_captions_from_jsonl_and_a_bad_line_named(tmp_path, capsys):
              json.dumps({"file": "photos/img02.png", "caption": "third"})]
     (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
     argv = ["--images", tmp_path / "photos", "--captions", tmp_path / "captions.jsonl", "--out", tmp_path / "data",
-            "--resolution", 64]
+            "--resolution", 64, "--detector", "scribble"]
     res = run_main(dataset.main, *argv)              # the .txt files beside the images are not read
     assert res.returncode == 0 and "img01.png: no caption" in res.stderr
     rows = [json.loads(line) for line in (tmp_path / "data" / "prompt.json").read_text().splitlines()]
