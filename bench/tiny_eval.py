@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from minicontrol.export import check_out_folder
 from minicontrol.files import CheckpointError

@@ -1,9 +1,7 @@
 """Detectors from the annotator library, read from random weights written under their published names, run through
-sample.py with the tiny model as the official 1.1 demos run them; and training sets made with them."""
+sample.py with the tiny model as the official 1.1 demos run them."""
 import importlib.util
-import json
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,7 @@ import torch
 from PIL import Image
 
 from helpers import run_main
-from minicontrol import dataset, detectors
+from minicontrol import detectors
 from minicontrol.files import CheckpointError
 from minicontrol.loading import load_base
 
@@ -166,82 +164,3 @@ def test_missing_extra_file_and_malicious_file_each_stop_before_the_base_is_read
     res = sample(evil, photo, tmp_path / "c", "--detector", "hed")
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and "ControlNetHED.pth" in res.stderr
     assert torch.load is not None and torch.load.__module__ == "torch.serialization"    # put back as it was
-
-
-def pictures(folder: Path, n: int):
-    rng = np.random.default_rng(1)
-    folder.mkdir()
-    for i in range(n):
-        h, w = rng.integers(70, 140, 2)
-        img = np.full((h, w, 3), 230, np.uint8)
-        img[h // 4:h // 2, w // 3:2 * w // 3] = rng.integers(0, 255, 3)
-        Image.fromarray(img).save(folder / f"img{i:02d}.png")
-        (folder / f"img{i:02d}.txt").write_text(f"square number {i}\n")
-
-
-@pytest.mark.slow
-def test_dataset_command_makes_a_training_set_resumes_and_trains(tmp_path, monkeypatch, capsys):
-    pictures(tmp_path / "photos", 20)
-    (tmp_path / "photos" / "img05.png").write_bytes(b"not an image")
-    (tmp_path / "photos" / "img07.txt").unlink()
-    argv = ["--images", tmp_path / "photos", "--detector", "canny", "--out", tmp_path / "data", "--resolution", 64]
-
-    calls = []
-    detect = detectors.detect
-
-    def stopped_after_ten(*args, **kwargs):
-        if len(calls) == 10:
-            raise KeyboardInterrupt                  # as a run stopped with Ctrl-C or killed
-        calls.append(1)
-        return detect(*args, **kwargs)
-    monkeypatch.setattr(detectors, "detect", stopped_after_ten)
-    with pytest.raises(KeyboardInterrupt):
-        dataset.main([str(a) for a in argv])
-    assert len(list((tmp_path / "data" / "source").glob("*.png"))) == 10
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return detect(*args, **kwargs)
-    calls.clear()
-    monkeypatch.setattr(detectors, "detect", counted)
-    res = run_main(dataset.main, *argv)
-    assert res.returncode == 0, res.stderr
-    assert len(calls) == 8                           # 20 images, one unreadable, one without a caption, 10 done before
-    assert "img05.png: cannot read it" in res.stderr and "img07.png: no caption" in res.stderr
-    assert "wrote 18 items to" in capsys.readouterr().out
-    rows = [json.loads(line) for line in (tmp_path / "data" / "prompt.json").read_text().splitlines()]
-    assert len(rows) == 18 and rows[0] == {"source": "source/img00.png", "target": "target/img00.png",
-                                           "prompt": "square number 0"}
-    res = run_main(dataset.main, *argv[:-2], "--resolution", 128)      # going on with other settings is refused
-    assert res.returncode == 1 and "was begun with other settings" in res.stderr and res.stderr.count("\n") == 1
-    from minicontrol.preprocess import canny, resize_image
-    target = np.asarray(Image.open(tmp_path / "data" / rows[3]["target"]))
-    source = np.asarray(Image.open(tmp_path / "data" / rows[3]["source"]))
-    original = np.asarray(Image.open(tmp_path / "photos" / "img03.png"))
-    assert np.array_equal(target, resize_image(original, 64))
-    assert np.array_equal(source[:, :, 0], canny(target))
-
-    import train
-    res = run_main(train.main, "--base", ROOT / "weights" / "tiny_sd.safetensors", "--data", tmp_path / "data",
-                   "--out", tmp_path / "run", "--steps", 5, "--batch-size", 2, "--resolution", 64,
-                   "--sample-every", 0, "--save-every", 5)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert len((tmp_path / "run" / "loss.csv").read_text().splitlines()) == 6
-
-
-def test_dataset_captions_from_jsonl_and_a_bad_line_named(tmp_path, capsys):
-    pictures(tmp_path / "photos", 3)
-    lines = [json.dumps({"file_name": "img00.png", "text": "first"}), "",
-             json.dumps({"file": "photos/img02.png", "caption": "third"})]
-    (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
-    argv = ["--images", tmp_path / "photos", "--captions", tmp_path / "captions.jsonl", "--out", tmp_path / "data",
-            "--resolution", 64, "--detector", "scribble"]
-    res = run_main(dataset.main, *argv)              # the .txt files beside the images are not read
-    assert res.returncode == 0 and "img01.png: no caption" in res.stderr
-    rows = [json.loads(line) for line in (tmp_path / "data" / "prompt.json").read_text().splitlines()]
-    assert [(r["target"], r["prompt"]) for r in rows] == [("target/img00.png", "first"),
-                                                          ("target/img02.png", "third")]
-    (tmp_path / "captions.jsonl").write_text(lines[0] + "\n{not json\n")
-    res = run_main(dataset.main, *argv)
-    expected = f"error: --captions {tmp_path / 'captions.jsonl'} line 2: expected JSON with file and caption\n"
-    assert res.returncode == 1 and res.stderr == expected
