@@ -91,16 +91,20 @@ def check(args):
     check_files(args.detector, args.annotators)
 
 
+def published(f) -> str:
+    """Where an annotators folder's file is published."""
+    return "https://huggingface.co/openmmlab/" + UPERNET if f.startswith(UPERNET) else ANNOTATORS
+
+
 def check_files(name, folder):
     """A DetectorError unless the annotators folder holds the detector's files."""
     detector = DETECTORS[name]
     if folder is None:
         raise DetectorError(f"--detector {name} needs its weights: --annotators DIR (or MINICONTROL_ANNOTATORS) "
-                            f"with {', '.join(detector.files)}, from {ANNOTATORS}")
+                            f"with {', '.join(detector.files)}, from {published(detector.files[0])}")
     for f in detector.files:
         if not (Path(folder) / f).exists():
-            where = "https://huggingface.co/openmmlab/" + UPERNET if f.startswith(UPERNET) else ANNOTATORS
-            raise DetectorError(f"--annotators {folder}: {f} not found; it is published at {where}")
+            raise DetectorError(f"--annotators {folder}: {f} not found; it is published at {published(f)}")
 
 
 @contextlib.contextmanager
