@@ -342,10 +342,12 @@ def parameters(args, prompt: str, seed: int, image: np.ndarray) -> str:
                 "VAE": Path(args.vae or "").name, "ControlNet": ", ".join(Path(c).name for c in args.controlnet),
                 "Strength": args.strength, "Guess mode": args.guess_mode, "Start": args.start, "End": args.end,
                 "Dtype": args.dtype, "Clip skip": args.clip_skip, "Prompt chunks": args.prompt_chunks,
-                "Mask": Path(args.mask or "").name, "Mask blur": args.mask_blur, "Denoise": args.denoise}
-    # these are written only when the flag is used
+                "Mask": Path(args.mask or "").name, "Mask blur": args.mask_blur, "Denoise": args.denoise,
+                "Detector": args.detector, "Detect resolution": args.detect_resolution}
+    # these are written only when the flag is used (the detect resolution: where a network detects)
     used = {"VAE": args.vae, "Clip skip": args.clip_skip, "Prompt chunks": args.prompt_chunks > 1, "Mask": args.mask,
-            "Mask blur": args.mask, "Denoise": args.denoise}
+            "Mask blur": args.mask, "Denoise": args.denoise, "Detector": args.detector,
+            "Detect resolution": detectors.DETECTORS[args.detector or "none"].files}
     listed = ", ".join(f"{name}: {value}" for name, value in settings.items() if used.get(name, True))
     return f"{prompt}\nNegative prompt: {args.negative_prompt}\n{listed}"
 

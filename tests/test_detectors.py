@@ -61,6 +61,8 @@ def test_each_detector_makes_a_map_at_the_output_size_the_same_each_run(folder, 
         res = sample(folder, photo, tmp_path / str(run), "--detector", name, "--detect-resolution", 128)
         assert res.returncode == 0, res.stderr[-2000:]
         maps.append(np.asarray(Image.open(tmp_path / str(run) / "control_0.png")))
+        params = Image.open(tmp_path / str(run) / "sample_0.png").text["parameters"]
+        assert f"Detector: {name}, Detect resolution: 128" in params
     assert maps[0].dtype == np.uint8 and maps[0].shape == (*official_size(333, 517, 64), 3)
     assert np.array_equal(maps[0], maps[1])
 

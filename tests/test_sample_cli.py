@@ -74,8 +74,10 @@ def test_sample_writes_pngs_with_metadata_and_is_reproducible(files, tmp_path):
     assert all(s.size == (64, 64) for s in samples)                 # 80x96 -> short side 64, sides multiples of 64
     assert grid.size == (512, 512)              # control map row above two samples, 64-pixel tiles shown 4x
     params = samples[1].text["parameters"]
-    for expected in ("a red circle", "Steps: 3", "CFG scale: 9.0", "Seed: 43,", "tiny-v1.ckpt", "control_tiny.pth"):
+    for expected in ("a red circle", "Steps: 3", "CFG scale: 9.0", "Seed: 43,", "tiny-v1.ckpt", "control_tiny.pth",
+                     "Detector: canny"):
         assert expected in params
+    assert "Detect resolution" not in params                        # canny runs at the output size
     for i in range(2):
         assert np.array_equal(np.asarray(samples[i]), np.asarray(Image.open(second / f"sample_{i}.png")))
     assert not np.array_equal(np.asarray(samples[0]), np.asarray(samples[1]))   # two different draws
