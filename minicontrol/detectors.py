@@ -146,9 +146,8 @@ def load(name, folder, device="cpu"):
     except files.CheckpointError:
         raise
     except Exception as e:                           # a file of another network, cut short, or not weights at all
-        reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
         raise DetectorError(f"--annotators {folder}: {', '.join(detector.files)} cannot be read as {detector.aux}'s "
-                            f"weights ({reason}); download them again from {ANNOTATORS}") from None
+                            f"weights ({files.reason(e)}); download them again from {ANNOTATORS}") from None
     return built.to(device)
 
 
@@ -209,8 +208,8 @@ def detect(image: np.ndarray, resolution: int, name="none", net=None, detect_res
         # given the short side of the image it detected on, that second resize leaves the map as it is
         found = net(original, output_type="np", detect_resolution=detect_resolution,
                     image_resolution=min(small.shape[:2]), **DETECTORS[name].fixed, **aux)
-    if name == "normal_midas":                       # (depth, normal), the normal's channels reversed as the 1.0 demo
-        found = found[1]                             # gives them to the model
+    if name == "normal_midas":                       # (depth, normal); the normal's channels come reversed, as
+        found = found[1]                             # the 1.0 demo hands them to the model
     control = cv2.resize(hwc3(np.ascontiguousarray(found)), img.shape[1::-1], interpolation=cv2.INTER_LINEAR)
     if name == "fake_scribble":
         control = thinned(control)

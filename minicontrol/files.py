@@ -102,9 +102,8 @@ def read(path) -> tuple:
     except CheckpointError:
         raise
     except Exception as e:                           # pickle's, zipfile's, safetensors' or torch's own errors
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated, corrupt or not a "
-                              f"PyTorch/safetensors file ({reason})") from None
+                              f"PyTorch/safetensors file ({reason(e)})") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if isinstance(sd, dict) and any(isinstance(v, Inert) for v in sd.values()):
@@ -112,6 +111,11 @@ def read(path) -> tuple:
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: holds no state dict of tensors; expected an SD or ControlNet checkpoint")
     return sd, saved_config(path)
+
+
+def reason(e: Exception) -> str:
+    """An exception's first line (at most 120 characters), or its type where it has no message."""
+    return str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
 
 
 def is_safetensors(path) -> bool:

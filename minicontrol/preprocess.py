@@ -130,7 +130,8 @@ def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
 def cubic_resize(x: np.ndarray, h: int, w: int) -> np.ndarray:
     """OpenCV's INTER_CUBIC resize of a float (H, W) array to (h, w), which PyTorch's bicubic is: Keys' cubic
     (a = -0.75), pixel centres aligned, edges repeated."""
-    return F.interpolate(torch.from_numpy(x)[None, None], (h, w), mode="bicubic", align_corners=False)[0, 0].numpy()
+    resized = F.interpolate(torch.from_numpy(x)[None, None], (h, w), mode="bicubic", align_corners=False)
+    return resized[0, 0].numpy()
 
 
 def shuffle(image: np.ndarray, h: int, w: int, seed: int, f: int = 256) -> np.ndarray:
