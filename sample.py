@@ -5,7 +5,6 @@
         --control-image bird.png --detector canny --prompt "a bird" --out out/
 """
 import argparse
-import math
 import random
 import re
 import sys
@@ -19,7 +18,7 @@ from tqdm import tqdm
 
 from minicontrol import detectors, pipeline
 from minicontrol.attention import check_mode
-from minicontrol.cli import not_finite
+from minicontrol.cli import not_finite, out_of_range
 from minicontrol.config import PRESETS, preset
 from minicontrol.cpu import keep_freed_memory, native_bf16
 from minicontrol.ddim import img2img_start, timesteps
@@ -163,15 +162,13 @@ def check_args(args, tiny: bool):
     for s, e in zip(per_control(args.start or [0.0], n), per_control(args.end or [1.0], n)):
         if not 0 <= s < e <= 1:
             fail(f"--start {s} and --end {e} must satisfy 0 <= start < end <= 1")
-    # the numbers that have a range: (flag, value, lowest, highest); None is a flag left out
-    ranges = [("--steps", args.steps, 1, 1000), ("--prompt-chunks", args.prompt_chunks, 1, 8),
-              ("--resolution", args.resolution, 64, 4096), ("--num-samples", args.num_samples, 1, math.inf),
-              ("--batch-size", args.batch_size, 1, math.inf), ("--cfg", args.cfg, 0, math.inf),
-              ("--eta", args.eta, 0, math.inf), ("--mask-blur", args.mask_blur, 0, math.inf)]
-    for flag, x, low, high in ranges:
-        if x is not None and not low <= x <= high:
-            upto = f" to {high}" if high < math.inf else " or more"
-            fail(f"{flag} {x}: give {low}{upto}")
+    # the numbers that have a range: (flag, value, lowest, highest or None)
+    bad = out_of_range([("--steps", args.steps, 1, 1000), ("--prompt-chunks", args.prompt_chunks, 1, 8),
+                        ("--resolution", args.resolution, 64, 4096), ("--num-samples", args.num_samples, 1, None),
+                        ("--batch-size", args.batch_size, 1, None), ("--cfg", args.cfg, 0, None),
+                        ("--eta", args.eta, 0, None), ("--mask-blur", args.mask_blur, 0, None)])
+    if bad:
+        fail(bad)
     if args.denoise and img2img_start(args.denoise, args.steps) < 1:
         fail(f"--denoise {args.denoise} of --steps {args.steps} runs no step (the official rule runs "
              "min(int(denoise * steps), steps - 1)); give a larger --denoise or more --steps")

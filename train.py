@@ -6,7 +6,6 @@ CPU to many GPUs: `torchrun --nproc_per_node N train.py ...` runs DistributedDat
     python train.py ... --resume                                                                   # after a stop
 """
 import argparse
-import math
 import os
 import sys
 from contextlib import nullcontext
@@ -19,7 +18,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from minicontrol.attention import check_mode
-from minicontrol.cli import not_finite
+from minicontrol.cli import not_finite, out_of_range
 from minicontrol.config import PRESETS, preset
 from minicontrol.controlnet import clone_encoder
 from minicontrol.cpu import keep_freed_memory
@@ -83,16 +82,14 @@ def check_args(args):
     bad = not_finite(args)
     if bad:
         raise SystemExit(f"error: {bad}")
-    # the numbers that have a range: (flag, value, lowest, highest); None is a flag left out
-    ranges = [("--steps", args.steps, 1, math.inf), ("--batch-size", args.batch_size, 1, math.inf),
-              ("--grad-accum", args.grad_accum, 1, math.inf), ("--save-every", args.save_every, 1, math.inf),
-              ("--sample-steps", args.sample_steps, 1, math.inf), ("--resolution", args.resolution, 1, math.inf),
-              ("--sample-every", args.sample_every, 0, math.inf), ("--latent-noise", args.latent_noise, 0, math.inf),
-              ("--drop-prompt", args.drop_prompt, 0, 1)]                    # a probability
-    for flag, x, low, high in ranges:
-        if x is not None and not low <= x <= high:
-            upto = f" to {high}" if high < math.inf else " or more"
-            raise SystemExit(f"error: {flag} {x}: give {low}{upto}")
+    # the numbers that have a range: (flag, value, lowest, highest or None)
+    bad = out_of_range([("--steps", args.steps, 1, None), ("--batch-size", args.batch_size, 1, None),
+                        ("--grad-accum", args.grad_accum, 1, None), ("--save-every", args.save_every, 1, None),
+                        ("--sample-steps", args.sample_steps, 1, None), ("--resolution", args.resolution, 1, None),
+                        ("--sample-every", args.sample_every, 0, None), ("--latent-noise", args.latent_noise, 0, None),
+                        ("--drop-prompt", args.drop_prompt, 0, 1)])            # a probability
+    if bad:
+        raise SystemExit(f"error: {bad}")
     if args.lr <= 0:
         raise SystemExit(f"error: --lr must be positive, got {args.lr}")
     if args.latent_noise and args.stage != "decoder":
