@@ -62,7 +62,7 @@ def mid_block(c: int) -> nn.Module:
 def level(blocks, name: str, resample: nn.Module) -> nn.Module:
     # the resampling is named downsample or upsample, as in the released files; the last level's is an Identity
     lvl = nn.Module()
-    lvl.block = nn.ModuleList(blocks)
+    lvl.block = nn.Sequential(*blocks)
     lvl.add_module(name, resample)
     return lvl
 
@@ -86,9 +86,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for lvl in self.down:
-            for block in lvl.block:
-                h = block(h)
-            h = lvl.downsample(h)
+            h = lvl.downsample(lvl.block(h))
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -114,9 +112,7 @@ class Decoder(nn.Module):
     def forward(self, z):
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
         for lvl in reversed(self.up):
-            for block in lvl.block:
-                h = block(h)
-            h = lvl.upsample(h)
+            h = lvl.upsample(lvl.block(h))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
