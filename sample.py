@@ -137,7 +137,12 @@ def choose_files(args) -> bool:
 def check_args(args, tiny: bool):
     """The flags as given, each mistake in one line, before any weights are read."""
     n = len(args.controlnet)
-    bad = not_finite(args)
+    # the numbers that have a range: (flag, value, lowest, highest or None)
+    ranges = [("--steps", args.steps, 1, 1000), ("--prompt-chunks", args.prompt_chunks, 1, 8),
+              ("--resolution", args.resolution, 64, 4096), ("--num-samples", args.num_samples, 1, None),
+              ("--batch-size", args.batch_size, 1, None), ("--cfg", args.cfg, 0, None),
+              ("--eta", args.eta, 0, None), ("--mask-blur", args.mask_blur, 0, None)]
+    bad = not_finite(args) or out_of_range(ranges)
     if bad:
         fail(bad)
     if args.prompt is None and not (tiny and not args.control_image):     # the tiny model's outlines come with theirs
@@ -162,13 +167,6 @@ def check_args(args, tiny: bool):
     for s, e in zip(per_control(args.start or [0.0], n), per_control(args.end or [1.0], n)):
         if not 0 <= s < e <= 1:
             fail(f"--start {s} and --end {e} must satisfy 0 <= start < end <= 1")
-    # the numbers that have a range: (flag, value, lowest, highest or None)
-    bad = out_of_range([("--steps", args.steps, 1, 1000), ("--prompt-chunks", args.prompt_chunks, 1, 8),
-                        ("--resolution", args.resolution, 64, 4096), ("--num-samples", args.num_samples, 1, None),
-                        ("--batch-size", args.batch_size, 1, None), ("--cfg", args.cfg, 0, None),
-                        ("--eta", args.eta, 0, None), ("--mask-blur", args.mask_blur, 0, None)])
-    if bad:
-        fail(bad)
     if args.denoise and img2img_start(args.denoise, args.steps) < 1:
         fail(f"--denoise {args.denoise} of --steps {args.steps} runs no step (the official rule runs "
              "min(int(denoise * steps), steps - 1)); give a larger --denoise or more --steps")

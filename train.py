@@ -79,15 +79,13 @@ def parser():
 
 def check_args(args):
     """Flag mistakes, each one line, before any data or weights are read."""
-    bad = not_finite(args)
-    if bad:
-        raise SystemExit(f"error: {bad}")
     # the numbers that have a range: (flag, value, lowest, highest or None)
-    bad = out_of_range([("--steps", args.steps, 1, None), ("--batch-size", args.batch_size, 1, None),
-                        ("--grad-accum", args.grad_accum, 1, None), ("--save-every", args.save_every, 1, None),
-                        ("--sample-steps", args.sample_steps, 1, None), ("--resolution", args.resolution, 1, None),
-                        ("--sample-every", args.sample_every, 0, None), ("--latent-noise", args.latent_noise, 0, None),
-                        ("--drop-prompt", args.drop_prompt, 0, 1)])            # a probability
+    ranges = [("--steps", args.steps, 1, None), ("--batch-size", args.batch_size, 1, None),
+              ("--grad-accum", args.grad_accum, 1, None), ("--save-every", args.save_every, 1, None),
+              ("--sample-steps", args.sample_steps, 1, None), ("--resolution", args.resolution, 1, None),
+              ("--sample-every", args.sample_every, 0, None), ("--latent-noise", args.latent_noise, 0, None),
+              ("--drop-prompt", args.drop_prompt, 0, 1)]                      # a probability
+    bad = not_finite(args) or out_of_range(ranges)
     if bad:
         raise SystemExit(f"error: {bad}")
     if args.lr <= 0:
