@@ -140,8 +140,8 @@ def check_args(args, tiny: bool):
     # the numbers that have a range: (flag, value, lowest, highest or None)
     ranges = [("--steps", args.steps, 1, 1000), ("--prompt-chunks", args.prompt_chunks, 1, 8),
               ("--resolution", args.resolution, 64, 4096), ("--num-samples", args.num_samples, 1, None),
-              ("--batch-size", args.batch_size, 1, None), ("--cfg", args.cfg, 0, None),
-              ("--eta", args.eta, 0, None), ("--mask-blur", args.mask_blur, 0, None)]
+              ("--batch-size", args.batch_size, 1, None), ("--cfg", args.cfg, 0, None), ("--eta", args.eta, 0, None),
+              ("--mask-blur", args.mask_blur, 0, None), ("--detect-resolution", args.detect_resolution, 64, 4096)]
     bad = not_finite(args) or out_of_range(ranges)
     if bad:
         fail(bad)
