@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .files import reason
+
 
 class RunError(ValueError):
     """A run folder that cannot be continued; the message says what to do."""
@@ -28,8 +30,7 @@ def read_state(path) -> dict:
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:                                    # a copy cut short, or not a file torch.save wrote
-        raise RunError(f"{path}: cannot be read ({str(e).strip().splitlines()[0][:100]}); copy it again, or give "
-                       "another --out")
+        raise RunError(f"{path}: cannot be read ({reason(e)}); copy it again, or give another --out")
 
 
 def load_state(state: dict, path, run: dict, lr: float):
@@ -44,9 +45,8 @@ def load_state(state: dict, path, run: dict, lr: float):
         if state.get("scaler"):                                # a run saved in fp16 keeps its loss scale
             run["scaler"].load_state_dict(state["scaler"])
     except (RuntimeError, ValueError) as e:
-        why = str(e).strip().splitlines()[0][:120]
-        raise RunError(f"{path} is a run with other settings ({why}); resume with its --stage, --base, --controlnet "
-                       "and --sd-unlocked, or give another --out")
+        raise RunError(f"{path} is a run with other settings ({reason(e)}); resume with its --stage, --base, "
+                       "--controlnet and --sd-unlocked, or give another --out")
     for group in run["optimizer"].param_groups:
         group["lr"] = lr
     run["generator"].set_state(state["generator"])
