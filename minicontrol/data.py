@@ -106,14 +106,12 @@ def prefetched(load, keys, ahead=2):
 def encode_all(vae, items, resolution, batch=64):
     """The VAE's moments (mean and logvar, stacked on channels) of every training image, kept on the CPU."""
     device = next(vae.parameters()).device
-    out = []
 
     def targets(first):                              # the targets of items first .. first + batch - 1
         rows = range(first, min(first + batch, len(items)))
         return torch.stack([load_item(items[j], resolution, j + 1)[1] for j in rows])
-    for x in prefetched(targets, range(0, len(items), batch)):              # the next images read while these encode
-        out.append(torch.cat(vae.moments(x.to(device)), dim=1).cpu())
-    return torch.cat(out)
+    batches = prefetched(targets, range(0, len(items), batch))              # the next images read while these encode
+    return torch.cat([torch.cat(vae.moments(x.to(device)), dim=1).cpu() for x in batches])
 
 
 def vae_scale_factor(vae, items, resolution):
