@@ -233,7 +233,7 @@ def sample_grid(args, model, net, items, path):
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
-def check_same_step(step: int, world: int, device, path):
+def check_same_step(step: int, device, path):
     """Rank 0 alone writes state.pt: every node must resume from that one file."""
     steps = torch.tensor([step, -step], device=device)
     dist.all_reduce(steps, op=dist.ReduceOp.MAX)
@@ -271,7 +271,7 @@ def train(args):
     step = state["step"] if state else 0
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
-        check_same_step(step, world, device, state_path)
+        check_same_step(step, device, state_path)
     items = read_index(args.data)
     step_batch = args.batch_size * world * args.grad_accum
     if len(items) < step_batch:
