@@ -59,7 +59,6 @@ class DetectorError(ValueError):
 
 
 def add_flags(parser):
-    """The flags that choose and tune a detector."""
     a = parser.add_argument
     names = "; ".join(f"{name}: {d.models}" for name, d in DETECTORS.items())
     a("--detector", choices=list(DETECTORS), default=None, help=f"turn each image into a control map for: {names}")

@@ -17,7 +17,6 @@ class Draws:
     latent_noise: torch.Tensor  # (G, C, h, w): noise added to the decoder stage's latents, else zeros
 
     def rows(self, rows: slice, device) -> "Draws":
-        """These rows only, on the device."""
         return Draws(*(getattr(self, f.name)[rows].to(device) for f in fields(self)))
 
 
