@@ -1,9 +1,7 @@
 """CLIP text encoders on open-clip-torch: SD1's OpenAI ViT-L/14 tower (last layer) and SD2's OpenCLIP ViT-H/14
 tower (penultimate layer), both followed by ln_final, plus the bundled BPE tokenizer (works offline)."""
 import functools
-import re
 
-import open_clip.version
 import torch
 import torch.nn as nn
 from open_clip.tokenizer import SimpleTokenizer
@@ -12,25 +10,6 @@ from open_clip.transformer import LayerNorm, QuickGELU, ResidualAttentionBlock
 from .config import TextConfig
 
 SOT, EOT = 49406, 49407
-# the first open_clip whose ResidualAttentionBlock reads (B, N, C), batch first; before it, (N, B, C)
-OPEN_CLIP_NEEDED = "2.26.1"
-
-
-def release(version: str) -> tuple:
-    return tuple(int(n) for n in re.match(r"(\d+)\.(\d+)\.(\d+)", version).groups())
-
-
-def check_open_clip():
-    """An ImportError for an open_clip older than OPEN_CLIP_NEEDED: its blocks would take this encoder's (B, N, C)
-    tokens as (N, B, C), attending across the batch, or fail on the mask's shape."""
-    found = open_clip.version.__version__
-    if release(found) < release(OPEN_CLIP_NEEDED):
-        raise ImportError(f"open-clip-torch {found} is installed; minicontrol needs open-clip-torch>="
-                          f"{OPEN_CLIP_NEEDED}, whose text blocks take batch-first tensors: "
-                          "pip install -U open-clip-torch")
-
-
-check_open_clip()
 
 
 @functools.lru_cache(maxsize=1)
