@@ -1,11 +1,12 @@
 """One SD1.5 UNet + ControlNet forward at batch 2 on CPU, minicontrol beside diffusers, each side in its own process
 and built as its own users build it: random weights from each library's own constructors (diffusers'
 UNet2DConditionModel for SD1.5 and ControlNetModel.from_unet), cast to the dtype; minicontrol with the allocator
-setting sample.py makes on the CPU (minicontrol.cpu.keep_freed_memory). --native 0 instead gives diffusers the same
-weights as ours through its own single-file converters (outputs then compared). The printed table gives time, the
-memory added by the forward, and the ratio.
+setting and the convolutions packed for oneDNN as sample.py makes them on the CPU (minicontrol.cpu; --packed 0 leaves
+them plain). --native 0 instead gives diffusers the same weights as ours through its own single-file converters
+(outputs then compared). The printed table gives time, the memory added by the forward, and the ratio.
 
-    python bench/unet_forward.py [--size 512] [--batch 2] [--repeats 2] [--bf16 0|1] [--native 1|0] [--threads N]
+    python bench/unet_forward.py [--size 512] [--batch 2] [--repeats 2] [--bf16 0|1] [--native 1|0] [--packed 1|0]
+        [--threads N]
 """
 import os
 import sys
@@ -48,6 +49,10 @@ def side(args):
         from minicontrol.cpu import keep_freed_memory
         keep_freed_memory()
     cfg, unet, net = build(args.impl, args.native, dtype)
+    if args.impl == "minicontrol" and args.packed:
+        from minicontrol.cpu import pack_convolutions
+        pack_convolutions(unet)
+        pack_convolutions(net)
     g = torch.Generator().manual_seed(0)
     h = args.size // 8
     x = torch.randn(args.batch, 4, h, h, generator=g).to(dtype)
@@ -73,7 +78,7 @@ def main():
         return f"the same weights; output relative difference {diff.item():.2e}"
     compare(__file__, side, lambda a: f"SD1.5 UNet + ControlNet forward, {a.size}x{a.size}, batch {a.batch}, "
             f"{'bfloat16' if a.bf16 else 'float32'}, CPU, {a.threads} threads, torch {torch.__version__}; best of "
-            f"{a.repeats}", note, size=512, batch=2, repeats=2, bf16=0, native=1)
+            f"{a.repeats}", note, size=512, batch=2, repeats=2, bf16=0, native=1, packed=1)
 
 
 if __name__ == "__main__":

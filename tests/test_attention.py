@@ -297,3 +297,31 @@ def test_an_unknown_mode_raises_in_the_library_and_leaves_the_program_running():
     lines = run.stdout.splitlines()
     assert len(lines) == 2 and all(line.startswith("MINICONTROL_ATTENTION=flash: give auto") for line in lines)
     assert all("ours" in line and "sdpa" in line for line in lines)
+
+
+@pytest.mark.parametrize("nq,nk", [(600, 600), (256, 77), (100, 77)])
+@pytest.mark.parametrize("d", WIDTHS)
+def test_cpu_chunks_match_the_closed_form(d, nq, nk):
+    # 600 queries: two whole chunks of 256 and a part one; float64 for the closed form, bfloat16 as sampling runs it,
+    # no further from float64 than twice PyTorch's own SDPA in bfloat16
+    q, k, v = tensors(nq, nk, d, torch.float64)
+    exact = attention_math(q, k, v)
+    assert rel(attn.attention_in_chunks(q, k, v), exact) < 1e-12
+    q16, k16, v16 = (t.bfloat16() for t in (q, k, v))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q16, k16, v16)
+    assert rel(attn.attention_in_chunks(q16, k16, v16), exact) < 2 * rel(sdpa, exact)
+
+
+def test_the_cpu_takes_chunks_only_for_bfloat16_sampling(monkeypatch):
+    calls = []
+    monkeypatch.setattr(attn, "attention_in_chunks", lambda *qkv: calls.append(qkv[0].dtype) or qkv[0])
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = tensors(64, 77, 40, dtype)
+        with torch.no_grad():
+            attn.attention(q, k, v)
+        attn.attention(q.requires_grad_(), k, v)             # training: SDPA, whose backward recomputes the scores
+    assert calls == [torch.bfloat16]
+    monkeypatch.setattr(attn, "MODE", "sdpa")
+    with torch.no_grad():
+        attn.attention(*tensors(64, 77, 40, torch.bfloat16))
+    assert calls == [torch.bfloat16]

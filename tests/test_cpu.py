@@ -1,13 +1,14 @@
-"""The CPU's bfloat16 instructions as the kernel reports them, and the allocator setting that keeps freed scratch
-memory, counted in page faults by the kernel."""
+"""The CPU's bfloat16 instructions as the kernel reports them, the allocator setting that keeps freed scratch memory,
+counted in page faults by the kernel, and convolutions packed for oneDNN against the plain ones."""
 import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from minicontrol.cpu import native_bf16
+from minicontrol.cpu import native_bf16, pack_convolutions
 
 ROOT = Path(__file__).resolve().parents[1]
 x86_linux = pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64",
@@ -51,3 +52,41 @@ def test_convolution_scratch_memory_is_kept_and_not_faulted_in_again():
         assert res.returncode == 0, res.stderr
         counts[mode] = int(res.stdout.split()[-1])
     assert counts["plain"] > 10000 and counts["keep"] < 1000, counts
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_packed_convolutions_match_the_plain_ones(dtype, tol):
+    # SD's kinds of convolution: 3x3, 3x3 with stride 2 (downsampling), 1x1 (skips, zero convolutions), grouped;
+    # float64 for the reference; the second input, of another shape, runs on the weights packed for the first
+    convs = [torch.nn.Conv2d(64, 96, 3, padding=1), torch.nn.Conv2d(64, 64, 3, stride=2, padding=1),
+             torch.nn.Conv2d(64, 32, 1), torch.nn.Conv2d(64, 64, 3, padding=1, groups=4)]
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2, 64, 9, 9, generator=g), torch.randn(1, 64, 12, 7, generator=g)]
+    for conv in convs:
+        exact = [conv.double()(x.double()) for x in inputs]
+        conv.to(dtype)
+        pack_convolutions(conv)
+        with torch.no_grad():
+            outs = [conv(x.to(dtype)) for x in inputs]
+        assert conv.weight.is_mkldnn
+        for out, ref in zip(outs, exact):
+            assert ((out.double() - ref).norm() / ref.norm()).item() < tol
+
+
+def test_a_packed_unet_gives_the_plain_output():
+    from minicontrol.config import preset
+    from minicontrol.controlnet import clone_encoder
+    from minicontrol.model import StableDiffusion
+    from helpers import randomize
+    torch.manual_seed(0)
+    model = StableDiffusion(preset("tiny"))
+    unet = randomize(model.unet, seed=1, std=0.05).eval()
+    net = randomize(clone_encoder(unet), seed=2, std=0.05).eval()
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, unet.config.context_dim)
+    hint, t = torch.rand(2, 3, 64, 64), torch.tensor([10, 900])
+    with torch.no_grad():
+        plain = unet(x, t, ctx, control=net(x, hint, t, ctx))
+        pack_convolutions(unet)
+        pack_convolutions(net)
+        packed = unet(x, t, ctx, control=net(x, hint, t, ctx))
+    assert ((packed - plain).norm() / plain.norm()).item() < 1e-5
