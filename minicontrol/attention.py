@@ -10,7 +10,8 @@ from . import tuning
 from .flash import FlashAttention, split_width, triton
 
 # MINICONTROL_ATTENTION: auto (the default: on CUDA, our kernel or PyTorch's SDPA, whichever was measured faster at the
-# shape), ours (our kernel wherever it runs) or sdpa (PyTorch's everywhere); benchmarks compare them
+# shape; on a CPU in bfloat16 while sampling, attention_in_chunks), ours (our kernel wherever it runs) or sdpa
+# (PyTorch's everywhere); benchmarks compare them
 MODES = ("auto", "ours", "sdpa")
 MODE = os.environ.get("MINICONTROL_ATTENTION") or "auto"
 # Triton makes tensor-core code of the kernel's products from Ampere (sm_80) on; on older GPUs they become scalar
@@ -32,9 +33,10 @@ def attention_math(q, k, v):
 
 
 def attention_in_chunks(q, k, v, rows=256):
-    """attention_math for 256 queries at a time, so that (256, Nk) scores at most are held: on a CPU in bfloat16, two
-    oneDNN matrix products and a softmax take 0.45 to 0.8 of the time of SDPA's CPU kernel."""
-    q, v = q.contiguous(), v.contiguous()           # (B, H, N, d) whole: no copy of a chunk or of v per chunk
+    """attention_math for `rows` queries at a time, so that (rows, Nk) scores at most are held: on a CPU in bfloat16,
+    two oneDNN matrix products and a softmax are faster than SDPA's CPU kernel (BENCHMARKS.md)."""
+    q = q.contiguous()                              # (B, H, N, d) whole: no copy of a chunk, of k or of v per chunk
+    v = v.contiguous()
     kt = (k.contiguous() * q.shape[-1] ** -0.5).transpose(-2, -1)
     out = torch.empty_like(q)
     for i in range(0, q.shape[2], rows):
@@ -50,7 +52,7 @@ def has_tensor_core_code(device: torch.device) -> bool:
 def attention(q, k, v):
     """Scaled dot-product attention over (B, H, N, d) tensors: on CUDA GPUs from Ampere on, our FlashAttention-2
     kernel (flash.py) or PyTorch's SDPA, whichever was measured faster at this shape (tuning.py); on a CPU in bfloat16
-    while sampling, attention_in_chunks; elsewhere, and for the VAE's 512-wide head (split_width refuses it), SDPA,
+    with gradients off (sampling), attention_in_chunks; elsewhere, and for the VAE's 512-wide head (split_width refuses it), SDPA,
     whose CPU kernel never holds a whole (Nq, Nk) matrix."""
     check_mode()
     if MODE == "auto" and q.device.type == "cpu" and q.dtype == torch.bfloat16 and not torch.is_grad_enabled():
