@@ -52,8 +52,8 @@ def has_tensor_core_code(device: torch.device) -> bool:
 def attention(q, k, v):
     """Scaled dot-product attention over (B, H, N, d) tensors: on CUDA GPUs from Ampere on, our FlashAttention-2
     kernel (flash.py) or PyTorch's SDPA, whichever was measured faster at this shape (tuning.py); on a CPU in bfloat16
-    with gradients off (sampling), attention_in_chunks; elsewhere, and for the VAE's 512-wide head (split_width refuses it), SDPA,
-    whose CPU kernel never holds a whole (Nq, Nk) matrix."""
+    with gradients off (sampling), attention_in_chunks; elsewhere, and for the VAE's 512-wide head (split_width
+    refuses it), SDPA, whose CPU kernel never holds a whole (Nq, Nk) matrix."""
     check_mode()
     if MODE == "auto" and q.device.type == "cpu" and q.dtype == torch.bfloat16 and not torch.is_grad_enabled():
         return attention_in_chunks(q, k, v)
