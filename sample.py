@@ -20,7 +20,7 @@ from minicontrol import detectors, pipeline
 from minicontrol.attention import check_mode
 from minicontrol.cli import not_finite, out_of_range
 from minicontrol.config import PRESETS, preset
-from minicontrol.cpu import keep_freed_memory, native_bf16, pack_convolutions
+from minicontrol.cpu import keep_freed_memory, native_bf16, pack_weights
 from minicontrol.ddim import img2img_start, timesteps
 from minicontrol.editing import composite, image_latents, inpainting
 from minicontrol.export import check_out_folder
@@ -298,7 +298,7 @@ def main(argv=None):
     for part in [model.unet] + nets:                 # cast while moved, tensor by tensor: no float32 copy on the GPU
         part.to(args.device, getattr(torch, args.dtype))
         if args.device == "cpu":
-            pack_convolutions(part)
+            pack_weights(part)
     model.to(args.device)
     h, w = maps[0].shape[:2] if maps else (round64(args.resolution),) * 2
     controls = [pipeline.Control(*c) for c in zip(nets, hints, args.strength, args.start, args.end)]

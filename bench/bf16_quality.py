@@ -1,5 +1,6 @@
 """bfloat16 against float32 on the CPU, the UNet and ControlNet cast as sample.py casts them on a CPU with bfloat16
-instructions (the VAE and text encoder stay float32), their convolutions packed for oneDNN as sample.py packs them:
+instructions (the VAE and text encoder stay float32), their convolutions and linear layers packed for oneDNN as
+sample.py packs them:
 
   * the tiny world's evaluation (bench/tiny_eval.py's scores, the same held-out items, seeds and settings): IoU and
     colour error of the shipped ControlNet in each dtype;
@@ -27,12 +28,12 @@ def tiny_world(n, dtype):
     from minicontrol.loading import load_base, load_controlnet
     from minicontrol.world import GUIDANCE, STRENGTH, draw
     from tiny_eval import eval_items
-    from minicontrol.cpu import pack_convolutions
+    from minicontrol.cpu import pack_weights
     model = load_base(WEIGHTS / "tiny_sd.safetensors")
     net = load_controlnet(WEIGHTS / "tiny_controlnet.safetensors", base=model.config).to(dtype)
     model.unet.to(dtype)
-    pack_convolutions(net)
-    pack_convolutions(model.unet)
+    pack_weights(net)
+    pack_weights(model.unet)
     items = eval_items(n, 1)
     controls = [draw(*item)[1] for item in items]
     images = []
@@ -53,13 +54,13 @@ def guided(unet, net, x, t, context, hint, dtype, cfg=9.0):
 
 def sd15_steps(size, steps):
     """The relative differences of bfloat16's conditional and guided outputs from float32's at each DDIM step."""
-    from minicontrol.cpu import pack_convolutions
+    from minicontrol.cpu import pack_weights
     from minicontrol.ddim import ddim_sample
     from unet_forward import build
     _, unet, net = build("minicontrol")
     half = [m for m in build("minicontrol", dtype=torch.bfloat16)[1:]]
     for m in [unet, net] + half:
-        pack_convolutions(m)
+        pack_weights(m)
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(1, 4, size // 8, size // 8, generator=g)
     context = torch.randn(2, 77, 768, generator=g)

@@ -2,8 +2,8 @@
 diffusers' StableDiffusionControlNetPipeline on the same SD1.5-sized random weights, the same text embeddings and
 initial noise, the same threads; each side in its own process. Includes the VAE decode to pixels. --bf16 1 runs our
 UNet and ControlNet in bfloat16, as sample.py does on a CPU with bfloat16 instructions; diffusers keeps its default,
-float32. Both sides run as their users get them: ours with sample.py's allocator setting and convolutions packed
-for oneDNN on the CPU.
+float32. Both sides run as their users get them: ours with sample.py's allocator setting and convolutions and linear
+layers packed for oneDNN on the CPU.
 
     python bench/sample_pipeline.py [--size 256] [--steps 4] [--bf16 0|1] [--repeats 2|0] [--threads N]
 """
@@ -23,13 +23,13 @@ def side(args):
     torch.set_num_threads(args.threads)
     cfg, unet, net = build(args.impl)
     if args.impl == "minicontrol":
-        from minicontrol.cpu import keep_freed_memory, pack_convolutions
+        from minicontrol.cpu import keep_freed_memory, pack_weights
         keep_freed_memory()                                  # as sample.py on the CPU
         dtype = torch.bfloat16 if args.bf16 else torch.float32
         unet = unet.to(dtype)
         net = net.to(dtype)
-        pack_convolutions(unet)
-        pack_convolutions(net)
+        pack_weights(unet)
+        pack_weights(net)
         from minicontrol.model import StableDiffusion
         from minicontrol.pipeline import Control, decode, sample
         from minicontrol.vae import AutoencoderKL

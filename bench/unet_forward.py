@@ -1,12 +1,13 @@
 """One SD1.5 UNet + ControlNet forward at batch 2 on CPU, minicontrol beside diffusers, each side in its own process
 and built as its own users build it: random weights from each library's own constructors (diffusers'
 UNet2DConditionModel for SD1.5 and ControlNetModel.from_unet), cast to the dtype; minicontrol with the allocator
-setting and the convolutions packed for oneDNN as sample.py makes them on the CPU (minicontrol.cpu; --packed 0 leaves
-them plain). --native 0 instead gives diffusers the same weights as ours through its own single-file converters
-(outputs then compared). The printed table gives time, the memory added by the forward, and the ratio.
+setting and the convolutions and linear layers packed for oneDNN as sample.py makes them on the CPU
+(minicontrol.cpu; --packed 0 leaves them plain). --native 0 instead gives diffusers the same weights as ours through
+its own single-file converters (outputs then compared). The printed table gives time, the memory added by the forward,
+and the ratio; --rounds N runs both sides N times in turn and keeps each side's best.
 
     python bench/unet_forward.py [--size 512] [--batch 2] [--repeats 2] [--bf16 0|1] [--native 1|0] [--packed 1|0]
-        [--threads N]
+        [--threads N] [--rounds 1]
 """
 import os
 import sys
@@ -50,9 +51,9 @@ def side(args):
         keep_freed_memory()
     cfg, unet, net = build(args.impl, args.native, dtype)
     if args.impl == "minicontrol" and args.packed:
-        from minicontrol.cpu import pack_convolutions
-        pack_convolutions(unet)
-        pack_convolutions(net)
+        from minicontrol.cpu import pack_weights
+        pack_weights(unet)
+        pack_weights(net)
     g = torch.Generator().manual_seed(0)
     h = args.size // 8
     x = torch.randn(args.batch, 4, h, h, generator=g).to(dtype)

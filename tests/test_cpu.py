@@ -1,5 +1,5 @@
 """The CPU's bfloat16 instructions as the kernel reports them, the allocator setting that keeps freed scratch memory,
-counted in page faults by the kernel, and convolutions packed for oneDNN against the plain ones."""
+counted in page faults by the kernel, and convolutions and linear layers packed for oneDNN against float64."""
 import copy
 import platform
 import subprocess
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minicontrol.cpu import PackedConv2d, native_bf16, pack_convolutions
+from minicontrol.cpu import Packed, PackedConv2d, PackedLinear, native_bf16, pack_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 x86_linux = pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64",
@@ -70,11 +70,30 @@ def test_packed_convolutions_match_the_plain_ones(dtype, tol):
     for conv in convs:
         exact = [conv.double()(x.double()) for x in inputs]
         model = torch.nn.Sequential(conv.to(dtype))
-        pack_convolutions(model)
+        pack_weights(model)
         with torch.no_grad():
             outs = [model(x.to(dtype)) for x in inputs]
         assert isinstance(model[0], PackedConv2d) and model[0].weight.is_mkldnn
         for out, ref in zip(outs, exact):
+            assert ((out.double() - ref).norm() / ref.norm()).item() < tol
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), BF16])
+def test_packed_linears_match_the_plain_ones(dtype, tol):
+    # SD's kinds: with a bias (feed-forward, time embedding) and without (q, k, v); tokens as (B, N, C) and a batch of
+    # time embeddings as (B, C); the second input, with another number of rows, runs on the weights packed for the first
+    layers = [torch.nn.Linear(64, 96), torch.nn.Linear(64, 48, bias=False)]
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2, 50, 64, generator=g), torch.randn(3, 64, generator=g)]
+    for layer in layers:
+        exact = [layer.double()(x.double()) for x in inputs]
+        model = torch.nn.Sequential(layer.to(dtype))
+        pack_weights(model)
+        with torch.no_grad():
+            outs = [model(x.to(dtype)) for x in inputs]
+        assert isinstance(model[0], PackedLinear) and model[0].weight.is_mkldnn
+        for out, ref in zip(outs, exact):
+            assert out.shape == ref.shape
             assert ((out.double() - ref).norm() / ref.norm()).item() < tol
 
 
@@ -96,12 +115,13 @@ def test_a_packed_unet_and_controlnet_give_the_float64_output():
     net64 = copy.deepcopy(net).double()
     with torch.no_grad():
         exact = unet64(x.double(), t, context.double(), control=net64(x.double(), hint.double(), t, context.double()))
-    pack_convolutions(unet)
-    pack_convolutions(net)
+    pack_weights(unet)
+    pack_weights(net)
     with torch.no_grad():
         packed = unet(x, t, context, control=net(x, hint, t, context))
-    convs = [m for m in list(unet.modules()) + list(net.modules()) if isinstance(m, PackedConv2d)]
-    assert convs and all(m.weight.is_mkldnn for m in convs)
-    assert not any(isinstance(m, torch.nn.Conv2d) for m in list(unet.modules()) + list(net.modules()))
+    modules = list(unet.modules()) + list(net.modules())
+    layers = [m for m in modules if isinstance(m, Packed)]
+    assert layers and all(m.weight.is_mkldnn for m in layers)
+    assert not any(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in modules)
     assert list(unet.state_dict()) + list(net.state_dict()) == keys          # the official key names
     assert ((packed.double() - exact).norm() / exact.norm()).item() < 1e-5
