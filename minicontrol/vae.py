@@ -1,4 +1,6 @@
 """The KL autoencoder of latent diffusion (LDM arXiv:2112.10752), named as the official `first_stage_model.*` keys."""
+from collections import OrderedDict
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -53,18 +55,14 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))        # asymmetric zero pad, then an unpadded stride-2 conv
 
 
-def mid_block(c: int) -> nn.Module:
-    mid = nn.Module()
-    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
-    return mid
+def mid_block(c: int) -> nn.Sequential:
+    # Sequentials of named layers: they run in order, under the released files' names (mid.block_1, up.0.upsample)
+    return nn.Sequential(OrderedDict(block_1=ResnetBlock(c, c), attn_1=AttnBlock(c), block_2=ResnetBlock(c, c)))
 
 
-def level(blocks, name: str, resample: nn.Module) -> nn.Module:
-    # the resampling is named downsample or upsample, as in the released files; the last level's is an Identity
-    lvl = nn.Module()
-    lvl.block = nn.Sequential(*blocks)
-    lvl.add_module(name, resample)
-    return lvl
+def level(blocks, name: str, resample: nn.Module) -> nn.Sequential:
+    # the resampling is named downsample or upsample; the last level's is an Identity
+    return nn.Sequential(OrderedDict([("block", nn.Sequential(*blocks)), (name, resample)]))
 
 
 class Encoder(nn.Module):
@@ -86,8 +84,8 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for lvl in self.down:
-            h = lvl.downsample(lvl.block(h))
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+            h = lvl(h)
+        h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -110,9 +108,9 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, padding=1)
 
     def forward(self, z):
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        h = self.mid(self.conv_in(z))
         for lvl in reversed(self.up):
-            h = lvl.upsample(lvl.block(h))
+            h = lvl(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
