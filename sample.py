@@ -184,7 +184,7 @@ def check_args(args, tiny: bool):
     try:
         check_mode()                                 # MINICONTROL_ATTENTION
         check_out_folder(args.out)
-        detectors.check(args)
+        detectors.check(args.detector, args.annotators)
     except (CheckpointError, ValueError) as e:
         fail(str(e))
 

@@ -75,26 +75,21 @@ def add_flags(parser):
     a("--face", action="store_true", help="openpose: the face too")
 
 
-def check(args):
-    """A DetectorError unless the detector the flags choose can run: its libraries installed, its weights there."""
-    if not DETECTORS[args.detector or "none"].files:
-        return
-    needed = ["controlnet_aux", "transformers"] if args.detector == "seg" else ["controlnet_aux"]
-    for module in needed:
-        if importlib.util.find_spec(module) is None:
-            raise DetectorError(f"--detector {args.detector} needs {module}, which is not installed: "
-                                "pip install -e \".[detectors]\"")
-    check_files(args.detector, args.annotators)
-
-
 def published(f) -> str:
     """Where an annotators folder's file is published."""
     return "https://huggingface.co/openmmlab/" + UPERNET if f.startswith(UPERNET) else ANNOTATORS
 
 
-def check_files(name, folder):
-    """A DetectorError unless the annotators folder holds the detector's files."""
-    detector = DETECTORS[name]
+def check(name, folder):
+    """A DetectorError unless the detector can run: its libraries installed, its files in the annotators folder."""
+    detector = DETECTORS[name or "none"]
+    if not detector.files:
+        return
+    needed = ["controlnet_aux", "transformers"] if name == "seg" else ["controlnet_aux"]
+    for module in needed:
+        if importlib.util.find_spec(module) is None:
+            raise DetectorError(f"--detector {name} needs {module}, which is not installed: "
+                                "pip install -e \".[detectors]\"")
     if folder is None:
         raise DetectorError(f"--detector {name} needs its weights: --annotators DIR (or MINICONTROL_ANNOTATORS) "
                             f"with {', '.join(detector.files)}, from {published(detector.files[0])}")
@@ -118,11 +113,11 @@ def weights_only_torch_load():
 
 def load(name, folder, device="cpu"):
     """The detector's network(s) on `device`, read from `folder`; None for the weight-free ones. Nothing is
-    downloaded: a file missing is a DetectorError."""
+    downloaded: a file or library missing is a DetectorError."""
     detector = DETECTORS[name or "none"]
     if not detector.files:
         return None
-    check_files(name, folder)
+    check(name, folder)
     with warnings.catch_warnings():                  # its import warns of optional packages it does without
         warnings.simplefilter("ignore")
         import controlnet_aux

@@ -147,7 +147,7 @@ def test_missing_extra_file_and_malicious_file_each_stop_before_the_base_is_read
     assert res.returncode == 1 and res.stderr.count("\n") == 1
     assert "upernet-convnext-small" in res.stderr and "huggingface.co/openmmlab" in res.stderr
     with pytest.raises(detectors.DetectorError, match="needs its weights: --annotators DIR .*huggingface.co/openmmlab"):
-        detectors.check_files("seg", None)                                        # no folder given at all
+        detectors.check("seg", None)                                              # no folder given at all
 
     class Boom:
         def __reduce__(self):
