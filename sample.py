@@ -246,10 +246,9 @@ def control_maps(args, tiny):
     settings = detectors.settings(args)
     found = [detectors.detect(read_image(f), args.resolution, args.detector, net, **settings)
              for f in args.control_image]
-    maps = [control for control, _ in found]
     source = found[0][1]                             # the first image at the output size: img2img's, inpainting's
-    size = maps[0].shape[1::-1]                      # every map at the first one's (W, H)
-    maps = [maps[0]] + [np.asarray(Image.fromarray(m).resize(size, Image.BILINEAR)) for m in maps[1:]]
+    size = found[0][0].shape[1::-1]                  # every map at the first one's (W, H)
+    maps = [np.asarray(Image.fromarray(m).resize(size, Image.BILINEAR)) for m, _ in found]
     return maps, [as_hint(m) for m in maps], source
 
 
