@@ -190,8 +190,7 @@ def train_step(args, model, ddp, run, parts, moments, world):
     total = 0.0
     for micro in range(args.grad_accum):
         rows, own, items = next(parts)
-        last = micro == args.grad_accum - 1
-        sync = last or world == 1
+        sync = micro == args.grad_accum - 1 or world == 1           # the last micro-batch all-reduces
         # DDP decides whether to all-reduce when the forward runs, so no_sync must hold the forward too
         with nullcontext() if sync else ddp.no_sync():
             own_moments = moments[own] if moments is not None else None
