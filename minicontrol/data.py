@@ -47,10 +47,7 @@ def center_square(img: Image.Image, resolution: int) -> Image.Image:
     """The short side resized to `resolution` (bicubic) and the middle square kept, as diffusers' training script
     does (Resize, then CenterCrop)."""
     w, h = img.size
-    if w < h:
-        size = (resolution, int(resolution * h / w))
-    else:
-        size = (int(resolution * w / h), resolution)
+    size = (resolution, int(resolution * h / w)) if w < h else (int(resolution * w / h), resolution)
     left = round((size[0] - resolution) / 2)
     top = round((size[1] - resolution) / 2)
     return img.resize(size, Image.BICUBIC).crop((left, top, left + resolution, top + resolution))
