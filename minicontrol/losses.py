@@ -38,10 +38,7 @@ def draw(gen: torch.Generator, rows: int, latent_shape, drop_prompt: float, late
 def latents(vae, target, posterior, moments=None):
     """z0: a sample of the VAE posterior of the target images, scaled as LDM does. moments: the cached mean and
     logvar (stacked on channels) of these images, else the encoder runs now."""
-    if moments is None:
-        mean, logvar = vae.moments(target)
-    else:
-        mean, logvar = moments.chunk(2, dim=1)
+    mean, logvar = vae.moments(target) if moments is None else moments.chunk(2, dim=1)
     return (mean + torch.exp(0.5 * logvar) * posterior) * vae.config.scale_factor
 
 
