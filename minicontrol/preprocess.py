@@ -63,9 +63,7 @@ def canny(image: np.ndarray, low: float = 100, high: float = 200) -> np.ndarray:
     dx, dy = sobel(hwc3(np.asarray(image)))
     mags = np.abs(dx) + np.abs(dy)
     pick = mags.argmax(axis=2)[:, :, None]                         # first channel wins ties, as OpenCV
-    dx = np.take_along_axis(dx, pick, 2)[:, :, 0]
-    dy = np.take_along_axis(dy, pick, 2)[:, :, 0]
-    mag = np.take_along_axis(mags, pick, 2)[:, :, 0]
+    dx, dy, mag = (np.take_along_axis(a, pick, 2)[:, :, 0] for a in (dx, dy, mags))
     low, high = sorted([int(np.floor(low)), int(np.floor(high))])
 
     # non-maximum suppression in OpenCV's fixed point: tan(22.5 deg) in Q15
