@@ -137,7 +137,6 @@ def choose_files(args) -> bool:
 def check_args(args, tiny: bool):
     """The flags as given, each mistake in one line, before any weights are read."""
     n = len(args.controlnet)
-    # the numbers that have a range: (flag, value, lowest, highest or None)
     ranges = [("--steps", args.steps, 1, 1000), ("--prompt-chunks", args.prompt_chunks, 1, 8),
               ("--resolution", args.resolution, 64, 4096), ("--num-samples", args.num_samples, 1, None),
               ("--batch-size", args.batch_size, 1, None), ("--cfg", args.cfg, 0, None), ("--eta", args.eta, 0, None),

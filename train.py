@@ -79,7 +79,6 @@ def parser():
 
 def check_args(args):
     """Flag mistakes, each one line, before any data or weights are read."""
-    # the numbers that have a range: (flag, value, lowest, highest or None)
     ranges = [("--steps", args.steps, 1, None), ("--batch-size", args.batch_size, 1, None),
               ("--grad-accum", args.grad_accum, 1, None), ("--save-every", args.save_every, 1, None),
               ("--sample-steps", args.sample_steps, 1, None), ("--resolution", args.resolution, 1, None),
