@@ -1,6 +1,7 @@
 """The Stable Diffusion UNet (LDM arXiv:2112.10752), with parameter names equal to the official
 `model.diffusion_model.*` keys, so a checkpoint loads with a plain strict `load_state_dict`."""
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -124,13 +125,9 @@ class SpatialTransformer(nn.Module):
         return x + self.proj_out(rearrange(y, "b (h w) c -> b c h w", h=h, w=w).contiguous())
 
 
-class Downsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x):
-        return self.op(x)
+def downsample(channels: int) -> nn.Sequential:
+    # a Sequential of one named layer only so the key reads input_blocks.{i}.0.op, as in the released files
+    return nn.Sequential(OrderedDict(op=nn.Conv2d(channels, channels, 3, stride=2, padding=1)))
 
 
 class Upsample(nn.Module):
@@ -190,7 +187,7 @@ def build_encoder(cfg: UNetConfig):
             blocks.append(Block(*layers))
             chans.append(ch)
         if level != len(cfg.channel_mult) - 1:
-            blocks.append(Block(Downsample(ch)))
+            blocks.append(Block(downsample(ch)))
             chans.append(ch)
             ds *= 2
     middle = Block(ResBlock(ch, emb_ch, ch), transformer(cfg, ch), ResBlock(ch, emb_ch, ch))
