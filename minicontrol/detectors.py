@@ -85,8 +85,7 @@ def check(name, folder):
     detector = DETECTORS[name or "none"]
     if not detector.files:
         return
-    needed = ["controlnet_aux", "transformers"] if name == "seg" else ["controlnet_aux"]
-    for module in needed:
+    for module in ["controlnet_aux"] + (["transformers"] if name == "seg" else []):
         if importlib.util.find_spec(module) is None:
             raise DetectorError(f"--detector {name} needs {module}, which is not installed: "
                                 "pip install -e \".[detectors]\"")
