@@ -71,7 +71,7 @@ class Encoder(nn.Module):
         super().__init__()
         widths = [cfg.ch * m for m in cfg.ch_mult]
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
-        self.down, c = nn.ModuleList(), cfg.ch
+        self.down, c = nn.Sequential(), cfg.ch          # the levels in the order they run, down.0 first
         for i, w in enumerate(widths):
             blocks = [ResnetBlock(c if j == 0 else w, w) for j in range(cfg.num_res_blocks)]
             down = Downsample(w) if i != len(widths) - 1 else nn.Identity()
@@ -82,10 +82,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(c, 2 * cfg.z_channels, 3, padding=1)   # mean and log-variance
 
     def forward(self, x):
-        h = self.conv_in(x)
-        for lvl in self.down:
-            h = lvl(h)
-        h = self.mid(h)
+        h = self.mid(self.down(self.conv_in(x)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
