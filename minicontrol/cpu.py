@@ -72,8 +72,9 @@ class PackedLinear(Packed):
 
 def pack_weights(model: nn.Module):
     """Every Conv2d and Linear below the model made a Packed one (bfloat16 ones where oneDNN computes in bfloat16,
-    AVX-512 on): the 1280-channel 3x3 convolutions at the small latents take 0.6 of their time, the matrix products
-    0.75 to 0.9. The model is for sampling only from then on: its weights become oneDNN tensors, with no gradients."""
+    AVX-512 on): the 1280-channel 3x3 convolutions at the small latents take 0.5 to 0.7 of their time, the linear
+    layers 0.75 to 0.95 (BENCHMARKS.md). The model is for sampling only from then on: its weights become oneDNN
+    tensors, with no gradients."""
     if not torch.backends.mkldnn.is_available():
         return
     for name, layer in list(model.named_modules()):
