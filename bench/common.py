@@ -40,16 +40,17 @@ def run_sides(script, args, keys):
     that a slow spell on a shared machine falls on both sides); return each side's fastest JSON row, with every
     round's time under "rounds", and outputs (saved by each side as a tensor file)."""
     import torch
-    rows, outs = {}, {}
+    rows, outs, rounds = {}, {}, {"minicontrol": [], "diffusers": []}
     for _ in range(args.rounds):
-        for impl in ("minicontrol", "diffusers"):
+        for impl in rounds:
             out = f"/tmp/bench_{os.path.basename(script)}_{impl}.pt"
             row = side_row([script, "--impl", impl, "--out", out] + [f"--{k}={getattr(args, k)}" for k in keys])
-            times = rows.get(impl, {}).get("rounds", []) + [row["seconds"]]
+            rounds[impl].append(row["seconds"])
             if impl not in rows or row["seconds"] < rows[impl]["seconds"]:
                 rows[impl] = row
-            rows[impl]["rounds"] = times
             outs[impl] = torch.load(out, weights_only=True)
+    for impl, times in rounds.items():
+        rows[impl]["rounds"] = times
     return rows, outs
 
 

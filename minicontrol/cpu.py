@@ -77,14 +77,15 @@ def pack_weights(model: nn.Module):
     tensors, with no gradients."""
     if not torch.backends.mkldnn.is_available():
         return
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     for name, layer in list(model.named_modules()):
         if isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros":
-            packed = PackedConv2d(layer)
+            kind = PackedConv2d
         elif isinstance(layer, nn.Linear):
-            packed = PackedLinear(layer)
+            kind = PackedLinear
         else:
             continue
-        if layer.weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if layer.weight.dtype == torch.bfloat16 and not bf16:
             continue
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, packed)
+        setattr(model.get_submodule(parent), child, kind(layer))

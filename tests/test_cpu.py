@@ -59,39 +59,30 @@ BF16 = pytest.param(torch.bfloat16, 2e-2, marks=pytest.mark.skipif(
     not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN computes bfloat16 only from AVX-512 on"))
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), BF16])
-def test_packed_convolutions_match_the_plain_ones(dtype, tol):
-    # SD's kinds of convolution: 3x3, 3x3 with stride 2 (downsampling), 1x1 (skips, zero convolutions), grouped;
-    # float64 for the reference; the second input, of another shape, runs on the weights packed for the first
+def sd_layers(g):
+    """(layers, inputs, packed class): SD's kinds of convolution (3x3, 3x3 with stride 2 for downsampling, 1x1 for
+    skips and zero convolutions, grouped) and of linear layer (with a bias: feed-forward, time embedding; without:
+    q, k, v), each with two inputs of different shapes (tokens as (B, N, C), time embeddings as (B, C))."""
     convs = [torch.nn.Conv2d(64, 96, 3, padding=1), torch.nn.Conv2d(64, 64, 3, stride=2, padding=1),
              torch.nn.Conv2d(64, 32, 1), torch.nn.Conv2d(64, 64, 3, padding=1, groups=4)]
-    g = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(2, 64, 9, 9, generator=g), torch.randn(1, 64, 12, 7, generator=g)]
-    for conv in convs:
-        exact = [conv.double()(x.double()) for x in inputs]
-        model = torch.nn.Sequential(conv.to(dtype))
-        pack_weights(model)
-        with torch.no_grad():
-            outs = [model(x.to(dtype)) for x in inputs]
-        assert isinstance(model[0], PackedConv2d) and model[0].weight.is_mkldnn
-        for out, ref in zip(outs, exact):
-            assert ((out.double() - ref).norm() / ref.norm()).item() < tol
+    conv_inputs = [torch.randn(2, 64, 9, 9, generator=g), torch.randn(1, 64, 12, 7, generator=g)]
+    linears = [torch.nn.Linear(64, 96), torch.nn.Linear(64, 48, bias=False)]
+    linear_inputs = [torch.randn(2, 50, 64, generator=g), torch.randn(3, 64, generator=g)]
+    return [(convs, conv_inputs, PackedConv2d), (linears, linear_inputs, PackedLinear)]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), BF16])
-def test_packed_linears_match_the_plain_ones(dtype, tol):
-    # SD's kinds: with a bias (feed-forward, time embedding) and without (q, k, v); tokens as (B, N, C) and a batch of
-    # time embeddings as (B, C); the second input, with another number of rows, runs on the weights packed for the first
-    layers = [torch.nn.Linear(64, 96), torch.nn.Linear(64, 48, bias=False)]
-    g = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(2, 50, 64, generator=g), torch.randn(3, 64, generator=g)]
+@pytest.mark.parametrize("kind", [0, 1], ids=["convolutions", "linears"])
+def test_packed_layers_match_the_plain_ones(kind, dtype, tol):
+    # float64 for the reference; the second input, of another shape, runs on the weights packed for the first
+    layers, inputs, packed_class = sd_layers(torch.Generator().manual_seed(0))[kind]
     for layer in layers:
         exact = [layer.double()(x.double()) for x in inputs]
         model = torch.nn.Sequential(layer.to(dtype))
         pack_weights(model)
         with torch.no_grad():
             outs = [model(x.to(dtype)) for x in inputs]
-        assert isinstance(model[0], PackedLinear) and model[0].weight.is_mkldnn
+        assert isinstance(model[0], packed_class) and model[0].weight.is_mkldnn
         for out, ref in zip(outs, exact):
             assert out.shape == ref.shape
             assert ((out.double() - ref).norm() / ref.norm()).item() < tol
