@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from minicontrol import detectors, pipeline
 from minicontrol.attention import check_mode
-from minicontrol.cli import not_finite, out_of_range
+from minicontrol.cli import bad_number
 from minicontrol.config import PRESETS, preset
 from minicontrol.cpu import keep_freed_memory, native_bf16, pack_weights
 from minicontrol.ddim import img2img_start, timesteps
@@ -137,11 +137,10 @@ def choose_files(args) -> bool:
 def check_args(args, tiny: bool):
     """The flags as given, each mistake in one line, before any weights are read."""
     n = len(args.controlnet)
-    ranges = [("--steps", args.steps, 1, 1000), ("--prompt-chunks", args.prompt_chunks, 1, 8),
-              ("--resolution", args.resolution, 64, 4096), ("--num-samples", args.num_samples, 1, None),
-              ("--batch-size", args.batch_size, 1, None), ("--cfg", args.cfg, 0, None), ("--eta", args.eta, 0, None),
-              ("--mask-blur", args.mask_blur, 0, None), ("--detect-resolution", args.detect_resolution, 64, 4096)]
-    bad = not_finite(args) or out_of_range(ranges)
+    ranges = [("--steps", 1, 1000), ("--prompt-chunks", 1, 8), ("--resolution", 64, 4096),
+              ("--num-samples", 1, None), ("--batch-size", 1, None), ("--cfg", 0, None), ("--eta", 0, None),
+              ("--mask-blur", 0, None), ("--detect-resolution", 64, 4096)]
+    bad = bad_number(args, ranges)
     if bad:
         fail(bad)
     if args.prompt is None and not (tiny and not args.control_image):     # the tiny model's outlines come with theirs

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from minicontrol.attention import check_mode
-from minicontrol.cli import not_finite, out_of_range
+from minicontrol.cli import bad_number
 from minicontrol.config import PRESETS, preset
 from minicontrol.controlnet import clone_encoder
 from minicontrol.cpu import keep_freed_memory
@@ -79,12 +79,10 @@ def parser():
 
 def check_args(args):
     """Flag mistakes, each one line, before any data or weights are read."""
-    ranges = [("--steps", args.steps, 1, None), ("--batch-size", args.batch_size, 1, None),
-              ("--grad-accum", args.grad_accum, 1, None), ("--save-every", args.save_every, 1, None),
-              ("--sample-steps", args.sample_steps, 1, None), ("--resolution", args.resolution, 1, None),
-              ("--sample-every", args.sample_every, 0, None), ("--latent-noise", args.latent_noise, 0, None),
-              ("--drop-prompt", args.drop_prompt, 0, 1)]                      # a probability
-    bad = not_finite(args) or out_of_range(ranges)
+    ranges = [("--steps", 1, None), ("--batch-size", 1, None), ("--grad-accum", 1, None),
+              ("--save-every", 1, None), ("--sample-steps", 1, None), ("--resolution", 1, None),
+              ("--sample-every", 0, None), ("--latent-noise", 0, None), ("--drop-prompt", 0, 1)]   # a probability
+    bad = bad_number(args, ranges)
     if bad:
         raise SystemExit(f"error: {bad}")
     if args.lr <= 0:
