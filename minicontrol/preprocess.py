@@ -49,18 +49,13 @@ def resize_image(img: np.ndarray, resolution: int) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize(size, resample))
 
 
-def sobel(image: np.ndarray):
-    """3x3 Sobel derivatives with replicated borders, in integers; image (H, W, C) -> dx, dy (H, W, C)."""
-    p = np.pad(image.astype(np.int32), ((1, 1), (1, 1), (0, 0)), mode="edge")
-    dx = (p[:-2, 2:] + 2 * p[1:-1, 2:] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[1:-1, :-2] + p[2:, :-2])
-    dy = (p[2:, :-2] + 2 * p[2:, 1:-1] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[:-2, 1:-1] + p[:-2, 2:])
-    return dx, dy
-
-
 def canny(image: np.ndarray, low: float = 100, high: float = 200) -> np.ndarray:
     """Canny edges of an HxWx3 uint8 RGB image as OpenCV's cv2.Canny(image, low, high) computes them: per pixel the
     channel with the largest |dx|+|dy|, L1 magnitude, non-maximum suppression, hysteresis. Returns HxW uint8 0/255."""
-    dx, dy = sobel(hwc3(np.asarray(image)))
+    # 3x3 Sobel derivatives with replicated borders, in integers: (H, W, C) each
+    p = np.pad(hwc3(np.asarray(image)).astype(np.int32), ((1, 1), (1, 1), (0, 0)), mode="edge")
+    dx = (p[:-2, 2:] + 2 * p[1:-1, 2:] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[1:-1, :-2] + p[2:, :-2])
+    dy = (p[2:, :-2] + 2 * p[2:, 1:-1] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[:-2, 1:-1] + p[:-2, 2:])
     mags = np.abs(dx) + np.abs(dy)
     pick = mags.argmax(axis=2)[:, :, None]                         # first channel wins ties, as OpenCV
     dx, dy, mag = (np.take_along_axis(a, pick, 2)[:, :, 0] for a in (dx, dy, mags))
