@@ -5,6 +5,7 @@
         --control-image bird.png --detector canny --prompt "a bird" --out out/
 """
 import argparse
+import contextlib
 import random
 import re
 import sys
@@ -191,11 +192,9 @@ def fill_defaults(args, tiny: bool):
     """Every flag left out gets its default: the tiny model's or the official demos' (TINY, OFFICIAL)."""
     defaults = TINY if tiny else OFFICIAL
     if args.resolution is None and not tiny:
-        try:                                         # v-models were trained at 768
+        with contextlib.suppress(Exception):         # a file that cannot be read: load_base names the problem
             if stated_prediction(args.base, preset(args.config) if args.config else None) == "v":
-                args.resolution = 768
-        except Exception:                            # a file that cannot be read: load_base names the problem
-            pass
+                args.resolution = 768                # v-models were trained at 768
     for name in ("cfg", "num_samples", "a_prompt", "negative_prompt", "resolution"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])

@@ -1,6 +1,7 @@
 """Reading checkpoint files safely: .ckpt, .pth and .safetensors, and diffusers' model folders, to a state dict.
 Pickles are read with `torch.load(weights_only=True)`, so no code in a file runs; a training checkpoint's other
 objects (callbacks, hyper-parameters) become inert stand-ins, and weights that need code to build are refused."""
+import contextlib
 import io
 import json
 import pickle
@@ -137,7 +138,7 @@ def pickle_imports(path) -> list:
     format, else the file's pickles one after another (torch's older format puts them before its raw data)."""
     names = []
     strings = []                                     # the last strings pushed: STACK_GLOBAL's module and name
-    try:
+    with contextlib.suppress(Exception):     # stops at the raw tensor data after the pickles, or a damaged file
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
                 data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
@@ -152,7 +153,5 @@ def pickle_imports(path) -> list:
                     names.append(".".join(strings[-2:]))
                 elif isinstance(arg, str):
                     strings.append(arg)
-    except Exception:                                # the raw tensor data after the pickles, or a damaged file
-        pass
     return names
 

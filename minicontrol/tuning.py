@@ -1,5 +1,6 @@
 """What runs attention at each shape on a GPU: the fastest of our kernel's tiles and PyTorch's SDPA, measured once and
 kept on disk, and a launch plan per tensor layout."""
+import contextlib
 import json
 import os
 import tempfile
@@ -92,14 +93,12 @@ def kept(q, k, v, args, meta, candidates):
         on_disk = {}
     if key not in on_disk:
         on_disk[key] = fastest(q, k, v, args, meta, candidates)
-        try:                             # written whole, then renamed: a run reading it sees the old file or the new
+        with contextlib.suppress(OSError):   # a cache that cannot be written: measured again next run
             os.makedirs(CACHE, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=CACHE, suffix=".tmp")
             with os.fdopen(fd, "w") as f:
                 json.dump(on_disk, f, indent=0)
-            os.replace(tmp, path)
-        except OSError:                  # a cache that cannot be written: measured again next run
-            pass
+            os.replace(tmp, path)    # written whole, then renamed: a run reading it sees the old file or the new
     picks[key] = SDPA if on_disk[key] == SDPA else tuple(on_disk[key])
     return picks[key]
 
