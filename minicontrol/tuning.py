@@ -14,11 +14,10 @@ from .flash import kernel_args, launch_config, triton
 if triton is not None:
     import triton.testing
 
-# Tiles (BLOCK_M, BLOCK_N, warps, stages, pad) per head width, timed on the GPU the first time a shape comes (pick). A
-# width not listed gets the tiles that every listed width has, the CPU interpreter the first tile. pad: pieces of 64 or
-# more (split_width). BLOCK_N >= 64 faulted in 16 bits (illegal address) on an H200 with Triton 3.6, see BENCHMARKS.md.
-# MINICONTROL_FLASH_TILES=tiles.json replaces the table ({"40": [[64, 32, 4, 3, false], ...], ...};
-# bench/flash_configs.py --pick writes one).
+# Tiles (BLOCK_M, BLOCK_N, warps, stages, pad) per head width (tiles_at), timed on the GPU the first time a shape comes
+# (pick); pad: pieces of 64 or more (split_width). BLOCK_N >= 64 faulted in 16 bits (illegal address) on an H200 with
+# Triton 3.6, see BENCHMARKS.md. MINICONTROL_FLASH_TILES=tiles.json replaces the table ({"40": [[64, 32, 4, 3, false],
+# ...], ...}; bench/flash_configs.py --pick writes one).
 TILES = {d: [(64, 32, 4, 3, False), (128, 32, 8, 3, False), (128, 32, 4, 3, False)] for d in (40, 64, 80, 160)}
 if os.environ.get("MINICONTROL_FLASH_TILES"):
     with open(os.environ["MINICONTROL_FLASH_TILES"]) as f:
@@ -41,11 +40,10 @@ def plan(q, k, v, out=None, tile=None, sdpa=False):
     SDPA where it was measured faster. Worked out once per layout (strides, tile, grid): later calls only launch."""
     layout = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), None if out is None else out.stride(), q.dtype,
               q.device, tile, sdpa)
-    if layout in plans:
-        return plans[layout]
-    args, meta = kernel_args(q, k, v, torch.empty_like(q) if out is None else out)
-    tile = tile or pick(q, k, v, args, meta, sdpa)
-    plans[layout] = SDPA if tile == SDPA else launcher(q, tile, args[4:], meta)
+    if layout not in plans:
+        args, meta = kernel_args(q, k, v, torch.empty_like(q) if out is None else out)
+        tile = tile or pick(q, k, v, args, meta, sdpa)
+        plans[layout] = SDPA if tile == SDPA else launcher(q, tile, args[4:], meta)
     return plans[layout]
 
 
