@@ -26,13 +26,9 @@ HINT = "Is it a Stable Diffusion 1.x/2.x checkpoint? For a model of another size
 def fill(path, what: str, module: nn.Module, sd: dict, hint: str) -> nn.Module:
     """Loaded strictly, in float32; keys and shapes compared first, so a mismatch is one line, not a long dump."""
     want = module.state_dict()
-    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    keys = {"missing": sorted(set(want) - set(sd)), "unexpected": sorted(set(sd) - set(want))}
+    problems = [f"{len(found)} {label} keys (first: {found[0]})" for label, found in keys.items() if found]
     wrong = [k for k in want if k in sd and tuple(want[k].shape) != tuple(sd[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys (first: {missing[0]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]})")
     if wrong:
         k = wrong[0]
         problems.append(f"{len(wrong)} wrong shapes (first: {k} is {list(sd[k].shape)}, expected {list(want[k].shape)})")
