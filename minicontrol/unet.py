@@ -130,13 +130,10 @@ def downsample(channels: int) -> nn.Sequential:
     return nn.Sequential(OrderedDict(op=nn.Conv2d(channels, channels, 3, stride=2, padding=1)))
 
 
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+def upsample(channels: int) -> nn.Sequential:
+    # nearest-neighbour doubling, then the conv under its released name: output_blocks.{i}.{j}.conv, upsample.conv
+    return nn.Sequential(OrderedDict(nearest=nn.Upsample(scale_factor=2, mode="nearest"),
+                                     conv=nn.Conv2d(channels, channels, 3, padding=1)))
 
 
 class Block(nn.Sequential):
@@ -210,7 +207,7 @@ class UNet(nn.Module):
                 if ds in cfg.attention_resolutions:
                     layers.append(transformer(cfg, ch))
                 if level and i == cfg.num_res_blocks:
-                    layers.append(Upsample(ch))
+                    layers.append(upsample(ch))
                     ds //= 2
                 blocks.append(Block(*layers))
         self.output_blocks = nn.ModuleList(blocks)

@@ -9,7 +9,7 @@ from einops import rearrange
 from .attention import attention
 from .config import VAEConfig
 from .ddim import gaussian
-from .unet import Upsample
+from .unet import upsample
 
 
 def norm(channels: int) -> nn.GroupNorm:
@@ -46,13 +46,9 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(out)
 
 
-class Downsample(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, stride=2)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))        # asymmetric zero pad, then an unpadded stride-2 conv
+def downsample(c: int) -> nn.Sequential:
+    # an asymmetric zero pad, then an unpadded stride-2 conv under its released name (down.{i}.downsample.conv)
+    return nn.Sequential(OrderedDict(pad=nn.ZeroPad2d((0, 1, 0, 1)), conv=nn.Conv2d(c, c, 3, stride=2)))
 
 
 def mid_block(c: int) -> nn.Sequential:
@@ -74,7 +70,7 @@ class Encoder(nn.Module):
         self.down, c = nn.Sequential(), cfg.ch          # the levels in the order they run, down.0 first
         for i, w in enumerate(widths):
             blocks = [ResnetBlock(c if j == 0 else w, w) for j in range(cfg.num_res_blocks)]
-            down = Downsample(w) if i != len(widths) - 1 else nn.Identity()
+            down = downsample(w) if i != len(widths) - 1 else nn.Identity()
             self.down.append(level(blocks, "downsample", down))
             c = w
         self.mid = mid_block(c)
@@ -99,7 +95,7 @@ class Decoder(nn.Module):
         for i in reversed(range(len(widths))):            # built deepest first, stored shallowest first (up.0 ...)
             blocks = [ResnetBlock(c if j == 0 else widths[i], widths[i]) for j in range(cfg.num_res_blocks + 1)]
             c = widths[i]
-            levels.insert(0, level(blocks, "upsample", Upsample(c) if i != 0 else nn.Identity()))
+            levels.insert(0, level(blocks, "upsample", upsample(c) if i != 0 else nn.Identity()))
         self.up = nn.ModuleList(levels)
         self.norm_out = norm(c)
         self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, padding=1)
