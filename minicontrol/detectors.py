@@ -164,15 +164,6 @@ def segment(models, image: np.ndarray) -> np.ndarray:
     return np.array(ade_palette(), dtype=np.uint8)[labels.cpu().numpy()]
 
 
-def thinned(edges: np.ndarray) -> np.ndarray:
-    """The official fake-scribble demo's strokes from soft edges: non-maximum suppression at 127, a blur of sigma 3,
-    and all over 4 white."""
-    import cv2
-    from controlnet_aux.util import nms
-    blurred = cv2.GaussianBlur(nms(edges, 127, 3.0), (0, 0), 3.0)
-    return np.where(blurred > 4, 255, 0).astype(np.uint8)
-
-
 def detect(image: np.ndarray, resolution: int, name="none", net=None, detect_resolution=512, seed=0, low=100,
            high=200, **aux):
     """(map, image resized): an image (H, W, 1 to 4 channels) brought to `resolution` by the official rule, and its
@@ -189,7 +180,7 @@ def detect(image: np.ndarray, resolution: int, name="none", net=None, detect_res
     if net is None:
         return weight_free(img, name, low, high), img
     import cv2
-    from controlnet_aux.util import resize_image as official_resize
+    from controlnet_aux.util import nms, resize_image as official_resize
     small = official_resize(original, detect_resolution)
     if name == "seg":
         found = segment(net, small)
@@ -202,5 +193,7 @@ def detect(image: np.ndarray, resolution: int, name="none", net=None, detect_res
         found = found[1]                             # the 1.0 demo hands them to the model
     control = cv2.resize(hwc3(np.ascontiguousarray(found)), img.shape[1::-1], interpolation=cv2.INTER_LINEAR)
     if name == "fake_scribble":
-        control = thinned(control)
+        # the 1.0 fake-scribble demo's strokes: non-maximum suppression at 127, a blur of sigma 3, all over 4 white
+        blurred = cv2.GaussianBlur(nms(control, 127, 3.0), (0, 0), 3.0)
+        control = np.where(blurred > 4, 255, 0).astype(np.uint8)
     return control, img
