@@ -204,8 +204,7 @@ def fill_defaults(args, tiny: bool):
     args.end = per_control(args.end or [1.0], n)
     if args.seed == -1:                              # as the official demos draw one
         args.seed = random.randint(0, 65535)
-    if args.batch_size is None:
-        args.batch_size = args.num_samples
+    args.batch_size = args.batch_size or args.num_samples
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.dtype is None and args.device.startswith("cuda"):
