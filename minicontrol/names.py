@@ -17,11 +17,8 @@ HF_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
 
 def hf_names(layers: int) -> dict:
     """HF key -> open_clip key of every weight that is only renamed (q, k, v are packed: not among them)."""
-    names = dict(HF_NAMES)
-    for i in range(layers):
-        names |= {f"encoder.layers.{i}.{a}.{p}": f"transformer.resblocks.{i}.{b}.{p}"
-                  for a, b in HF_LAYER.items() for p in ("weight", "bias")}
-    return names
+    return HF_NAMES | {f"encoder.layers.{i}.{a}.{p}": f"transformer.resblocks.{i}.{b}.{p}"
+                       for i in range(layers) for a, b in HF_LAYER.items() for p in ("weight", "bias")}
 
 
 def from_hf(sd: dict, layers: int) -> dict:
