@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from . import tuning
 from .flash import FlashAttention, split_width, triton
 
-# MINICONTROL_ATTENTION: auto (the default: on CUDA, our kernel or PyTorch's SDPA, whichever was measured faster at the
-# shape; on a CPU in bfloat16 while sampling, attention_in_chunks), ours (our kernel wherever it runs) or sdpa
+# MINICONTROL_ATTENTION: auto (the default: what attention() describes), ours (our kernel wherever it runs) or sdpa
 # (PyTorch's everywhere); benchmarks compare them
 MODES = ("auto", "ours", "sdpa")
 MODE = os.environ.get("MINICONTROL_ATTENTION") or "auto"
