@@ -25,8 +25,7 @@ DIFFUSERS_FILES = [f"diffusion_pytorch_model{v}{s}" for s in (".safetensors", ".
 def weights_file(path) -> Path:
     """The file itself; for a diffusers model folder (config.json beside diffusion_pytorch_model.*), its weights."""
     path = Path(path)
-    found = [path / name for name in DIFFUSERS_FILES if path.is_dir() and (path / name).is_file()]
-    return found[0] if found else path
+    return next((path / name for name in DIFFUSERS_FILES if (path / name).is_file()), path)
 
 
 def check_file(path):
