@@ -84,9 +84,8 @@ def sample(model: StableDiffusion, prompts, negative, controls=(), steps=20, cfg
     x_T = x_T.to(device, torch.float32)
 
     def model_fn(x, t, i):
-        xx = torch.cat([x, x]) if guided else x
+        xx = (torch.cat([x, x]) if guided else x).to(dtype)
         tt = torch.full((xx.shape[0],), t, device=device, dtype=torch.long)
-        xx = xx.to(dtype)
         control = residuals(controls, xx, tt, context, b, guess_mode, total - 1 - i, total)
         out = unet(xx, tt, context, control, only_mid_control).float()
         if not guided:
