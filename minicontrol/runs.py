@@ -54,9 +54,8 @@ def load_state(state: dict, path, run: dict, lr: float):
 
 def log_loss(out: Path, step: int, loss: float):
     """A row of loss.csv (step, loss, time), the header first in a new file."""
-    new = not (out / "loss.csv").exists()
     with open(out / "loss.csv", "a") as f:
-        if new:
+        if f.tell() == 0:                                     # appending: at the end of the file, 0 if it is new
             f.write("step,loss,time\n")
         f.write(f"{step},{loss:.6f},{time.time():.1f}\n")
 
