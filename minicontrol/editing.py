@@ -11,10 +11,9 @@ from .preprocess import gaussian_blur
 def image_latents(model, image: np.ndarray, generators) -> torch.Tensor:
     """(len(generators), C, h, w): the (H, W, 3) uint8 image encoded as those demos do, from pixels / 127 - 1 (sic),
     to one sample of the VAE's posterior per generator (one per sample of the batch)."""
-    vae = model.vae
     x = torch.tensor(image / 127.0 - 1.0, dtype=torch.float32).permute(2, 0, 1)[None]
     with torch.no_grad():
-        return vae.encode(x.to(next(vae.parameters()).device), generators, n=len(generators))
+        return model.vae.encode(x.to(next(model.vae.parameters()).device), generators, n=len(generators))
 
 
 @dataclass

@@ -101,6 +101,5 @@ def sample(model: StableDiffusion, prompts, negative, controls=(), steps=20, cfg
 @torch.no_grad()
 def decode(model: StableDiffusion, z: torch.Tensor) -> np.ndarray:
     """Latents -> (B, H, W, 3) uint8. The VAE stays in float32, so fp16 overflow can never give NaN or black images."""
-    vae = model.vae
-    img = vae.decode(z.to(next(vae.parameters()).device, torch.float32))
+    img = model.vae.decode(z.to(next(model.vae.parameters()).device, torch.float32))
     return (img * 127.5 + 127.5).clamp(0, 255).permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
