@@ -1,8 +1,9 @@
 """SD1.5's convolutions and linear layers on the CPU, plain (PyTorch's Conv2d and Linear, oneDNN reordering the
-weights at every call) beside packed for oneDNN once (minicontrol.cpu.pack_weights, as sample.py samples), each side
-in its own process with sample.py's allocator setting: per layer at batch 2, float32 and bfloat16, the best time of
-5 calls after a warm-up, and the ratio packed / plain. Each side's convolutions get the input they get in the model:
-the plain ones NCHW, the packed ones channels-last (what the packed convolution before them returns).
+weights at every call) beside packed for oneDNN once (minicontrol.cpu.pack_weights, as sample.py samples: the 3x3
+convolutions in float32 as Winograd's F(2x2, 3x3)), each side in its own process with sample.py's allocator setting:
+per layer at batch 2, float32 and bfloat16, the best time of 5 calls after a warm-up, and the ratio packed / plain.
+Each side's convolutions get the input they get in the model: the plain ones NCHW, the packed ones channels-last (what
+the packed convolution before them returns).
 
     python bench/packed_layers.py [--threads N] [--rounds 1]
 """
@@ -19,6 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # layers of the transformer blocks at the first and last level of a 512x512 one (tokens x width)
 LAYERS = [
     ("conv 320, 64x64", lambda: torch.nn.Conv2d(320, 320, 3, padding=1), (2, 320, 64, 64)),
+    ("conv 320, 32x32", lambda: torch.nn.Conv2d(320, 320, 3, padding=1), (2, 320, 32, 32)),
+    ("conv 640, 32x32", lambda: torch.nn.Conv2d(640, 640, 3, padding=1), (2, 640, 32, 32)),
     ("conv 1280, 16x16", lambda: torch.nn.Conv2d(1280, 1280, 3, padding=1), (2, 1280, 16, 16)),
     ("conv 1280, 8x8", lambda: torch.nn.Conv2d(1280, 1280, 3, padding=1), (2, 1280, 8, 8)),
     ("conv 1280, 4x4", lambda: torch.nn.Conv2d(1280, 1280, 3, padding=1), (2, 1280, 4, 4)),

@@ -1,10 +1,11 @@
-"""Running the models fast on a CPU: bfloat16 where the CPU has instructions for it, convolution and linear weights
-reordered for oneDNN once rather than at every call, and an allocator that keeps the scratch memory oneDNN takes."""
+"""Running the models fast on a CPU: bfloat16 where the CPU has instructions for it, weights reordered for oneDNN once
+rather than at every call, Winograd's 3x3 convolutions, and an allocator that keeps oneDNN's scratch memory."""
 import ctypes
 import functools
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def native_bf16() -> bool:
@@ -37,10 +38,10 @@ class Packed(nn.Module):
     input's shape once, not at every call (other shapes still run right). It holds the layer's weight and bias under
     their names; subclasses say how to reorder and how to run."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None):
         super().__init__()
-        self.weight = layer.weight
-        self.bias = layer.bias
+        self.weight = weight
+        self.bias = bias
 
     def forward(self, x):
         if not self.weight.is_mkldnn:       # the first call: packed in place of the plain weights
@@ -52,7 +53,7 @@ class Packed(nn.Module):
 
 class PackedConv2d(Packed):
     def __init__(self, conv: nn.Conv2d):
-        super().__init__(conv)
+        super().__init__(conv.weight, conv.bias)
         self.geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
 
     def reorder(self, weight, x):
@@ -70,22 +71,75 @@ class PackedLinear(Packed):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
+def input_tiles(d: list, out: torch.Tensor) -> torch.Tensor:
+    """Winograd's F(2, 3) input transform B^T d along one axis: the 4 rows d of every tile into out's 4 rows."""
+    torch.sub(d[0], d[2], out=out[0])
+    torch.add(d[1], d[2], out=out[1])
+    torch.sub(d[2], d[1], out=out[2])
+    torch.sub(d[1], d[3], out=out[3])
+    return out
+
+
+def output_tiles(m: list, out: torch.Tensor):
+    """Winograd's F(2, 3) output transform A^T m along one axis: every tile's 4 rows m of products into out's 2."""
+    torch.add(m[0], m[1], out=out[0]).add_(m[2])
+    torch.sub(m[1], m[2], out=out[1]).sub_(m[3])
+
+
+class WinogradConv2d(nn.Module):
+    """A 3x3 convolution (stride 1, padding 1) for sampling on the CPU as Winograd's F(2x2, 3x3) (Lavin and Gray,
+    2015): each 4x4 input tile, at stride 2, transformed, times the transformed weights G w G^T, transformed back,
+    is a 2x2 output tile. That is 16 packed products of (tiles, C_in) by (C_in, C_out): 4 multiplications an output
+    instead of 9, at the cost of the transforms and of 16/9 the weights' memory. The convolutions of 256 channels or
+    more take 0.6 to 0.8 of their packed time (BENCHMARKS.md); float32 only: in bfloat16 the transforms' roundings
+    more than double a convolution's error."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        g = torch.tensor([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], dtype=conv.weight.dtype)
+        u = g @ conv.weight.detach() @ g.T                     # (C_out, C_in, 4 tile rows, 4 tile columns)
+        u = u.permute(3, 2, 0, 1).flatten(0, 1)                 # 16 (C_out, C_in): k at column k // 4, row k % 4
+        biases = [conv.bias if k == 5 else None for k in range(16)]     # at row 1, column 1 it reaches all 4 outputs
+        self.products = nn.ModuleList(PackedLinear(nn.Parameter(w, False), b) for w, b in zip(u, biases))
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        th, tw = (h + 1) // 2, (w + 1) // 2                     # 2x2 output tiles down and across
+        x = F.pad(x, (1, 1 + w % 2, 1, 1 + h % 2)).permute(0, 2, 3, 1)     # (N, 2 th + 2, 2 tw + 2, C_in)
+        half = input_tiles(x.unfold(1, 4, 2).unbind(-1), x.new_empty(4, n, th, 2 * tw + 2, c))     # transformed down
+        tiles = input_tiles(half.unfold(3, 4, 2).unbind(-1), x.new_empty(4, 4, n, th, tw, c))      # and across
+        products = [product(t) for product, t in zip(self.products, tiles.flatten(0, 1))]     # 16 (N, th, tw, C_out)
+        c_out = products[0].shape[-1]
+        half = x.new_empty(2, 4, n, th, tw, c_out)
+        for j in range(4):                                      # back down, column by column
+            output_tiles(products[4 * j:4 * j + 4], half[:, j])
+        y = x.new_empty(n, th, 2, tw, 2, c_out)                 # and across, into each tile's 2x2 outputs
+        output_tiles(half.unbind(1), y.permute(4, 2, 0, 1, 3, 5))
+        return y.view(n, 2 * th, 2 * tw, c_out)[:, :h, :w].permute(0, 3, 1, 2)     # channels last
+
+
+def winograd_fits(conv: nn.Conv2d) -> bool:
+    """Whether WinogradConv2d runs the convolution faster: 3x3 at stride 1, float32, 256 input channels or more."""
+    geometry = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups)
+    wide = conv.in_channels >= 256 and conv.weight.dtype == torch.float32
+    return geometry == ((3, 3), (1, 1), (1, 1), (1, 1), 1) and wide
+
+
 def pack_weights(model: nn.Module):
-    """Every Conv2d and Linear below the model made a Packed one (bfloat16 ones where oneDNN computes in bfloat16,
-    AVX-512 on): the 1280-channel 3x3 convolutions at the small latents take 0.5 to 0.7 of their time, the linear
-    layers 0.75 to 0.95 (BENCHMARKS.md). The model is for sampling only from then on: its weights become oneDNN
-    tensors, with no gradients."""
+    """Every Conv2d and Linear below the model packed (bfloat16 ones where oneDNN computes in bfloat16, AVX-512 on),
+    the wide 3x3 ones as WinogradConv2d: the model's forward takes 0.6 to 0.7 of its plain time (BENCHMARKS.md).
+    The model is for sampling only from then on: its weights become oneDNN tensors, with no gradients."""
     if not torch.backends.mkldnn.is_available():
         return
     bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     for name, layer in list(model.named_modules()):
-        if isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros":
-            kind = PackedConv2d
-        elif isinstance(layer, nn.Linear):
-            kind = PackedLinear
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)) or layer.weight.dtype == torch.bfloat16 and not bf16:
+            continue
+        if isinstance(layer, nn.Linear):
+            packed = PackedLinear(layer.weight, layer.bias)
+        elif layer.padding_mode != "zeros":
+            continue
         else:
-            continue
-        if layer.weight.dtype == torch.bfloat16 and not bf16:
-            continue
+            packed = WinogradConv2d(layer) if winograd_fits(layer) else PackedConv2d(layer)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, kind(layer))
+        setattr(model.get_submodule(parent), child, packed)

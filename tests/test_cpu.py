@@ -1,7 +1,9 @@
 """The CPU's bfloat16 instructions as the kernel reports them, the allocator setting that keeps freed scratch memory,
-counted in page faults by the kernel, and convolutions and linear layers packed for oneDNN against float64."""
+counted in page faults by the kernel, and convolutions (Winograd's among them) and linear layers packed for oneDNN
+against float64."""
 import copy
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minicontrol.cpu import Packed, PackedConv2d, PackedLinear, native_bf16, pack_weights
+from minicontrol.cpu import Packed, PackedConv2d, PackedLinear, WinogradConv2d, native_bf16, pack_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 x86_linux = pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64",
@@ -88,6 +90,26 @@ def test_packed_layers_match_the_plain_ones(kind, dtype, tol):
             assert ((out.double() - ref).norm() / ref.norm()).item() < tol
 
 
+def test_wide_3x3_float32_convolutions_run_as_winograd_and_match_float64():
+    g = torch.Generator().manual_seed(0)
+    wide = torch.nn.Conv2d(256, 96, 3, padding=1)
+    exact = copy.deepcopy(wide).double()
+    model = torch.nn.ModuleDict({"wide": wide, "narrow": torch.nn.Conv2d(128, 96, 3, padding=1),
+                                 "strided": torch.nn.Conv2d(256, 96, 3, stride=2, padding=1),
+                                 "in_bfloat16": torch.nn.Conv2d(256, 96, 3, padding=1).to(torch.bfloat16)})
+    pack_weights(model)
+    assert isinstance(model["wide"], WinogradConv2d)
+    assert not any(isinstance(model[name], WinogradConv2d) for name in ("narrow", "strided", "in_bfloat16"))
+    # even and odd sizes (the odd ones padded to whole 2x2 output tiles and cropped), one pixel, another batch
+    for shape in [(2, 256, 8, 10), (1, 256, 9, 7), (1, 256, 1, 1), (3, 256, 6, 6)]:
+        x = torch.randn(*shape, generator=g)
+        with torch.no_grad():
+            out = model["wide"](x)
+            ref = exact(x.double())
+        assert out.shape == ref.shape
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
 def test_a_packed_unet_and_controlnet_give_the_float64_output():
     from helpers import randomize
     from minicontrol.config import preset
@@ -114,5 +136,7 @@ def test_a_packed_unet_and_controlnet_give_the_float64_output():
     layers = [m for m in modules if isinstance(m, Packed)]
     assert layers and all(m.weight.is_mkldnn for m in layers)
     assert not any(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in modules)
-    assert list(unet.state_dict()) + list(net.state_dict()) == keys          # the official key names
+    packed_keys = list(unet.state_dict()) + list(net.state_dict())
+    assert any(".products.15." in key for key in packed_keys)                  # a WinogradConv2d among them
+    assert {re.sub(r"\.products\.\d+", "", key) for key in packed_keys} == set(keys)    # else the official names
     assert ((packed.double() - exact).norm() / exact.norm()).item() < 1e-5
