@@ -1,11 +1,13 @@
 """Running the models fast on a CPU: bfloat16 where the CPU has instructions for it, weights reordered for oneDNN once
 rather than at every call, Winograd's 3x3 convolutions, and an allocator that keeps oneDNN's scratch memory."""
 import ctypes
-import functools
+import platform
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+GLIBC = ctypes.CDLL("libc.so.6") if platform.libc_ver()[0] == "glibc" else None    # its allocator is set below
 
 
 def native_bf16() -> bool:
@@ -14,23 +16,13 @@ def native_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-@functools.lru_cache(maxsize=None)
-def glibc():
-    """The C library where it is glibc, whose allocator the functions below set; None elsewhere."""
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
 def keep_freed_memory():
-    """Large blocks from the heap, kept there when freed (process-wide, glibc only; the entry points call it on the
-    CPU). oneDNN reorders a convolution's weights into scratch memory at every call (unless packed: training, the VAE),
-    which glibc would map afresh and unmap when freed: 59 MB of weights cost a 1280-channel 3x3 convolution at 8x8
-    twice its time; so would the scores of attention_in_chunks."""
-    if glibc():
-        glibc().mallopt(-1, 1 << 30)        # M_TRIM_THRESHOLD (malloc.h): freed memory stays in the heap
-        glibc().mallopt(-3, 1 << 30)        # M_MMAP_THRESHOLD: blocks under 1 GiB come from the heap
+    """Large blocks from the heap, kept there when freed (process-wide, glibc only; sample.py and train.py call it).
+    oneDNN reorders unpacked weights (training, the VAE) into scratch memory at every call, which glibc would map
+    afresh each time: a 1280-channel 3x3 convolution at 8x8 took twice its time; so would the attention chunks."""
+    if GLIBC:
+        GLIBC.mallopt(-1, 1 << 30)          # M_TRIM_THRESHOLD (malloc.h): freed memory stays in the heap
+        GLIBC.mallopt(-3, 1 << 30)          # M_MMAP_THRESHOLD: blocks under 1 GiB come from the heap
 
 
 class Packed(nn.Module):
@@ -46,8 +38,8 @@ class Packed(nn.Module):
     def forward(self, x):
         if not self.weight.is_mkldnn:       # the first call: packed in place of the plain weights
             self.weight = nn.Parameter(self.reorder(self.weight.detach(), x), requires_grad=False)
-            if glibc():                     # the plain weights' pages, kept by keep_freed_memory, back to the system
-                glibc().malloc_trim(0)
+            if GLIBC:                       # the plain weights' pages, kept by keep_freed_memory, back to the system
+                GLIBC.malloc_trim(0)
         return self.run(x)
 
 
@@ -88,11 +80,17 @@ def output_tiles(m: list, out: torch.Tensor):
 
 class WinogradConv2d(nn.Module):
     """A 3x3 convolution (stride 1, padding 1) for sampling on the CPU as Winograd's F(2x2, 3x3) (Lavin and Gray,
-    2015): each 4x4 input tile, at stride 2, transformed, times the transformed weights G w G^T, transformed back,
-    is a 2x2 output tile. That is 16 packed products of (tiles, C_in) by (C_in, C_out): 4 multiplications an output
-    instead of 9, at the cost of the transforms and of 16/9 the weights' memory. The convolutions of 256 channels or
-    more take 0.6 to 0.8 of their packed time (BENCHMARKS.md); float32 only: in bfloat16 the transforms' roundings
-    more than double a convolution's error."""
+    2015): each 4x4 input tile, at stride 2, transformed, times the transformed weights G w G^T, transformed back, is
+    a 2x2 output tile: 16 packed products of (tiles, C_in) by (C_in, C_out), 4 multiplications an output instead of 9,
+    for the transforms' time and 16/9 the weights' memory. Float32 only: in bfloat16 the transforms' roundings more
+    than double a convolution's error."""
+
+    @staticmethod
+    def fits(conv: nn.Conv2d) -> bool:
+        """Whether this runs the convolution faster: 3x3 at stride 1, float32, 256 input channels or more."""
+        geometry = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups)
+        wide = conv.in_channels >= 256 and conv.weight.dtype == torch.float32
+        return geometry == ((3, 3), (1, 1), (1, 1), (1, 1), 1) and wide
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
@@ -109,20 +107,12 @@ class WinogradConv2d(nn.Module):
         half = input_tiles(x.unfold(1, 4, 2).unbind(-1), x.new_empty(4, n, th, 2 * tw + 2, c))     # transformed down
         tiles = input_tiles(half.unfold(3, 4, 2).unbind(-1), x.new_empty(4, 4, n, th, tw, c))      # and across
         products = [product(t) for product, t in zip(self.products, tiles.flatten(0, 1))]     # 16 (N, th, tw, C_out)
-        c_out = products[0].shape[-1]
-        half = x.new_empty(2, 4, n, th, tw, c_out)
+        half = x.new_empty(2, 4, *products[0].shape)
         for j in range(4):                                      # back down, column by column
             output_tiles(products[4 * j:4 * j + 4], half[:, j])
-        y = x.new_empty(n, th, 2, tw, 2, c_out)                 # and across, into each tile's 2x2 outputs
+        y = x.new_empty(n, th, 2, tw, 2, half.shape[-1])        # and across, into each tile's 2x2 outputs
         output_tiles(half.unbind(1), y.permute(4, 2, 0, 1, 3, 5))
-        return y.view(n, 2 * th, 2 * tw, c_out)[:, :h, :w].permute(0, 3, 1, 2)     # channels last
-
-
-def winograd_fits(conv: nn.Conv2d) -> bool:
-    """Whether WinogradConv2d runs the convolution faster: 3x3 at stride 1, float32, 256 input channels or more."""
-    geometry = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups)
-    wide = conv.in_channels >= 256 and conv.weight.dtype == torch.float32
-    return geometry == ((3, 3), (1, 1), (1, 1), (1, 1), 1) and wide
+        return y.view(n, 2 * th, 2 * tw, -1)[:, :h, :w].permute(0, 3, 1, 2)     # channels last
 
 
 def pack_weights(model: nn.Module):
@@ -140,6 +130,6 @@ def pack_weights(model: nn.Module):
         elif layer.padding_mode != "zeros":
             continue
         else:
-            packed = WinogradConv2d(layer) if winograd_fits(layer) else PackedConv2d(layer)
+            packed = WinogradConv2d(layer) if WinogradConv2d.fits(layer) else PackedConv2d(layer)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, packed)
