@@ -117,8 +117,9 @@ class WinogradConv2d(nn.Module):
 
 def pack_weights(model: nn.Module):
     """Every Conv2d and Linear below the model packed (bfloat16 ones where oneDNN computes in bfloat16, AVX-512 on),
-    the wide 3x3 ones as WinogradConv2d: the model's forward takes 0.6 to 0.7 of its plain time (BENCHMARKS.md).
-    The model is for sampling only from then on: its weights become oneDNN tensors, with no gradients."""
+    the wide 3x3 ones as WinogradConv2d: SD's float32 3x3 convolutions take 0.5 to 0.75 of their plain time, its
+    linear layers 0.7 to 0.9 (BENCHMARKS.md). The model is for sampling only from then on: its weights become oneDNN
+    tensors, with no gradients."""
     if not torch.backends.mkldnn.is_available():
         return
     bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
