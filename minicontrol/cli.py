@@ -4,8 +4,8 @@ import math
 
 def bad_number(args, ranges) -> str:
     """A one-line message naming the first float flag given as nan or inf (which would sample or train on nothing),
-    else the first (flag, lowest, highest) whose value is out of range (a flag left out is not; highest None: no
-    upper bound), else an empty string."""
+    else one naming the first of `ranges`' (flag, lowest, highest) whose value is out of range (a flag left out is
+    not; highest None: no upper bound), else an empty string."""
     for name, value in vars(args).items():
         values = value if isinstance(value, list) else [value]
         for x in values:

@@ -79,15 +79,15 @@ def output_tiles(m: list, out: torch.Tensor):
 
 
 class WinogradConv2d(nn.Module):
-    """A 3x3 convolution (stride 1, padding 1) for sampling on the CPU as Winograd's F(2x2, 3x3) (Lavin and Gray,
-    2015): each 4x4 input tile, at stride 2, transformed, times the transformed weights G w G^T, transformed back, is
-    a 2x2 output tile: 16 packed products of (tiles, C_in) by (C_in, C_out), 4 multiplications an output instead of 9,
-    for the transforms' time and 16/9 the weights' memory. Float32 only: in bfloat16 the transforms' roundings more
-    than double a convolution's error."""
+    """A 3x3 convolution (stride 1, padding 1) for sampling on the CPU as Winograd's F(2x2, 3x3) (arXiv:1509.09308):
+    each 2x2 output tile is A^T [(G g G^T) * (B^T d B)] A of its 4x4 input tile d, summed over input channels: 16
+    packed products of (tiles, C_in) by (C_in, C_out), 4 multiplications an output instead of 9, for the transforms'
+    time and 16/9 the weights' memory. Float32 only: bfloat16's roundings would more than double the error."""
 
     @staticmethod
     def fits(conv: nn.Conv2d) -> bool:
-        """Whether this runs the convolution faster: 3x3 at stride 1, float32, 256 input channels or more."""
+        """Whether this takes the convolution: 3x3 at stride 1, float32, 256 input channels or more (BENCHMARKS.md:
+        faster from 8x8 up, where the products outweigh the transforms)."""
         geometry = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups)
         wide = conv.in_channels >= 256 and conv.weight.dtype == torch.float32
         return geometry == ((3, 3), (1, 1), (1, 1), (1, 1), 1) and wide
@@ -98,20 +98,21 @@ class WinogradConv2d(nn.Module):
         u = g @ conv.weight.detach() @ g.T                     # (C_out, C_in, 4 tile rows, 4 tile columns)
         u = u.permute(3, 2, 0, 1).flatten(0, 1)                 # 16 (C_out, C_in): k at column k // 4, row k % 4
         biases = [conv.bias if k == 5 else None for k in range(16)]     # at row 1, column 1 it reaches all 4 outputs
-        self.products = nn.ModuleList(PackedLinear(nn.Parameter(w, False), b) for w, b in zip(u, biases))
+        weights = [nn.Parameter(w, requires_grad=False) for w in u]
+        self.products = nn.ModuleList(PackedLinear(w, b) for w, b in zip(weights, biases))
 
     def forward(self, x):
         n, c, h, w = x.shape
         th, tw = (h + 1) // 2, (w + 1) // 2                     # 2x2 output tiles down and across
-        x = F.pad(x, (1, 1 + w % 2, 1, 1 + h % 2)).permute(0, 2, 3, 1)     # (N, 2 th + 2, 2 tw + 2, C_in)
-        half = input_tiles(x.unfold(1, 4, 2).unbind(-1), x.new_empty(4, n, th, 2 * tw + 2, c))     # transformed down
-        tiles = input_tiles(half.unfold(3, 4, 2).unbind(-1), x.new_empty(4, 4, n, th, tw, c))      # and across
+        padded = F.pad(x, (1, 1 + w % 2, 1, 1 + h % 2)).permute(0, 2, 3, 1)    # (N, 2 th + 2, 2 tw + 2, C_in)
+        down = input_tiles(padded.unfold(1, 4, 2).unbind(-1), x.new_empty(4, n, th, 2 * tw + 2, c))
+        tiles = input_tiles(down.unfold(3, 4, 2).unbind(-1), x.new_empty(4, 4, n, th, tw, c))     # and across
         products = [product(t) for product, t in zip(self.products, tiles.flatten(0, 1))]     # 16 (N, th, tw, C_out)
-        half = x.new_empty(2, 4, *products[0].shape)
-        for j in range(4):                                      # back down, column by column
-            output_tiles(products[4 * j:4 * j + 4], half[:, j])
-        y = x.new_empty(n, th, 2, tw, 2, half.shape[-1])        # and across, into each tile's 2x2 outputs
-        output_tiles(half.unbind(1), y.permute(4, 2, 0, 1, 3, 5))
+        up = x.new_empty(2, 4, *products[0].shape)
+        for j in range(4):                                      # back up, column by column
+            output_tiles(products[4 * j:4 * j + 4], up[:, j])
+        y = x.new_empty(n, th, 2, tw, 2, up.shape[-1])          # and across, into each tile's 2x2 outputs
+        output_tiles(up.unbind(1), y.permute(4, 2, 0, 1, 3, 5))
         return y.view(n, 2 * th, 2 * tw, -1)[:, :h, :w].permute(0, 3, 1, 2)     # channels last
 
 
@@ -124,13 +125,14 @@ def pack_weights(model: nn.Module):
         return
     bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     for name, layer in list(model.named_modules()):
-        if not isinstance(layer, (nn.Conv2d, nn.Linear)) or layer.weight.dtype == torch.bfloat16 and not bf16:
+        conv = isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros"
+        if not (conv or isinstance(layer, nn.Linear)) or (layer.weight.dtype == torch.bfloat16 and not bf16):
             continue
-        if isinstance(layer, nn.Linear):
-            packed = PackedLinear(layer.weight, layer.bias)
-        elif layer.padding_mode != "zeros":
-            continue
+        if conv and WinogradConv2d.fits(layer):
+            packed = WinogradConv2d(layer)
+        elif conv:
+            packed = PackedConv2d(layer)
         else:
-            packed = WinogradConv2d(layer) if WinogradConv2d.fits(layer) else PackedConv2d(layer)
+            packed = PackedLinear(layer.weight, layer.bias)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, packed)

@@ -26,8 +26,8 @@ HINT = "Is it a Stable Diffusion 1.x/2.x checkpoint? For a model of another size
 def fill(path, what: str, module: nn.Module, sd: dict, hint: str) -> nn.Module:
     """Loaded strictly, in float32; keys and shapes compared first, so a mismatch is one line, not a long dump."""
     want = module.state_dict()
-    keys = {"missing": sorted(set(want) - set(sd)), "unexpected": sorted(set(sd) - set(want))}
-    problems = [f"{len(found)} {label} keys (first: {found[0]})" for label, found in keys.items() if found]
+    stray = {"missing": sorted(set(want) - set(sd)), "unexpected": sorted(set(sd) - set(want))}
+    problems = [f"{len(found)} {label} keys (first: {found[0]})" for label, found in stray.items() if found]
     wrong = [k for k in want if k in sd and tuple(want[k].shape) != tuple(sd[k].shape)]
     if wrong:
         k = wrong[0]

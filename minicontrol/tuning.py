@@ -14,10 +14,10 @@ from .flash import kernel_args, launch_config, triton
 if triton is not None:
     import triton.testing
 
-# Tiles (BLOCK_M, BLOCK_N, warps, stages, pad) per head width (tiles_at), timed on the GPU the first time a shape comes
-# (pick); pad: pieces of 64 or more (split_width). BLOCK_N >= 64 faulted in 16 bits (illegal address) on an H200 with
-# Triton 3.6, see BENCHMARKS.md. MINICONTROL_FLASH_TILES=tiles.json replaces the table ({"40": [[64, 32, 4, 3, false],
-# ...], ...}; bench/flash_configs.py --pick writes one).
+# Tiles (BLOCK_M, BLOCK_N, warps, stages, pad) per head width (tiles_at), timed on the GPU the first time a shape
+# comes (pick); pad: pieces of 64 or more (split_width). BLOCK_N >= 64 faulted in 16 bits (illegal address) on an
+# H200 with Triton 3.6, see BENCHMARKS.md. MINICONTROL_FLASH_TILES=tiles.json replaces the table
+# ({"40": [[64, 32, 4, 3, false], ...], ...}; bench/flash_configs.py --pick writes one).
 TILES = {d: [(64, 32, 4, 3, False), (128, 32, 8, 3, False), (128, 32, 4, 3, False)] for d in (40, 64, 80, 160)}
 if os.environ.get("MINICONTROL_FLASH_TILES"):
     with open(os.environ["MINICONTROL_FLASH_TILES"]) as f:

@@ -41,7 +41,7 @@ with torch.no_grad():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         conv(x)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(min(faults[3:]))                 # once the heap has grown to hold it (two calls); a busy machine may fault one
+print(min(faults[3:]))       # once the heap has grown to hold it (two calls); on a busy machine one call may fault
 """
 
 
