@@ -29,6 +29,7 @@ class Packed(nn.Module):
     """A Conv2d or Linear for sampling on the CPU, its weights reordered into oneDNN's blocked layout for the first
     input's shape once, not at every call (other shapes still run right). It holds the layer's weight and bias under
     their names; subclasses say how to reorder and how to run."""
+    unreturned = 0                          # bytes of plain weights dropped since the heap was last trimmed
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None):
         super().__init__()
@@ -37,9 +38,11 @@ class Packed(nn.Module):
 
     def forward(self, x):
         if not self.weight.is_mkldnn:       # the first call: packed in place of the plain weights
+            Packed.unreturned += self.weight.nbytes
             self.weight = nn.Parameter(self.reorder(self.weight.detach(), x), requires_grad=False)
-            if GLIBC:                       # the plain weights' pages, kept by keep_freed_memory, back to the system
+            if GLIBC and Packed.unreturned >= 1 << 28:     # the plain ones' pages back to the system, 256 MiB at a time
                 GLIBC.malloc_trim(0)
+                Packed.unreturned = 0
         return self.run(x)
 
 
@@ -86,8 +89,7 @@ class WinogradConv2d(nn.Module):
 
     @staticmethod
     def fits(conv: nn.Conv2d) -> bool:
-        """Whether this takes the convolution: 3x3 at stride 1, float32, 256 input channels or more (BENCHMARKS.md:
-        faster from 8x8 up, where the products outweigh the transforms)."""
+        """Whether this takes a convolution: 3x3, stride 1, float32, 256 input channels or more (BENCHMARKS.md)."""
         geometry = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups)
         wide = conv.in_channels >= 256 and conv.weight.dtype == torch.float32
         return geometry == ((3, 3), (1, 1), (1, 1), (1, 1), 1) and wide
@@ -119,8 +121,7 @@ class WinogradConv2d(nn.Module):
 def pack_weights(model: nn.Module):
     """Every Conv2d and Linear below the model packed (bfloat16 ones where oneDNN computes in bfloat16, AVX-512 on),
     the wide 3x3 ones as WinogradConv2d: SD's float32 3x3 convolutions take 0.5 to 0.75 of their plain time, its
-    linear layers 0.7 to 0.9 (BENCHMARKS.md). The model is for sampling only from then on: its weights become oneDNN
-    tensors, with no gradients."""
+    linear layers 0.7 to 0.9 (BENCHMARKS.md). For sampling only from then on: oneDNN weights have no gradients."""
     if not torch.backends.mkldnn.is_available():
         return
     bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
