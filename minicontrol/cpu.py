@@ -40,7 +40,7 @@ class Packed(nn.Module):
         if not self.weight.is_mkldnn:       # the first call: packed in place of the plain weights
             Packed.unreturned += self.weight.nbytes
             self.weight = nn.Parameter(self.reorder(self.weight.detach(), x), requires_grad=False)
-            if GLIBC and Packed.unreturned >= 1 << 28:     # the plain ones' pages back to the system, 256 MiB at a time
+            if GLIBC and Packed.unreturned >= 1 << 28:     # the plain weights' pages freed, 256 MiB at a time
                 GLIBC.malloc_trim(0)
                 Packed.unreturned = 0
         return self.run(x)
