@@ -62,6 +62,8 @@ def ddim_sample(model, x, steps: int, eta: float = 0.0, parameterization: str = 
     is 1, x is replaced by the known latents noised to t with fresh noise, q(x_t | x_0).
     start: img2img, as the official sampler's decode(x, t_start): only the steps below index start run, on an x
     that noised_to(..., start) made (so the first step takes x, noised to ts[start], as being at ts[start - 1])."""
+    if not 0 <= eta <= 1:                           # above 1, 1 - a_prev - sigma^2 goes below 0 at some steps
+        raise ValueError(f"eta must be from 0 to 1, got {eta}")
     ac = alphas_cumprod().float().double()          # the official buffers are float32
     ts = timesteps(steps)
     a_ts = [ac[t].item() for t in ts]
@@ -86,8 +88,9 @@ def ddim_sample(model, x, steps: int, eta: float = 0.0, parameterization: str = 
 
 
 def img2img_start(denoise: float, steps: int) -> int:
-    """The official tile demo's t_enc: the DDIM index whose noise level img2img starts at; the steps below it run."""
-    return min(int(denoise * steps), steps - 1)
+    """The official tile demo's t_enc, min(int(denoise * steps), steps - 1): the DDIM index whose noise level img2img
+    starts at; the steps below it run. At 1000 steps, where timesteps() stops at 999, the last of those: 998."""
+    return min(int(denoise * steps), steps - 1, len(timesteps(steps)) - 1)
 
 
 def noised_to(x0: torch.Tensor, steps: int, index: int, generator=None) -> torch.Tensor:

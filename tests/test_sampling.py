@@ -197,3 +197,20 @@ def test_img2img_follows_the_official_tile_demo(steps, denoise, t_enc):
     a = alphas_cumprod().float().double()[ts[t_enc]].item()
     n = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))      # the seed's first draw
     assert torch.allclose(calls[0][1], a ** 0.5 * init + (1 - a) ** 0.5 * n, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps, t_enc", [(600, 599), (999, 998), (1000, 998)])
+def test_img2img_at_full_denoise_stays_within_the_timesteps(steps, t_enc):
+    # 1000 // steps == 1: the official range(0, 1000, 1) + 1 reaches t = 1000, one past alphas_cumprod; timesteps()
+    # stops at 999 (999 of them), where the official t_enc = min(int(1.0 * 1000), 1000 - 1) would index past them
+    from minicontrol.ddim import img2img_start, noised_to
+    start = img2img_start(1.0, steps)
+    assert len(timesteps(steps)) == 999 and start == t_enc
+    assert torch.isfinite(noised_to(torch.zeros(1, 4, 2, 2), steps, start)).all()
+
+
+@pytest.mark.parametrize("eta", [-0.1, 1.02, 3.0])
+def test_eta_outside_0_to_1_is_refused(eta):
+    # above 1, sigma^2 exceeds 1 - a_prev at some steps: the square root of a negative number (complex latents)
+    with pytest.raises(ValueError, match="eta"):
+        next(ddim_sample(fake_model, torch.zeros(1, 4, 2, 2), 20, eta))
