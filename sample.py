@@ -139,7 +139,7 @@ def check_args(args, tiny: bool):
     """The flags as given, each mistake in one line, before any weights are read."""
     n = len(args.controlnet)
     ranges = [("--steps", 1, 1000), ("--prompt-chunks", 1, 8), ("--resolution", 64, 4096),
-              ("--num-samples", 1, None), ("--batch-size", 1, None), ("--cfg", 0, None), ("--eta", 0, None),
+              ("--num-samples", 1, None), ("--batch-size", 1, None), ("--cfg", 0, None), ("--eta", 0, 1),
               ("--mask-blur", 0, None), ("--detect-resolution", 64, 4096)]
     bad = bad_number(args, ranges)
     if bad:

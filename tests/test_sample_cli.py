@@ -188,6 +188,7 @@ def test_user_mistakes_get_clear_errors(files, tmp_path):
     one_line_error(run_here(*args, "--seed", -5), "--seed")
     one_line_error(run_here(*args, "--seed", 2 ** 32), "--seed")
     one_line_error(run_here(*args, "--cfg", -1), "--cfg")
+    one_line_error(run_here(*args, "--eta", 1.5), "--eta")
     one_line_error(run_here(*args[:-4], "--resolution", 0, "--out", tmp_path / "o"), "--resolution 0")
     assert not (tmp_path / "o").exists()
 
