@@ -32,6 +32,8 @@ def read_index(folder) -> list:
             item = json.loads(line)
             paths = [folder / item["source"], folder / item["target"]]
             prompt = item["prompt"]
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt is {type(prompt).__name__}, not text")
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{index} line {n}: expected JSON with source, target and prompt ({e})")
         for path in paths:
