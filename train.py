@@ -60,7 +60,8 @@ def parser():
     a("--only-mid-control", action="store_true", help="train and use only the middle-block residual")
     a("--latent-noise", type=float, default=0.0, help="decoder stage: add Gaussian noise of a std drawn from [0, "
       "this] per image to the (unscaled) latents, so the decoder learns to turn imprecise latents into clean images")
-    a("--drop-prompt", type=float, default=0.5, help="probability of an empty prompt (paper: 0.5)")
+    a("--drop-prompt", type=float, default=0.5, help="probability of an empty prompt (the paper's 0.5; the released "
+      "code's recipe has none: 0)")
     a("--resolution", type=int, default=None, help="training image size: short side resized to it, the middle square "
                                                    "kept (default: the data's own short side)")
     a("--save-every", type=int, default=500, help="checkpoint every N steps (atomic)")
@@ -79,8 +80,8 @@ def parser():
 
 def check_args(args):
     """Flag mistakes, each one line, before any data or weights are read."""
-    ranges = [("--steps", 1, None), ("--batch-size", 1, None), ("--grad-accum", 1, None),
-              ("--save-every", 1, None), ("--sample-steps", 1, None), ("--resolution", 1, None),
+    ranges = [("--steps", 1, None), ("--batch-size", 1, None), ("--grad-accum", 1, None), ("--save-every", 1, None),
+              ("--sample-steps", 1, 1000), ("--resolution", 1, None), ("--seed", 0, 2 ** 32 - 1),
               ("--sample-every", 0, None), ("--latent-noise", 0, None), ("--drop-prompt", 0, 1)]   # a probability
     bad = bad_number(args, ranges)
     if bad:
@@ -106,9 +107,9 @@ def build(args, device):
     """(model, trainable module, parameters to optimise)."""
     try:
         config = preset(args.config) if args.config else None
-        model = load_base(args.base, config) if args.base else None
-        if model and args.stage == "controlnet" and not args.controlnet and holds_controlnet(args.base):
+        if args.base and args.stage == "controlnet" and not args.controlnet and holds_controlnet(args.base):
             args.controlnet = args.base              # its ControlNet too, as the official tutorial's resume_path does
+        model = load_base(args.base, config) if args.base else None
         net = load_controlnet(args.controlnet, base=model.config) if args.controlnet and model else None
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")

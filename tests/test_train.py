@@ -345,6 +345,21 @@ def test_checkpoint_runs_in_sample_py(setup, tmp_path):
     assert (tmp_path / "samples" / "grid.png").exists()
 
 
+def test_prompt_that_is_not_text_is_named_before_training(setup, tmp_path):
+    # a number or null as the prompt would reach the tokenizer mid-training; it is refused with the line's number
+    import shutil
+    d, _ = setup
+    data = tmp_path / "data"
+    shutil.copytree(d / "data", data)
+    lines = (data / "prompt.json").read_text().splitlines()
+    for bad in (5, None):
+        item = json.loads(lines[2])
+        item["prompt"] = bad
+        (data / "prompt.json").write_text("\n".join(lines[:2] + [json.dumps(item)] + lines[3:]))
+        with pytest.raises(DataError, match="line 3.*prompt is"):
+            read_index(data)
+
+
 @pytest.mark.slow
 def test_bad_data_line_is_named(setup, tmp_path):
     d, base = setup
@@ -379,7 +394,8 @@ def test_unreadable_image_met_while_training_is_named(setup, tmp_path):
 @pytest.mark.parametrize("flag, value", [("--latent-noise", "0.3"), ("--batch-size", "0"), ("--resolution", "0"),
                                          ("--lr", "0"), ("--drop-prompt", "1.5"), ("--out", "x/o"),
                                          ("--precision", "fp16"), ("--lr", "nan"), ("--drop-prompt", "nan"),
-                                         ("--latent-noise", "inf")])
+                                         ("--latent-noise", "inf"), ("--sample-steps", "1001"), ("--seed", "-1"),
+                                         ("--seed", str(2 ** 32))])
 def test_flag_mistakes_are_refused_in_one_line(setup, tmp_path, flag, value):
     # --latent-noise outside the decoder stage; counts below 1 (a division by zero; 0 taken as "the data's size"); an
     # --out inside a file (x); --precision for the VAE stages, which train in fp32 (the flag was passed over); nan or inf
