@@ -5,7 +5,6 @@ import torch
 from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
 
 from helpers import diffusers_models, tiny_models
-from minicontrol.controlnet import guess_mode_scales
 from minicontrol.ddim import ddim_sample, timesteps
 from minicontrol.pipeline import Control, sample
 
@@ -54,7 +53,12 @@ class OfficialGuessControlNet(ControlNetModel):
 
     def forward(self, *args, conditioning_scale=1.0, guess_mode=False, return_dict=True, **kw):
         down, mid = super().forward(*args, conditioning_scale=1.0, guess_mode=False, return_dict=False, **kw)
-        scales = guess_mode_scales(conditioning_scale, len(down) + 1) if guess_mode else [conditioning_scale] * 13
+        # the gradio demos' control_scales = [strength * (0.825 ** float(12 - i)) for i in range(13)], written
+        # out for n residuals (13 there): the deepest keeps the strength, each shallower one 0.825 of the next
+        n = len(down) + 1
+        scales = [conditioning_scale * 0.825 ** float(n - 1 - i) for i in range(n)]
+        if not guess_mode:
+            scales = [conditioning_scale] * n
         return [d * s for d, s in zip(down, scales)], mid * scales[len(down)]
 
 
