@@ -1,10 +1,13 @@
 """DDIM against diffusers' DDIMScheduler set up the official way, and whole controlled samples against diffusers'
 StableDiffusionControlNetPipeline on the same converted weights and initial noise."""
+from dataclasses import replace
+
 import pytest
 import torch
 from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
 
 from helpers import diffusers_models, tiny_models
+from minicontrol.controlnet import ControlNet
 from minicontrol.ddim import ddim_sample, timesteps
 from minicontrol.pipeline import Control, sample
 
@@ -62,12 +65,21 @@ class OfficialGuessControlNet(ControlNetModel):
         return [d * s for d, s in zip(down, scales)], mid * scales[len(down)]
 
 
-def run_pair(name, guess_mode=False, strength=1.0, eta=0.0, steps=4, wrap=False,
+def run_pair(name, guess_mode=False, strength=1.0, eta=0.0, steps=4, wrap=False, pooled=False,
              prompts=("a red circle", "a blue square"), negative=("", "blurry")):
     """Our sample and diffusers' pipeline's on the same weights, noise and text embeddings (prompts and negative
-    prompts given to ours as they are, as lists or strings; to diffusers as embeddings of one per sample)."""
+    prompts given to ours as they are, as lists or strings; to diffusers as embeddings of one per sample). pooled:
+    the ControlNet pools its residuals (the 1.1 shuffle model's global_average_pooling, diffusers'
+    global_pool_conditions)."""
     cfg, model, net = tiny_models(name)
     d_unet, d_net, d_vae = diffusers_models(cfg, model, net)
+    if pooled:
+        shuffle = ControlNet(replace(cfg.unet, global_average_pooling=True))
+        shuffle.load_state_dict(net.state_dict())
+        net = shuffle.eval()
+        d_shuffle = ControlNetModel(**{**d_net.config, "global_pool_conditions": True})
+        d_shuffle.load_state_dict(d_net.state_dict())
+        d_net = d_shuffle.eval()
     if wrap:
         wrapped = OfficialGuessControlNet(**d_net.config)
         wrapped.load_state_dict(d_net.state_dict())
@@ -116,6 +128,15 @@ def test_guess_mode_follows_official_rule():
     assert (ours - official).abs().max().item() <= 1e-4
     _, native = run_pair("tiny-sd1", guess_mode=True)
     assert (ours - native).abs().max().item() > 1e-3
+
+
+def test_shuffle_model_controls_only_the_conditional_pass_as_diffusers():
+    # a ControlNet that pools its residuals (1.1 shuffle) always runs as in guess mode: diffusers' pipeline turns
+    # on guess_mode for global_pool_conditions, so the unconditional pass gets no control; the scales stay plain
+    ours, ref = run_pair("tiny-sd1", pooled=True, strength=0.8)
+    assert (ours - ref).abs().max().item() <= 1e-4
+    plain, _ = run_pair("tiny-sd1", strength=0.8)
+    assert (ours - plain).abs().max().item() > 1e-3        # the pooled residuals are not the plain ones
 
 
 def test_timesteps_never_reach_1000():
