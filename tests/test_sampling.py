@@ -2,6 +2,7 @@
 StableDiffusionControlNetPipeline on the same converted weights and initial noise."""
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
@@ -9,7 +10,7 @@ from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetP
 from helpers import diffusers_models, tiny_models
 from minicontrol.controlnet import ControlNet
 from minicontrol.ddim import ddim_sample, timesteps
-from minicontrol.pipeline import Control, sample
+from minicontrol.pipeline import Control, decode, sample
 
 
 def official_ddim(prediction_type="epsilon"):
@@ -222,3 +223,21 @@ def test_img2img_follows_the_official_tile_demo(steps, denoise, t_enc):
     a = alphas_cumprod().float().double()[ts[t_enc]].item()
     n = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))      # the seed's first draw
     assert torch.allclose(calls[0][1], a ** 0.5 * init + (1 - a) ** 0.5 * n, atol=1e-6)
+
+
+def test_decode_to_pixels_follows_the_official_demos():
+    # gradio_canny2image.py: (einops.rearrange(x, 'b c h w -> b h w c') * 127.5 + 127.5).cpu().numpy()
+    # .clip(0, 255).astype(np.uint8), i.e. out-of-range values clipped and the rest truncated, not rounded
+    _, model, _ = tiny_models("tiny-sd1")
+    model.vae.decode = lambda z: z                     # the VAE's output is the tensor given here
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, generator=g) * 0.8
+    x[0, :, 0, :] = torch.tensor([-1.6, -1.0, -1.003, 1.0, 1.4])            # clipped at both ends
+    lifted_by_rounding = torch.tensor([0.6, 10.6, 127.7, 200.5, 254.65])
+    x[1, :, 1, :] = (lifted_by_rounding - 127.5) / 127.5
+    official = (np.transpose(x.numpy(), (0, 2, 3, 1)) * 127.5 + 127.5).clip(0, 255).astype(np.uint8)
+    ours = decode(model, x)
+    assert ours.dtype == np.uint8 and ours.shape == (2, 4, 5, 3)
+    assert np.array_equal(ours, official)
+    assert (official == 0).any() and (official == 255).any()
+    assert official[1, 1, :, 0].tolist() == [0, 10, 127, 200, 254]     # truncated, where rounding gives 1, 11, ...
