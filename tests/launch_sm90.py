@@ -1,17 +1,17 @@
 """Our attention launcher on the path Triton takes on a GPU, on a machine without one: a stand-in driver says it is an
 H100 (sm_90) with as much shared memory per block as the argument gives (a real one has 227 KiB), the kernel is compiled
 for it with Triton's own compiler, and the launch itself, which would start the kernel, records its grid and arguments
-instead. Triton's do_bench times those launches on the CPU clock, so which tile "wins" means nothing here; what is
-checked is the way there. Given WINNER (ours or sdpa), the tensors pass for CUDA ones and go through attention(), and
-SDPA and do_bench are stand-ins too: SDPA counts its calls, do_bench calls what it times once and says WINNER is the
-faster (our tiles all tie). Must run outside Triton's interpreter, so the tests start it as its own process:
+instead. Nothing is timed: do_bench is a stand-in that calls what it would time once and gives a fixed answer. Without
+WINNER, flash_attention() runs alone and the 128x128 tile is the faster wherever it fits. Given WINNER (ours or sdpa),
+the tensors pass for CUDA ones and go through attention(), SDPA is a stand-in too, counting its calls, and do_bench
+says WINNER is the faster (our tiles all tie). Must run outside Triton's interpreter, so the tests start it as its own
+process:
 
     MINICONTROL_CACHE=DIR [MINICONTROL_ATTENTION=...] python tests/launch_sm90.py SHARED_BYTES [WINNER]   # JSON report
 """
 import json
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -38,16 +38,7 @@ class Launcher:
                              ints=[a for a in args if type(a) is int]))
 
 
-class Event:
-    def record(self):
-        self.t = time.perf_counter()
-
-    def elapsed_time(self, end):
-        return (end.t - self.t) * 1e3
-
-
 class Device:
-    Event = staticmethod(lambda enable_timing: Event())
     synchronize = staticmethod(lambda: None)
 
 
@@ -97,6 +88,13 @@ def sdpa(q, k, v):
     return torch.zeros_like(q)
 
 
+def big_tile_wins(fn, **kwargs):
+    """do_bench for flash_attention() alone: what it would time runs once (the launch is recorded, or a tile needing
+    more shared memory than the device has raises), and the 128x128 tile is the faster."""
+    fn()
+    return 1.0 if launches[-1]["ints"][-2:] == [128, 128] else 2.0
+
+
 def through_attention(q, k, v, winner):
     """attention() twice on these tensors; what do_bench timed, and what ran outside it: kernel launches, SDPA calls."""
     timed = []
@@ -124,6 +122,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 2:
         print(json.dumps(through_attention(q, k, v, sys.argv[2])))
     else:
+        triton.testing.do_bench = big_tile_wins
         first = tuning.flash_attention(q, k, v)
         timed = len(launches)
         again = tuning.flash_attention(q, k, v)

@@ -38,8 +38,14 @@ def test_clone_copies_encoder_and_shares_no_storage():
 
 
 def test_guess_mode_scales_closed_form():
-    s = guess_mode_scales(1.0)
-    assert len(s) == 13 and s[12] == 1.0 and abs(s[0] - 0.825 ** 12) < 1e-12 and abs(s[0] - 0.0995) < 1e-3
+    # the official gradio demos' rule, written out: [strength * (0.825 ** float(12 - i)) for i in range(13)]
+    for strength in (1.0, 0.6):
+        s = guess_mode_scales(strength)
+        assert len(s) == 13 and s[12] == strength and abs(s[0] - strength * 0.0995) < 1e-3
+        for i in range(13):
+            assert abs(s[i] - strength * 0.825 ** float(12 - i)) < 1e-12, i
+    # fewer residuals (the tiny models' 4): counted from the deepest, which keeps the strength
+    assert [round(x, 12) for x in guess_mode_scales(0.5, 4)] == [round(0.5 * 0.825 ** k, 12) for k in (3, 2, 1, 0)]
 
 
 def test_scales_and_shuffle_pooling_closed_form():

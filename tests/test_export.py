@@ -1,4 +1,7 @@
-"""Writing: `python -m minicontrol.export` splits a ControlNet 1.0 full file in two."""
+"""Writing: `python -m minicontrol.export` splits a ControlNet 1.0 full file in two, and writes float16 files."""
+import torch
+from safetensors.torch import load_file
+
 from helpers import run_module, same, tiny_models
 from minicontrol.export import full_state_dict, save
 from minicontrol.files import read
@@ -24,3 +27,18 @@ def test_split_a_full_file_into_sd_and_control_files(tmp_path):
                        (inside_a_file, f"{tmp_path / 'full.pth'} is a file")):
         code = cli(full, dst, "--half")
         assert str(code).startswith("error: ") and error in code
+
+
+def test_half_writes_every_float_tensor_as_float16(tmp_path):
+    # --half: each floating-point tensor is the source's .half(); the integer position_ids (SD1) kept as they are
+    cfg, model, net = tiny_models("tiny-sd1")
+    source = full_state_dict(model, net)
+    full = save(tmp_path / "full.safetensors", source) or tmp_path / "full.safetensors"
+    assert run_module("minicontrol.export", full, tmp_path / "half.safetensors", "--half") is None
+    written = load_file(tmp_path / "half.safetensors")          # safetensors' own reader
+    assert written.keys() == source.keys()
+    integer = [k for k, v in source.items() if not v.is_floating_point()]
+    assert integer == ["cond_stage_model.transformer.text_model.embeddings.position_ids"]
+    for k, v in source.items():
+        expected = v.half() if v.is_floating_point() else v
+        assert written[k].dtype == expected.dtype and torch.equal(written[k], expected), k

@@ -28,7 +28,7 @@ def test_canny_matches_opencv(name, low, high):
     ours, ref = canny(img, low, high), cv2.Canny(img, low, high)
     assert ours.dtype == np.uint8 and ours.shape == img.shape[:2] and set(np.unique(ours)) <= {0, 255}
     assert (ref > 0).mean() > 0.005                              # the image really has edges at these thresholds
-    assert (ours == ref).mean() >= 0.99
+    assert np.array_equal(ours, ref)                              # every pixel, as OpenCV decides it
 
 
 @pytest.mark.parametrize("name", ["drawing", "photo", "noise"])

@@ -1,13 +1,16 @@
 """DDIM against diffusers' DDIMScheduler set up the official way, and whole controlled samples against diffusers'
 StableDiffusionControlNetPipeline on the same converted weights and initial noise."""
+from dataclasses import replace
+
+import numpy as np
 import pytest
 import torch
 from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
 
 from helpers import diffusers_models, tiny_models
-from minicontrol.controlnet import guess_mode_scales
+from minicontrol.controlnet import ControlNet
 from minicontrol.ddim import ddim_sample, timesteps
-from minicontrol.pipeline import Control, sample
+from minicontrol.pipeline import Control, decode, sample
 
 
 def official_ddim(prediction_type="epsilon"):
@@ -54,16 +57,30 @@ class OfficialGuessControlNet(ControlNetModel):
 
     def forward(self, *args, conditioning_scale=1.0, guess_mode=False, return_dict=True, **kw):
         down, mid = super().forward(*args, conditioning_scale=1.0, guess_mode=False, return_dict=False, **kw)
-        scales = guess_mode_scales(conditioning_scale, len(down) + 1) if guess_mode else [conditioning_scale] * 13
+        # the gradio demos' control_scales = [strength * (0.825 ** float(12 - i)) for i in range(13)], written
+        # out for n residuals (13 there): the deepest keeps the strength, each shallower one 0.825 of the next
+        n = len(down) + 1
+        scales = [conditioning_scale * 0.825 ** float(n - 1 - i) for i in range(n)]
+        if not guess_mode:
+            scales = [conditioning_scale] * n
         return [d * s for d, s in zip(down, scales)], mid * scales[len(down)]
 
 
-def run_pair(name, guess_mode=False, strength=1.0, eta=0.0, steps=4, wrap=False,
+def run_pair(name, guess_mode=False, strength=1.0, eta=0.0, steps=4, wrap=False, pooled=False,
              prompts=("a red circle", "a blue square"), negative=("", "blurry")):
     """Our sample and diffusers' pipeline's on the same weights, noise and text embeddings (prompts and negative
-    prompts given to ours as they are, as lists or strings; to diffusers as embeddings of one per sample)."""
+    prompts given to ours as they are, as lists or strings; to diffusers as embeddings of one per sample). pooled:
+    the ControlNet pools its residuals (the 1.1 shuffle model's global_average_pooling, diffusers'
+    global_pool_conditions)."""
     cfg, model, net = tiny_models(name)
     d_unet, d_net, d_vae = diffusers_models(cfg, model, net)
+    if pooled:
+        shuffle = ControlNet(replace(cfg.unet, global_average_pooling=True))
+        shuffle.load_state_dict(net.state_dict())
+        net = shuffle.eval()
+        d_shuffle = ControlNetModel(**{**d_net.config, "global_pool_conditions": True})
+        d_shuffle.load_state_dict(d_net.state_dict())
+        d_net = d_shuffle.eval()
     if wrap:
         wrapped = OfficialGuessControlNet(**d_net.config)
         wrapped.load_state_dict(d_net.state_dict())
@@ -112,6 +129,15 @@ def test_guess_mode_follows_official_rule():
     assert (ours - official).abs().max().item() <= 1e-4
     _, native = run_pair("tiny-sd1", guess_mode=True)
     assert (ours - native).abs().max().item() > 1e-3
+
+
+def test_shuffle_model_controls_only_the_conditional_pass_as_diffusers():
+    # a ControlNet that pools its residuals (1.1 shuffle) always runs as in guess mode: diffusers' pipeline turns
+    # on guess_mode for global_pool_conditions, so the unconditional pass gets no control; the scales stay plain
+    ours, ref = run_pair("tiny-sd1", pooled=True, strength=0.8)
+    assert (ours - ref).abs().max().item() <= 1e-4
+    plain, _ = run_pair("tiny-sd1", strength=0.8)
+    assert (ours - plain).abs().max().item() > 1e-3        # the pooled residuals are not the plain ones
 
 
 def test_timesteps_never_reach_1000():
@@ -214,3 +240,21 @@ def test_eta_outside_0_to_1_is_refused(eta):
     # above 1, sigma^2 exceeds 1 - a_prev at some steps: the square root of a negative number (complex latents)
     with pytest.raises(ValueError, match="eta"):
         next(ddim_sample(fake_model, torch.zeros(1, 4, 2, 2), 20, eta))
+
+
+def test_decode_to_pixels_follows_the_official_demos():
+    # gradio_canny2image.py: (einops.rearrange(x, 'b c h w -> b h w c') * 127.5 + 127.5).cpu().numpy()
+    # .clip(0, 255).astype(np.uint8), i.e. out-of-range values clipped and the rest truncated, not rounded
+    _, model, _ = tiny_models("tiny-sd1")
+    model.vae.decode = lambda z: z                     # the VAE's output is the tensor given here
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, generator=g) * 0.8
+    x[0, :, 0, :] = torch.tensor([-1.6, -1.0, -1.003, 1.0, 1.4])            # clipped at both ends
+    lifted_by_rounding = torch.tensor([0.6, 10.6, 127.7, 200.5, 254.65])
+    x[1, :, 1, :] = (lifted_by_rounding - 127.5) / 127.5
+    official = (np.transpose(x.numpy(), (0, 2, 3, 1)) * 127.5 + 127.5).clip(0, 255).astype(np.uint8)
+    ours = decode(model, x)
+    assert ours.dtype == np.uint8 and ours.shape == (2, 4, 5, 3)
+    assert np.array_equal(ours, official)
+    assert (official == 0).any() and (official == 255).any()
+    assert official[1, 1, :, 0].tolist() == [0, 10, 127, 200, 254]     # truncated, where rounding gives 1, 11, ...

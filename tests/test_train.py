@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +45,8 @@ def setup(tmp_path_factory):
     return d, path
 
 
-def train(*args, env=None, wait=True):
+def train(*args, env=None):
     cmd = [sys.executable, str(ROOT / "train.py"), *map(str, args)]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     return res
@@ -169,18 +166,36 @@ def weights(path):
     return sd
 
 
+# python -c KILLED_AFTER_LOGGING STEP train.py ARGS: train.py, SIGKILLed right after it logs the loss of STEP
+KILLED_AFTER_LOGGING = """
+import os, runpy, signal, sys
+import minicontrol.runs as runs
+step_to_kill = int(sys.argv[1])
+sys.argv = sys.argv[2:]
+log_loss = runs.log_loss
+def log_then_die(out, step, loss):
+    log_loss(out, step, loss)
+    if step == step_to_kill:
+        os.kill(os.getpid(), signal.SIGKILL)
+runs.log_loss = log_then_die                     # train.py takes its log_loss from minicontrol.runs on import
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @pytest.mark.slow
 def test_sigkill_and_resume_equals_uninterrupted(setup, tmp_path):
     full = tmp_path / "full"
     train(*common(setup, full, steps=8, extra=["--save-every", 2]))
+    # train.py in a process that SIGKILLs itself as soon as step 5's loss is logged: after the checkpoint of step 4,
+    # before that of step 6, at the same point on every run
     cut = tmp_path / "cut"
-    proc = train(*common(setup, cut, steps=8, extra=["--save-every", 2]), wait=False)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (cut / "step0000004.safetensors").exists():
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert (cut / "state.pt").exists() and not (cut / "step0000008.safetensors").exists()
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_LOGGING, "5", str(ROOT / "train.py"),
+                             *map(str, common(setup, cut, steps=8, extra=["--save-every", 2]))],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert torch.load(cut / "state.pt", weights_only=True)["step"] == 4
+    assert not (cut / "step0000006.safetensors").exists() and not (cut / "step0000008.safetensors").exists()
+    assert [row.split(",")[0] for row in (cut / "loss.csv").read_text().splitlines()[1:]] == list("12345")
     train(*common(setup, cut, steps=8, extra=["--save-every", 2, "--resume"]))
     a, b = weights(full / "step0000008.safetensors"), weights(cut / "step0000008.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
