@@ -54,10 +54,30 @@ def test_hwc3():
 
 
 @pytest.mark.parametrize("h,w,res,out", [(480, 640, 512, (512, 704)), (1000, 700, 512, (704, 512)),
-                                          (512, 512, 256, (256, 256)), (300, 333, 512, (512, 576))])
-def test_resize_rule(h, w, res, out):
-    # k = res / min(h, w); each side k * side rounded to the nearest multiple of 64
-    assert resize_image(np.zeros((h, w, 3), np.uint8), res).shape[:2] == out
+                                          (512, 512, 256, (256, 256)), (300, 333, 512, (512, 576)),
+                                          (333, 517, 256, (256, 384)), (512, 760, 512, (512, 768)),
+                                          (500, 600, 500, (512, 576)), (37, 53, 64, (64, 64)),
+                                          (1000, 1500, 512, (512, 768)), (200, 300, 100, (128, 128))])
+@pytest.mark.parametrize("picture", ["noise", "lines", "photo"])
+def test_resize_rule(h, w, res, out, picture):
+    # annotator/util.py: k = res / min(h, w); each side k * side rounded to the nearest multiple of 64; then
+    # cv2.resize with INTER_LANCZOS4 where k > 1, else INTER_AREA (which blends linearly where a side still grows:
+    # 500x600 at 500, 512x760 at 512). OpenCV computes in fixed point: its pixels may differ by 1.
+    rng = np.random.default_rng(h * w)
+    if picture == "noise":
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    elif picture == "lines":                                        # a drawn map: 1-pixel lines
+        img = np.zeros((h, w, 3), np.uint8)
+        img[::7] = 255
+        img[:, ::5, 1] = 255
+    else:
+        img = cv2.resize(images()["photo"], (w, h), interpolation=cv2.INTER_AREA)
+    k = res / min(h, w)
+    ref = cv2.resize(img, out[::-1], interpolation=cv2.INTER_LANCZOS4 if k > 1 else cv2.INTER_AREA)
+    ours = resize_image(img, res)
+    assert ours.shape == ref.shape and ours.dtype == np.uint8
+    diff = np.abs(ours.astype(int) - ref)
+    assert diff.max() <= 1 and diff.mean() < 0.3, (diff.max(), diff.mean())
 
 
 def test_images_read_as_opencv_reads_them(tmp_path):
