@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from minicontrol import detectors, pipeline
 from minicontrol.attention import check_mode
-from minicontrol.cli import bad_number
+from minicontrol.cli import check_numbers
 from minicontrol.config import PRESETS, preset
 from minicontrol.cpu import keep_freed_memory, native_bf16, pack_weights
 from minicontrol.ddim import img2img_start, timesteps
@@ -141,9 +141,13 @@ def check_args(args, tiny: bool):
     ranges = [("--steps", 1, 1000), ("--prompt-chunks", 1, 8), ("--resolution", 64, 4096),
               ("--num-samples", 1, None), ("--batch-size", 1, None), ("--cfg", 0, None), ("--eta", 0, None),
               ("--mask-blur", 0, None), ("--detect-resolution", 64, 4096)]
-    bad = bad_number(args, ranges)
-    if bad:
-        fail(bad)
+    try:
+        check_numbers(args, ranges)
+        check_mode()                                 # MINICONTROL_ATTENTION
+        check_out_folder(args.out)
+        detectors.check(args.detector, args.annotators)
+    except (CheckpointError, ValueError) as e:
+        fail(str(e))
     if args.prompt is None and not (tiny and not args.control_image):     # the tiny model's outlines come with theirs
         fail("--prompt is required with your own control images or model files; the tiny model knows prompts like "
              "\"red circle with blue background\"")
@@ -180,12 +184,6 @@ def check_args(args, tiny: bool):
     on_cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
     if on_cpu and args.dtype == "float16":
         fail("--dtype float16 is for CUDA; on the CPU use bfloat16 or float32")
-    try:
-        check_mode()                                 # MINICONTROL_ATTENTION
-        check_out_folder(args.out)
-        detectors.check(args.detector, args.annotators)
-    except (CheckpointError, ValueError) as e:
-        fail(str(e))
 
 
 def fill_defaults(args, tiny: bool):

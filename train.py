@@ -18,7 +18,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from minicontrol.attention import check_mode
-from minicontrol.cli import bad_number
+from minicontrol.cli import check_numbers
 from minicontrol.config import PRESETS, preset
 from minicontrol.controlnet import clone_encoder
 from minicontrol.cpu import keep_freed_memory
@@ -82,9 +82,12 @@ def check_args(args):
     ranges = [("--steps", 1, None), ("--batch-size", 1, None), ("--grad-accum", 1, None),
               ("--save-every", 1, None), ("--sample-steps", 1, None), ("--resolution", 1, None),
               ("--sample-every", 0, None), ("--latent-noise", 0, None), ("--drop-prompt", 0, 1)]   # a probability
-    bad = bad_number(args, ranges)
-    if bad:
-        raise SystemExit(f"error: {bad}")
+    try:
+        check_numbers(args, ranges)
+        check_mode()                       # MINICONTROL_ATTENTION
+        check_out_folder(args.out)
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
     if args.lr <= 0:
         raise SystemExit(f"error: --lr must be positive, got {args.lr}")
     if args.latent_noise and args.stage != "decoder":
@@ -94,11 +97,6 @@ def check_args(args):
     if args.precision not in (None, "fp32") and args.stage in ("vae", "decoder"):
         raise SystemExit(f"error: --precision {args.precision} is for the UNet stages (controlnet, base); the VAE "
                          "stages train in fp32: leave it out")
-    try:
-        check_mode()                       # MINICONTROL_ATTENTION
-        check_out_folder(args.out)
-    except (CheckpointError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
 
 
 # --------------------------------------------------------------------------------------------------------- model
