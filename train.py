@@ -102,19 +102,14 @@ def check_args(args):
 # --------------------------------------------------------------------------------------------------------- model
 def build(args, device):
     """(model, trainable module, parameters to optimise)."""
-    try:
-        config = preset(args.config) if args.config else None
-        model = load_base(args.base, config) if args.base else None
-        if model and args.stage == "controlnet" and not args.controlnet and holds_controlnet(args.base):
-            args.controlnet = args.base              # its ControlNet too, as the official tutorial's resume_path does
-        net = load_controlnet(args.controlnet, base=model.config) if args.controlnet and model else None
-    except (CheckpointError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    if model is None:
-        if not args.config or args.stage in ("controlnet", "decoder"):
-            raise SystemExit("error: give --base (an SD checkpoint), or --config to build a new model for --stage vae/base")
+    config = preset(args.config) if args.config else None
+    if args.base:
+        model = load_base(args.base, config)
+    elif args.config and args.stage in ("vae", "base"):
         torch.manual_seed(args.seed)
         model = StableDiffusion(config)
+    else:
+        raise SystemExit("error: give --base (an SD checkpoint), or --config to build a new model for --stage vae/base")
     model = model.to(device).requires_grad_(False).eval()
     if args.stage == "vae":
         return model, model.vae, list(model.vae.parameters())
@@ -122,8 +117,11 @@ def build(args, device):
         return model, model.vae, list(model.vae.post_quant_conv.parameters()) + list(model.vae.decoder.parameters())
     if args.stage == "base":
         return model, model.unet, list(model.unet.parameters())
+    if not args.controlnet and holds_controlnet(args.base):
+        args.controlnet = args.base                  # its ControlNet too, as the official tutorial's resume_path does
     torch.manual_seed(args.seed)
-    net = net.to(device) if net is not None else clone_encoder(model.unet)
+    net = load_controlnet(args.controlnet, base=model.config) if args.controlnet else clone_encoder(model.unet)
+    net = net.to(device)
     params = list(net.parameters())
     if args.only_mid_control:                        # the skips' zero convs get no gradient, so they do not train
         params = [p for name, p in net.named_parameters() if not name.startswith("zero_convs.")]
