@@ -25,7 +25,7 @@ from minicontrol.cpu import keep_freed_memory, native_bf16, pack_weights
 from minicontrol.ddim import img2img_start, timesteps
 from minicontrol.editing import composite, image_latents, inpainting
 from minicontrol.export import check_out_folder
-from minicontrol.files import CheckpointError, check_file
+from minicontrol.files import check_file
 from minicontrol.identify import guessed_prediction, holds_controlnet, stated_prediction
 from minicontrol.loading import load_base, load_controlnet, load_vae
 from minicontrol.preprocess import hwc3, read_pixels, round64
@@ -125,13 +125,10 @@ def choose_files(args) -> bool:
                  "--base and --controlnet with official files (weights/README.md says where to get them)")
         args.base = str(TINY_BASE)
         args.controlnet = [str(TINY_CONTROL)]
-    try:
-        for f in [args.base] + args.controlnet + ([args.vae] if args.vae else []):
-            check_file(f)
-        if args.control_image and not args.controlnet and holds_controlnet(args.base):
-            args.controlnet = [args.base]
-    except CheckpointError as e:
-        fail(str(e))
+    for f in [args.base] + args.controlnet + ([args.vae] if args.vae else []):
+        check_file(f)
+    if args.control_image and not args.controlnet and holds_controlnet(args.base):
+        args.controlnet = [args.base]
     return tiny
 
 
@@ -141,13 +138,10 @@ def check_args(args, tiny: bool):
     ranges = [("--steps", 1, 1000), ("--prompt-chunks", 1, 8), ("--resolution", 64, 4096),
               ("--num-samples", 1, None), ("--batch-size", 1, None), ("--cfg", 0, None), ("--eta", 0, None),
               ("--mask-blur", 0, None), ("--detect-resolution", 64, 4096)]
-    try:
-        check_numbers(args, ranges)
-        check_mode()                                 # MINICONTROL_ATTENTION
-        check_out_folder(args.out)
-        detectors.check(args.detector, args.annotators)
-    except (CheckpointError, ValueError) as e:
-        fail(str(e))
+    check_numbers(args, ranges)
+    check_mode()                                     # MINICONTROL_ATTENTION
+    check_out_folder(args.out)
+    detectors.check(args.detector, args.annotators)
     if args.prompt is None and not (tiny and not args.control_image):     # the tiny model's outlines come with theirs
         fail("--prompt is required with your own control images or model files; the tiny model knows prompts like "
              "\"red circle with blue background\"")
@@ -233,10 +227,7 @@ def control_maps(args, tiny):
         return maps, [as_hint(np.stack(maps))], None
     if not args.control_image:                       # --base alone: text to image
         return [], [], None
-    try:
-        net = detectors.load(args.detector, args.annotators, args.device)
-    except ValueError as e:                          # an annotator file unreadable, or that would run code
-        fail(str(e))
+    net = detectors.load(args.detector, args.annotators, args.device)
     settings = detectors.settings(args)
     found = [detectors.detect(read_image(f), args.resolution, args.detector, net, **settings)
              for f in args.control_image]
@@ -248,6 +239,13 @@ def control_maps(args, tiny):
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    try:
+        generate(args)
+    except ValueError as e:                          # CheckpointError, DetectorError...: the file or flag named
+        fail(str(e))
+
+
+def generate(args):
     tiny = choose_files(args)
     check_args(args, tiny)
     fill_defaults(args, tiny)
@@ -267,13 +265,10 @@ def main(argv=None):
                   f"{75 * args.prompt_chunks} ({args.prompt_chunks} x CLIP's 77 with start and end tokens; "
                   "--prompt-chunks gives more)", file=sys.stderr)
     config = preset(args.config) if args.config else None
-    try:
-        model = load_base(args.base, config)
-        nets = [load_controlnet(f, base=model.config) for f in args.controlnet]
-        if args.vae:
-            model.vae = load_vae(args.vae, model.config)
-    except (CheckpointError, ValueError) as e:
-        fail(str(e))
+    model = load_base(args.base, config)
+    nets = [load_controlnet(f, base=model.config) for f in args.controlnet]
+    if args.vae:
+        model.vae = load_vae(args.vae, model.config)
     for f, net in zip(args.controlnet, nets):
         if "shuffle" in Path(f).name.lower() and not net.config.global_average_pooling:
             print(f"warning: {f}: named as the 1.1 shuffle model, whose residuals are pooled, but no yaml beside it "
