@@ -22,16 +22,14 @@ from minicontrol.cli import check_numbers
 from minicontrol.config import PRESETS, preset
 from minicontrol.controlnet import clone_encoder
 from minicontrol.cpu import keep_freed_memory
-from minicontrol.data import (DataError, batch_indices, collate, encode_all, load_item, prefetched, read_index,
-                              vae_scale_factor)
+from minicontrol.data import batch_indices, collate, encode_all, load_item, prefetched, read_index, vae_scale_factor
 from minicontrol.export import check_out_folder, controlnet_state_dict, full_state_dict, save
-from minicontrol.files import CheckpointError
 from minicontrol.identify import guessed_prediction, holds_controlnet
 from minicontrol.loading import load_base, load_controlnet
 from minicontrol.losses import autoencoder_loss, controlnet_loss, draw, unet_loss
 from minicontrol.model import StableDiffusion
 from minicontrol.pipeline import Control, decode, sample
-from minicontrol.runs import RunError, load_state, log_loss, plot_loss, read_state, save_state, trim_log
+from minicontrol.runs import load_state, log_loss, plot_loss, read_state, save_state, trim_log
 from minicontrol.unet import set_grad_checkpointing
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}      # --precision: autocast dtypes (fp32: none)
@@ -82,12 +80,9 @@ def check_args(args):
     ranges = [("--steps", 1, None), ("--batch-size", 1, None), ("--grad-accum", 1, None),
               ("--save-every", 1, None), ("--sample-steps", 1, None), ("--resolution", 1, None),
               ("--sample-every", 0, None), ("--latent-noise", 0, None), ("--drop-prompt", 0, 1)]   # a probability
-    try:
-        check_numbers(args, ranges)
-        check_mode()                       # MINICONTROL_ATTENTION
-        check_out_folder(args.out)
-    except (CheckpointError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    check_numbers(args, ranges)
+    check_mode()                                     # MINICONTROL_ATTENTION
+    check_out_folder(args.out)
     if args.lr <= 0:
         raise SystemExit(f"error: --lr must be positive, got {args.lr}")
     if args.latent_noise and args.stage != "decoder":
@@ -237,10 +232,10 @@ def check_same_step(step: int, device, path):
 # ---------------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parser().parse_args(argv)
-    check_args(args)
     try:
+        check_args(args)
         train(args)
-    except (CheckpointError, DataError, RunError) as e:        # a file of the user's: named in one line, no traceback
+    except ValueError as e:              # CheckpointError, DataError, RunError...: the file or flag named in one line
         raise SystemExit(f"error: {e}")
 
 
