@@ -228,8 +228,7 @@ def control_maps(args, tiny):
     if not args.control_image:                       # --base alone: text to image
         return [], [], None
     net = detectors.load(args.detector, args.annotators, args.device)
-    settings = detectors.settings(args)
-    found = [detectors.detect(read_image(f), args.resolution, args.detector, net, **settings)
+    found = [detectors.detect(read_image(f), args.resolution, args.detector, net, **detectors.settings(args))
              for f in args.control_image]
     source = found[0][1]                             # the first image at the output size: img2img's, inpainting's
     size = found[0][0].shape[1::-1]                  # every map at the first one's (W, H)
