@@ -7,8 +7,7 @@ def check_numbers(args, ranges):
     one naming the first of `ranges`' (flag, lowest, highest) whose value is out of range (a flag left out is not;
     highest None: no upper bound)."""
     for name, value in vars(args).items():
-        values = value if isinstance(value, list) else [value]
-        for x in values:
+        for x in value if isinstance(value, list) else [value]:         # a flag given several times: each value
             if isinstance(x, float) and not math.isfinite(x):
                 raise ValueError(f"--{name.replace('_', '-')} {x}: give a finite number")
     for flag, low, high in ranges:
