@@ -154,12 +154,10 @@ def step_parts(args, items, world, rank, first_step):
     """This process's parts of every step's batch from `first_step` on, read ahead: (rows, item indices, items).
     Micro-batch m of process r is part m * world + r of the step's batch, rows cut batch_size at a time; the step's
     items and random numbers are drawn whole and cut alike, so any world and grad_accum train as one whole batch."""
-    step_batch = args.batch_size * world * args.grad_accum
-
     def load(key):
         step, part = key
         rows = slice(part * args.batch_size, (part + 1) * args.batch_size)
-        own = batch_indices(len(items), step_batch, step, args.seed)[rows]
+        own = batch_indices(len(items), args.batch_size * world * args.grad_accum, step, args.seed)[rows]
         return rows, own, [load_item(items[i], args.resolution, i + 1) for i in own]
     keys = ((s, m * world + rank) for s in range(first_step, args.steps) for m in range(args.grad_accum))
     return prefetched(load, keys)
