@@ -300,9 +300,8 @@ def generate(args):
         init = known if args.denoise else None
         # a control image per sample (the tiny model's own outlines) is taken for this batch's samples
         batch = [replace(c, image=c.image[part]) if c.image.shape[0] > 1 else c for c in controls]
-        negative = [args.negative_prompt] * len(generators)
-        steps = pipeline.sample(model, prompts[part], negative, batch, args.steps, args.cfg, args.eta, args.guess_mode,
-                                args.only_mid_control, h, w, generators, keep=keep, init=init,
+        steps = pipeline.sample(model, prompts[part], args.negative_prompt, batch, args.steps, args.cfg, args.eta,
+                                args.guess_mode, args.only_mid_control, h, w, generators, keep=keep, init=init,
                                 denoise=args.denoise or 1.0)
         desc = f"DDIM {lo // args.batch_size + 1}/{batches}" if batches > 1 else "DDIM"
         for _, z, _ in tqdm(steps, total=total, desc=desc, unit="step"):
