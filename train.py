@@ -218,15 +218,6 @@ def sample_grid(args, model, net, items, path):
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
-def check_same_step(step: int, device, path):
-    """Rank 0 alone writes state.pt: every node must resume from that one file."""
-    steps = torch.tensor([step, -step], device=device)
-    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
-    if steps[0] != -steps[1]:
-        raise SystemExit(f"error: the processes resume at steps {-steps[1].item()} to {steps[0].item()} (this "
-                         f"one: {step}): {path} must be on a disk every node reads; copy it to the others")
-
-
 # ---------------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parser().parse_args(argv)
@@ -256,7 +247,12 @@ def train(args):
     step = state["step"] if state else 0
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
-        check_same_step(step, device, state_path)
+        # rank 0 alone writes state.pt: every node must resume from that one file, so at the same step
+        steps = torch.tensor([step, -step], device=device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)                 # the latest step and minus the earliest
+        if steps[0] != -steps[1]:
+            raise SystemExit(f"error: the processes resume at steps {-steps[1].item()} to {steps[0].item()} (this "
+                             f"one: {step}): {state_path} must be on a disk every node reads; copy it to the others")
     items = read_index(args.data)
     step_batch = args.batch_size * world * args.grad_accum
     if len(items) < step_batch:
