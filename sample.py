@@ -19,13 +19,13 @@ from tqdm import tqdm
 
 from minicontrol import detectors, pipeline
 from minicontrol.attention import check_mode
-from minicontrol.cli import bad_number
+from minicontrol.cli import check_numbers
 from minicontrol.config import PRESETS, preset
 from minicontrol.cpu import keep_freed_memory, native_bf16, pack_weights
 from minicontrol.ddim import img2img_start, timesteps
 from minicontrol.editing import composite, image_latents, inpainting
 from minicontrol.export import check_out_folder
-from minicontrol.files import CheckpointError, check_file
+from minicontrol.files import check_file
 from minicontrol.identify import guessed_prediction, holds_controlnet, stated_prediction
 from minicontrol.loading import load_base, load_controlnet, load_vae
 from minicontrol.preprocess import hwc3, read_pixels, round64
@@ -63,9 +63,8 @@ def parser() -> argparse.ArgumentParser:
     a("--cfg", type=float, default=None, help="classifier-free guidance scale; 1 turns guidance off (default 9.0, "
                                                 f"the official demos'; {TINY_CFG} for the tiny model)")
     a("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic, 1 is DDPM-like (default 0.0)")
-    a("--strength", type=float, action="append", default=[],
-      help=f"control strength, one for all ControlNets or one per ControlNet (default 1.0; {TINY_STRENGTH} for "
-           "the tiny model)")
+    a("--strength", type=float, action="append", default=[], help="control strength, one for all ControlNets or "
+      f"one per ControlNet (default 1.0; {TINY_STRENGTH} for the tiny model)")
     a("--guess-mode", action="store_true", help="no control in the unconditional pass, residual scales "
                                                 "strength * 0.825 ** (12 - i): the ControlNet guesses the content")
     a("--start", type=float, action="append", default=[], help="fraction of the steps at which control starts "
@@ -125,13 +124,10 @@ def choose_files(args) -> bool:
                  "--base and --controlnet with official files (weights/README.md says where to get them)")
         args.base = str(TINY_BASE)
         args.controlnet = [str(TINY_CONTROL)]
-    try:
-        for f in [args.base] + args.controlnet + ([args.vae] if args.vae else []):
-            check_file(f)
-        if args.control_image and not args.controlnet and holds_controlnet(args.base):
-            args.controlnet = [args.base]
-    except CheckpointError as e:
-        fail(str(e))
+    for f in [args.base] + args.controlnet + ([args.vae] if args.vae else []):
+        check_file(f)
+    if args.control_image and not args.controlnet and holds_controlnet(args.base):
+        args.controlnet = [args.base]
     return tiny
 
 
@@ -141,9 +137,10 @@ def check_args(args, tiny: bool):
     ranges = [("--steps", 1, 1000), ("--prompt-chunks", 1, 8), ("--resolution", 64, 4096),
               ("--num-samples", 1, None), ("--batch-size", 1, None), ("--cfg", 0, None), ("--eta", 0, 1),
               ("--mask-blur", 0, None), ("--detect-resolution", 64, 4096)]
-    bad = bad_number(args, ranges)
-    if bad:
-        fail(bad)
+    check_numbers(args, ranges)
+    check_mode()                                     # MINICONTROL_ATTENTION
+    check_out_folder(args.out)
+    detectors.check(args.detector, args.annotators)
     if args.prompt is None and not (tiny and not args.control_image):     # the tiny model's outlines come with theirs
         fail("--prompt is required with your own control images or model files; the tiny model knows prompts like "
              "\"red circle with blue background\"")
@@ -180,12 +177,6 @@ def check_args(args, tiny: bool):
     on_cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
     if on_cpu and args.dtype == "float16":
         fail("--dtype float16 is for CUDA; on the CPU use bfloat16 or float32")
-    try:
-        check_mode()                                 # MINICONTROL_ATTENTION
-        check_out_folder(args.out)
-        detectors.check(args.detector, args.annotators)
-    except (CheckpointError, ValueError) as e:
-        fail(str(e))
 
 
 def fill_defaults(args, tiny: bool):
@@ -235,12 +226,8 @@ def control_maps(args, tiny):
         return maps, [as_hint(np.stack(maps))], None
     if not args.control_image:                       # --base alone: text to image
         return [], [], None
-    try:
-        net = detectors.load(args.detector, args.annotators, args.device)
-    except ValueError as e:                          # an annotator file unreadable, or that would run code
-        fail(str(e))
-    settings = detectors.settings(args)
-    found = [detectors.detect(read_image(f), args.resolution, args.detector, net, **settings)
+    net = detectors.load(args.detector, args.annotators, args.device)
+    found = [detectors.detect(read_image(f), args.resolution, args.detector, net, **detectors.settings(args))
              for f in args.control_image]
     source = found[0][1]                             # the first image at the output size: img2img's, inpainting's
     size = found[0][0].shape[1::-1]                  # every map at the first one's (W, H)
@@ -250,6 +237,13 @@ def control_maps(args, tiny):
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    try:
+        generate(args)
+    except ValueError as e:                          # CheckpointError, DetectorError...: the file or flag named
+        fail(str(e))
+
+
+def generate(args):
     tiny = choose_files(args)
     check_args(args, tiny)
     fill_defaults(args, tiny)
@@ -269,13 +263,10 @@ def main(argv=None):
                   f"{75 * args.prompt_chunks} ({args.prompt_chunks} x CLIP's 77 with start and end tokens; "
                   "--prompt-chunks gives more)", file=sys.stderr)
     config = preset(args.config) if args.config else None
-    try:
-        model = load_base(args.base, config)
-        nets = [load_controlnet(f, base=model.config) for f in args.controlnet]
-        if args.vae:
-            model.vae = load_vae(args.vae, model.config)
-    except (CheckpointError, ValueError) as e:
-        fail(str(e))
+    model = load_base(args.base, config)
+    nets = [load_controlnet(f, base=model.config) for f in args.controlnet]
+    if args.vae:
+        model.vae = load_vae(args.vae, model.config)
     for f, net in zip(args.controlnet, nets):
         if "shuffle" in Path(f).name.lower() and not net.config.global_average_pooling:
             print(f"warning: {f}: named as the 1.1 shuffle model, whose residuals are pooled, but no yaml beside it "
@@ -308,9 +299,8 @@ def main(argv=None):
         init = known if args.denoise else None
         # a control image per sample (the tiny model's own outlines) is taken for this batch's samples
         batch = [replace(c, image=c.image[part]) if c.image.shape[0] > 1 else c for c in controls]
-        negative = [args.negative_prompt] * len(generators)
-        steps = pipeline.sample(model, prompts[part], negative, batch, args.steps, args.cfg, args.eta, args.guess_mode,
-                                args.only_mid_control, h, w, generators, keep=keep, init=init,
+        steps = pipeline.sample(model, prompts[part], args.negative_prompt, batch, args.steps, args.cfg, args.eta,
+                                args.guess_mode, args.only_mid_control, h, w, generators, keep=keep, init=init,
                                 denoise=args.denoise or 1.0)
         desc = f"DDIM {lo // args.batch_size + 1}/{batches}" if batches > 1 else "DDIM"
         for _, z, _ in tqdm(steps, total=total, desc=desc, unit="step"):

@@ -18,20 +18,18 @@ import torch.distributed as dist
 from PIL import Image
 
 from minicontrol.attention import check_mode
-from minicontrol.cli import bad_number
+from minicontrol.cli import check_numbers
 from minicontrol.config import PRESETS, preset
 from minicontrol.controlnet import clone_encoder
 from minicontrol.cpu import keep_freed_memory
-from minicontrol.data import (DataError, batch_indices, collate, encode_all, load_item, prefetched, read_index,
-                              vae_scale_factor)
+from minicontrol.data import batch_indices, collate, encode_all, load_item, prefetched, read_index, vae_scale_factor
 from minicontrol.export import check_out_folder, controlnet_state_dict, full_state_dict, save
-from minicontrol.files import CheckpointError
 from minicontrol.identify import guessed_prediction, holds_controlnet
 from minicontrol.loading import load_base, load_controlnet
 from minicontrol.losses import autoencoder_loss, controlnet_loss, draw, unet_loss
 from minicontrol.model import StableDiffusion
 from minicontrol.pipeline import Control, decode, sample
-from minicontrol.runs import RunError, load_state, log_loss, plot_loss, read_state, save_state, trim_log
+from minicontrol.runs import load_state, log_loss, plot_loss, read_state, save_state, trim_log
 from minicontrol.unet import set_grad_checkpointing
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}      # --precision: autocast dtypes (fp32: none)
@@ -83,9 +81,9 @@ def check_args(args):
     ranges = [("--steps", 1, None), ("--batch-size", 1, None), ("--grad-accum", 1, None), ("--save-every", 1, None),
               ("--sample-steps", 1, 1000), ("--resolution", 1, None), ("--seed", 0, 2 ** 32 - 1),
               ("--sample-every", 0, None), ("--latent-noise", 0, None), ("--drop-prompt", 0, 1)]   # a probability
-    bad = bad_number(args, ranges)
-    if bad:
-        raise SystemExit(f"error: {bad}")
+    check_numbers(args, ranges)
+    check_mode()                                     # MINICONTROL_ATTENTION
+    check_out_folder(args.out)
     if args.lr <= 0:
         raise SystemExit(f"error: --lr must be positive, got {args.lr}")
     if args.latent_noise and args.stage != "decoder":
@@ -95,29 +93,21 @@ def check_args(args):
     if args.precision not in (None, "fp32") and args.stage in ("vae", "decoder"):
         raise SystemExit(f"error: --precision {args.precision} is for the UNet stages (controlnet, base); the VAE "
                          "stages train in fp32: leave it out")
-    try:
-        check_mode()                       # MINICONTROL_ATTENTION
-        check_out_folder(args.out)
-    except (CheckpointError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
 
 
 # --------------------------------------------------------------------------------------------------------- model
 def build(args, device):
     """(model, trainable module, parameters to optimise)."""
-    try:
-        config = preset(args.config) if args.config else None
-        if args.base and args.stage == "controlnet" and not args.controlnet and holds_controlnet(args.base):
-            args.controlnet = args.base              # its ControlNet too, as the official tutorial's resume_path does
-        model = load_base(args.base, config) if args.base else None
-        net = load_controlnet(args.controlnet, base=model.config) if args.controlnet and model else None
-    except (CheckpointError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    if model is None:
-        if not args.config or args.stage in ("controlnet", "decoder"):
-            raise SystemExit("error: give --base (an SD checkpoint), or --config to build a new model for --stage vae/base")
+    config = preset(args.config) if args.config else None
+    if args.base and args.stage == "controlnet" and not args.controlnet and holds_controlnet(args.base):
+        args.controlnet = args.base                  # its ControlNet too, as the official tutorial's resume_path does
+    if args.base:
+        model = load_base(args.base, config)
+    elif args.config and args.stage in ("vae", "base"):
         torch.manual_seed(args.seed)
         model = StableDiffusion(config)
+    else:
+        raise SystemExit("error: give --base (an SD checkpoint), or --config to build a new model for --stage vae/base")
     model = model.to(device).requires_grad_(False).eval()
     if args.stage == "vae":
         return model, model.vae, list(model.vae.parameters())
@@ -126,7 +116,8 @@ def build(args, device):
     if args.stage == "base":
         return model, model.unet, list(model.unet.parameters())
     torch.manual_seed(args.seed)
-    net = net.to(device) if net is not None else clone_encoder(model.unet)
+    net = load_controlnet(args.controlnet, base=model.config) if args.controlnet else clone_encoder(model.unet)
+    net = net.to(device)
     params = list(net.parameters())
     if args.only_mid_control:                        # the skips' zero convs get no gradient, so they do not train
         params = [p for name, p in net.named_parameters() if not name.startswith("zero_convs.")]
@@ -164,12 +155,10 @@ def step_parts(args, items, world, rank, first_step):
     """This process's parts of every step's batch from `first_step` on, read ahead: (rows, item indices, items).
     Micro-batch m of process r is part m * world + r of the step's batch, rows cut batch_size at a time; the step's
     items and random numbers are drawn whole and cut alike, so any world and grad_accum train as one whole batch."""
-    step_batch = args.batch_size * world * args.grad_accum
-
     def load(key):
         step, part = key
         rows = slice(part * args.batch_size, (part + 1) * args.batch_size)
-        own = batch_indices(len(items), step_batch, step, args.seed)[rows]
+        own = batch_indices(len(items), args.batch_size * world * args.grad_accum, step, args.seed)[rows]
         return rows, own, [load_item(items[i], args.resolution, i + 1) for i in own]
     keys = ((s, m * world + rank) for s in range(first_step, args.steps) for m in range(args.grad_accum))
     return prefetched(load, keys)
@@ -230,22 +219,13 @@ def sample_grid(args, model, net, items, path):
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
-def check_same_step(step: int, device, path):
-    """Rank 0 alone writes state.pt: every node must resume from that one file."""
-    steps = torch.tensor([step, -step], device=device)
-    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
-    if steps[0] != -steps[1]:
-        raise SystemExit(f"error: the processes resume at steps {-steps[1].item()} to {steps[0].item()} (this "
-                         f"one: {step}): {path} must be on a disk every node reads; copy it to the others")
-
-
 # ---------------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parser().parse_args(argv)
-    check_args(args)
     try:
+        check_args(args)
         train(args)
-    except (CheckpointError, DataError, RunError) as e:        # a file of the user's: named in one line, no traceback
+    except ValueError as e:              # CheckpointError, DataError, RunError...: the file or flag named in one line
         raise SystemExit(f"error: {e}")
 
 
@@ -268,7 +248,12 @@ def train(args):
     step = state["step"] if state else 0
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
-        check_same_step(step, device, state_path)
+        # rank 0 alone writes state.pt: every node must resume from that one file, so at the same step
+        steps = torch.tensor([step, -step], device=device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)                 # the latest step and minus the earliest
+        if steps[0] != -steps[1]:
+            raise SystemExit(f"error: the processes resume at steps {-steps[1].item()} to {steps[0].item()} (this "
+                             f"one: {step}): {state_path} must be on a disk every node reads; copy it to the others")
     items = read_index(args.data)
     step_batch = args.batch_size * world * args.grad_accum
     if len(items) < step_batch:

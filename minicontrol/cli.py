@@ -2,18 +2,16 @@
 import math
 
 
-def bad_number(args, ranges) -> str:
-    """A one-line message naming the first float flag given as nan or inf (which would sample or train on nothing),
-    else one naming the first of `ranges`' (flag, lowest, highest) whose value is out of range (a flag left out is
-    not; highest None: no upper bound), else an empty string."""
+def check_numbers(args, ranges):
+    """A ValueError naming the first float flag given as nan or inf (which would sample or train on nothing), else
+    one naming the first of `ranges`' (flag, lowest, highest) whose value is out of range (a flag left out is not;
+    highest None: no upper bound)."""
     for name, value in vars(args).items():
-        values = value if isinstance(value, list) else [value]
-        for x in values:
+        for x in value if isinstance(value, list) else [value]:         # a flag given several times: each value
             if isinstance(x, float) and not math.isfinite(x):
-                return f"--{name.replace('_', '-')} {x}: give a finite number"
+                raise ValueError(f"--{name.replace('_', '-')} {x}: give a finite number")
     for flag, low, high in ranges:
         x = getattr(args, flag[2:].replace("-", "_"))            # argparse's name for the flag
         if x is not None and (x < low or (high is not None and x > high)):
             upto = " or more" if high is None else f" to {high}"
-            return f"{flag} {x}: give {low}{upto}"
-    return ""
+            raise ValueError(f"{flag} {x}: give {low}{upto}")

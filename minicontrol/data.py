@@ -104,12 +104,11 @@ def prefetched(load, keys, ahead=2):
 @torch.no_grad()
 def encode_all(vae, items, resolution, batch=64):
     """The VAE's moments (mean and logvar, stacked on channels) of every training image, kept on the CPU."""
-    device = next(vae.parameters()).device
-
     def targets(first):                              # the targets of items first .. first + batch - 1
         rows = range(first, min(first + batch, len(items)))
         return torch.stack([load_item(items[j], resolution, j + 1)[1] for j in rows])
     batches = prefetched(targets, range(0, len(items), batch))              # the next images read while these encode
+    device = next(vae.parameters()).device
     return torch.cat([torch.cat(vae.moments(x.to(device)), dim=1).cpu() for x in batches])
 
 

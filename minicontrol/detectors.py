@@ -7,6 +7,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -97,19 +98,6 @@ def check(name, folder):
             raise DetectorError(f"--annotators {folder}: {f} not found; it is published at {published(f)}")
 
 
-@contextlib.contextmanager
-def weights_only_torch_load():
-    """controlnet-aux reads its files with torch.load, which before torch 2.6 runs whatever a pickle names, and has no
-    way to be given weights read otherwise. While it builds a detector, torch.load is files.load_pickle (weights only;
-    a refused file named in one line), which calls torch.serialization.load, left as it is."""
-    original = torch.load
-    torch.load = lambda f, *args, **kwargs: files.load_pickle(f)[0]
-    try:
-        yield
-    finally:
-        torch.load = original
-
-
 def load(name, folder, device="cpu"):
     """The detector's network(s) on `device`, read from `folder`; None for the weight-free ones. Nothing is
     downloaded: a file or library missing is a DetectorError."""
@@ -130,8 +118,12 @@ def load(name, folder, device="cpu"):
         net = UperNetForSemanticSegmentation(config)
         net.load_state_dict(files.read(weights)[0])
         return AutoImageProcessor.from_pretrained(path, local_files_only=True), net.to(device).eval()
+    # controlnet-aux reads its files with torch.load, which before torch 2.6 runs whatever a pickle names, and has no
+    # way to be given weights read otherwise. While it builds a detector, torch.load is files.load_pickle (weights only;
+    # a refused file named in one line), which calls torch.serialization.load, left as it is.
+    weights_only = mock.patch.object(torch, "load", lambda f, *args, **kwargs: files.load_pickle(f)[0])
     try:                                             # its networks print as they are built
-        with weights_only_torch_load(), contextlib.redirect_stdout(io.StringIO()):
+        with weights_only, contextlib.redirect_stdout(io.StringIO()):
             built = getattr(controlnet_aux, detector.aux).from_pretrained(folder, local_files_only=True)
     except files.CheckpointError:
         raise

@@ -42,8 +42,7 @@ def save(path, state_dict: dict, config: ModelConfig = None):
         os.chmod(tmp, 0o644)                                 # mkstemp makes it private
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        Path(tmp).unlink(missing_ok=True)                   # the temporary file where writing it failed
 
 
 def controlnet_state_dict(net: ControlNet, layout: str = "1.1") -> dict:

@@ -69,8 +69,7 @@ def tiles_at(d):
     """The tiles to time at head width d: its own, else those every listed width shares, else the smallest."""
     if TILES.get(d):
         return TILES[d]
-    shared = sorted(set.intersection(*(set(tiles) for tiles in TILES.values())))
-    return shared if shared else [SMALLEST]
+    return sorted(set.intersection(*(set(tiles) for tiles in TILES.values()))) or [SMALLEST]
 
 
 def kept(q, k, v, args, meta, candidates):

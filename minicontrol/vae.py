@@ -91,12 +91,11 @@ class Decoder(nn.Module):
         c = widths[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
         self.mid = mid_block(c)
-        levels = []
+        self.up = nn.ModuleList()
         for i in reversed(range(len(widths))):            # built deepest first, stored shallowest first (up.0 ...)
             blocks = [ResnetBlock(c if j == 0 else widths[i], widths[i]) for j in range(cfg.num_res_blocks + 1)]
             c = widths[i]
-            levels.insert(0, level(blocks, "upsample", upsample(c) if i != 0 else nn.Identity()))
-        self.up = nn.ModuleList(levels)
+            self.up.insert(0, level(blocks, "upsample", upsample(c) if i != 0 else nn.Identity()))
         self.norm_out = norm(c)
         self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, padding=1)
 

@@ -104,12 +104,11 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=["train", "eval"], default="train", help="eval: only held-out pairs/positions")
     a = p.parse_args()
-    if a.n < 1:
-        raise SystemExit(f"error: --n must be at least 1, got {a.n}")
+    from .cli import check_numbers
     from .export import check_out_folder
-    from .files import CheckpointError
     try:
+        check_numbers(a, [("--n", 1, None)])
         check_out_folder(a.out)
-    except CheckpointError as e:
+    except ValueError as e:                 # CheckpointError too: the flag named in one line
         raise SystemExit(f"error: {e}")
     make_dataset(a.out, a.n, a.seed, a.split)
