@@ -58,8 +58,7 @@ def parser():
     a("--only-mid-control", action="store_true", help="train and use only the middle-block residual")
     a("--latent-noise", type=float, default=0.0, help="decoder stage: add Gaussian noise of a std drawn from [0, "
       "this] per image to the (unscaled) latents, so the decoder learns to turn imprecise latents into clean images")
-    a("--drop-prompt", type=float, default=0.5, help="probability of an empty prompt (the paper's 0.5; the released "
-      "code's recipe has none: 0)")
+    a("--drop-prompt", type=float, default=0.5, help="chance of an empty prompt (the paper's 0.5; released code: 0)")
     a("--resolution", type=int, default=None, help="training image size: short side resized to it, the middle square "
                                                    "kept (default: the data's own short side)")
     a("--save-every", type=int, default=500, help="checkpoint every N steps (atomic)")
