@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from minicontrol import detectors, pipeline
 from minicontrol.attention import check_mode
-from minicontrol.cli import check_numbers
+from minicontrol.cli import UsageError, check_numbers
 from minicontrol.config import PRESETS, preset
 from minicontrol.cpu import keep_freed_memory, native_bf16, pack_weights
 from minicontrol.ddim import img2img_start, timesteps
@@ -239,7 +239,7 @@ def main(argv=None):
     args = parser().parse_args(argv)
     try:
         generate(args)
-    except ValueError as e:                          # CheckpointError, DetectorError...: the file or flag named
+    except UsageError as e:                          # a flag, file or detector of the user's, named in one line
         fail(str(e))
 
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from minicontrol.attention import check_mode
-from minicontrol.cli import check_numbers
+from minicontrol.cli import UsageError, check_numbers
 from minicontrol.config import PRESETS, preset
 from minicontrol.controlnet import clone_encoder
 from minicontrol.cpu import keep_freed_memory
@@ -224,7 +224,7 @@ def main(argv=None):
     try:
         check_args(args)
         train(args)
-    except ValueError as e:              # CheckpointError, DataError, RunError...: the file or flag named in one line
+    except UsageError as e:              # a flag, file, run or data of the user's, named in one line
         raise SystemExit(f"error: {e}")
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from . import tuning
+from .cli import UsageError
 from .flash import FlashAttention, split_width, triton
 
 # MINICONTROL_ATTENTION: auto (the default: what attention() describes), ours (our kernel wherever it runs) or sdpa
@@ -19,9 +20,9 @@ MIN_CAPABILITY = (8, 0)
 
 
 def check_mode():
-    """Raises ValueError for a MINICONTROL_ATTENTION we do not know (scripts call it before reading any weights)."""
+    """Raises a UsageError for a MINICONTROL_ATTENTION we do not know (scripts call it before reading any weights)."""
     if MODE not in MODES:
-        raise ValueError(f"MINICONTROL_ATTENTION={MODE}: give auto (the faster of ours and sdpa at each shape, the "
+        raise UsageError(f"MINICONTROL_ATTENTION={MODE}: give auto (the faster of ours and sdpa at each shape, the "
                          "default), ours (our kernel on CUDA) or sdpa (PyTorch's)")
 
 

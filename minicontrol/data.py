@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .cli import UsageError
 from .preprocess import open_image
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A training set that cannot be used; the message names the file and line."""
 
 

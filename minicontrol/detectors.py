@@ -12,7 +12,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-from . import files
+from . import cli, files
 from .preprocess import hwc3, resize_image, shuffle
 from .preprocess import detect as weight_free
 
@@ -55,7 +55,7 @@ DETECTORS = {
 }
 
 
-class DetectorError(ValueError):
+class DetectorError(cli.UsageError):
     """A detector that cannot run: its library not installed, or its weights missing; the message says what to do."""
 
 

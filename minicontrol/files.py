@@ -12,10 +12,12 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from .cli import UsageError
+
 CONFIG_KEY = "minicontrol_config"       # safetensors metadata written by save(); official files have none
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A file that is not the checkpoint it was given as; the message names the file and what to do."""
 
 

@@ -8,10 +8,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .cli import UsageError
 from .files import reason
 
 
-class RunError(ValueError):
+class RunError(UsageError):
     """A run folder that cannot be continued; the message says what to do."""
 
 
