@@ -62,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
     a("--steps", type=int, default=20, help="DDIM steps; 1000 // steps sets the spacing (default 20)")
     a("--cfg", type=float, default=None, help="classifier-free guidance scale; 1 turns guidance off (default 9.0, "
                                                 f"the official demos'; {TINY_CFG} for the tiny model)")
-    a("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic, 1 is DDPM-like (default 0.0)")
+    a("--eta", type=float, default=0.0, help="DDIM eta, 0 to 1: 0 is deterministic, 1 is DDPM-like (default 0.0)")
     a("--strength", type=float, action="append", default=[], help="control strength, one for all ControlNets or "
       f"one per ControlNet (default 1.0; {TINY_STRENGTH} for the tiny model)")
     a("--guess-mode", action="store_true", help="no control in the unconditional pass, residual scales "

@@ -63,11 +63,12 @@ def axis_weights(n_in: int, n_out: int, kind: str) -> np.ndarray:
     """(n_out, n_in) weights that resample one axis as OpenCV's cv2.resize: "area" averages the input pixels each
     output pixel covers, in part or whole (INTER_AREA where no side grows); "lanczos4" weighs 8 taps around each
     output pixel's centre by sinc(d) sinc(d / 4) (INTER_LANCZOS4); "area_up" blends the two nearest as INTER_AREA
-    does where a side grows. Taps beyond an edge take the border pixel. The scales are OpenCV's own doubles."""
+    does where a side grows. Taps beyond an edge take the border pixel."""
     grow = n_out / n_in
-    scale = 1 / grow
+    scale = 1 / grow                                            # as OpenCV computes it, so that floors agree
     out = np.arange(n_out)[:, None]
     if kind == "area":
+        # the overlap of each output pixel's span [out scale, (out + 1) scale) with each input pixel [i, i + 1)
         covered = np.minimum((out + 1) * scale, np.arange(1, n_in + 1)) - np.maximum(out * scale, np.arange(n_in))
         return covered.clip(0, None) / scale
     if kind == "lanczos4":
@@ -75,8 +76,8 @@ def axis_weights(n_in: int, n_out: int, kind: str) -> np.ndarray:
         taps = np.floor(centre) + np.arange(-3, 5)
         weights = np.sinc(centre - taps) * np.sinc((centre - taps) / 4)
     else:
-        taps = np.floor(out * scale) + np.arange(2)
-        right = (out + 1) - (taps[:, :1] + 1) * grow            # the next pixel's share, where a step reaches it
+        taps = np.floor(out * scale) + np.arange(2)             # OpenCV's sx and sx + 1
+        right = (out + 1) - (taps[:, :1] + 1) * grow            # its fx: the weight of sx + 1, 0 where not above 0
         right = np.where(right <= 0, 0, right - np.floor(right))
         weights = np.concatenate([1 - right, right], axis=1)
     matrix = np.zeros((n_out, n_in))
