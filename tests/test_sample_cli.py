@@ -103,7 +103,7 @@ def test_flags_reach_the_sampler_as_given(files, tmp_path, monkeypatch):
                     "--end", 0.75, "--only-mid-control", "--strength", 0.6, "--low-threshold", 40,
                     "--high-threshold", 90, "--cfg", 4.5, "--eta", 0.3).returncode == 0
     _, prompts, negative, (control,), steps, cfg, eta, guess_mode, only_mid = seen["a"][:9]
-    assert prompts == ["a red circle, sharp"] * 2 and negative == ["blurry"] * 2
+    assert prompts == ["a red circle, sharp"] * 2 and negative == "blurry"       # one negative prompt for every prompt
     assert (steps, cfg, eta, guess_mode, only_mid) == (3, 4.5, 0.3, True, True)
     assert (control.strength, control.start, control.end) == (0.6, 0.25, 0.75)
     edges = torch.tensor(cv2.Canny(image, 40, 90) / 255.0, dtype=torch.float32)
@@ -113,8 +113,8 @@ def test_flags_reach_the_sampler_as_given(files, tmp_path, monkeypatch):
     assert run_here(*args).returncode == 0
     _, prompts, negative, (control,), _, cfg, eta, guess_mode, only_mid = seen["a"][:9]
     assert prompts[0] == "a red circle, best quality, extremely detailed" and (cfg, eta) == (9.0, 0.0)
-    assert negative[0] == ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, "
-                           "cropped, worst quality, low quality")
+    assert negative == ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, "
+                        "cropped, worst quality, low quality")
     assert (control.strength, control.start, control.end, guess_mode, only_mid) == (1.0, 0.0, 1.0, False, False)
 
 
