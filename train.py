@@ -45,8 +45,7 @@ def parser():
                      "1.0 full file gives its own, as the official tutorial's resume_path does)")
     a("--config", choices=PRESETS, help="preset for a model built from scratch (e.g. tiny) when there is no --base, "
       "or for a --base whose prediction type its file does not tell (sd21-v: the 768 SD 2.x models predict v)")
-    a("--controlnet", help="existing ControlNet (1.0 or 1.1 file, or diffusers folder) to fine-tune instead of a "
-                           "fresh copy")
+    a("--controlnet", help="a ControlNet (1.0 or 1.1 file, or diffusers folder) to fine-tune instead of a fresh copy")
     a("--data", required=True, help="folder with prompt.json (fill50k layout: source, target, prompt per line)")
     a("--out", required=True, help="run folder: checkpoints, samples, loss.csv, loss.png, state.pt")
     a("--steps", type=int, default=10000, help="optimizer steps")
