@@ -88,8 +88,7 @@ def check(name, folder):
         return
     for module in ["controlnet_aux"] + (["transformers"] if name == "seg" else []):
         if importlib.util.find_spec(module) is None:
-            raise DetectorError(f"--detector {name} needs {module}, which is not installed: "
-                                "pip install -e \".[detectors]\"")
+            raise DetectorError(f"--detector {name} needs {module}, not installed: pip install -e \".[detectors]\"")
     if folder is None:
         raise DetectorError(f"--detector {name} needs its weights: --annotators DIR (or MINICONTROL_ANNOTATORS) "
                             f"with {', '.join(detector.files)}, from {published(detector.files[0])}")
