@@ -198,11 +198,10 @@ def train_step(args, model, ddp, run, parts, moments, world):
 def sample_grid(args, model, net, items, path):
     """Rows of control, target and sample (DDIM, guidance 9, control kept in the unconditional pass)."""
     hint, target, prompts = collate([load_item(it, args.resolution, n) for n, it in enumerate(items[:4], 1)])
-    device = next(model.parameters()).device
     model.eval()
     if args.stage in ("vae", "decoder"):
         with torch.no_grad():
-            out = decode(model, model.vae.encode(target.to(device), sample=False))
+            out = decode(model, model.vae.encode(target.to(next(model.parameters()).device), sample=False))
     else:
         controls = [Control(net, hint)] if args.stage == "controlnet" else []
         steps = sample(model, prompts, [""] * len(prompts), controls, args.sample_steps, 9.0, 0.0,
