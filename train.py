@@ -204,7 +204,7 @@ def sample_grid(args, model, net, items, path):
             out = decode(model, model.vae.encode(target.to(next(model.parameters()).device), sample=False))
     else:
         controls = [Control(net, hint)] if args.stage == "controlnet" else []
-        steps = sample(model, prompts, [""] * len(prompts), controls, args.sample_steps, 9.0, 0.0,
+        steps = sample(model, prompts, "", controls, args.sample_steps, 9.0, 0.0,
                        only_mid_control=args.only_mid_control, height=hint.shape[2], width=hint.shape[3],
                        generator=torch.Generator().manual_seed(0))
         for _, z, _ in steps:
