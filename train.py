@@ -268,8 +268,7 @@ def train(args):
         fit = max(need, args.resolution // need * need)
         raise SystemExit(f"error: training images of {args.resolution} pixels (--resolution, else the data's own "
                          f"size): this model needs a multiple of {need}; pass --resolution {fit}, for example")
-    trained.train()
-    trained.requires_grad_(False)
+    trained.train().requires_grad_(False)
     for p in params:                                 # DDP expects a gradient for every parameter that requires one
         p.requires_grad_(True)
     if args.grad_checkpointing:
