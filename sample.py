@@ -155,8 +155,7 @@ def check_args(args, tiny: bool):
     if args.mask and (not args.control_image or (args.detector or "none") != "none"):
         fail("--mask goes with the image to repaint as the first --control-image, used as it is (no --detector)")
     if args.denoise is not None and not (0 < args.denoise <= 1 and args.control_image):
-        fail(f"--denoise {args.denoise}: give a value in (0, 1], and the image to start from as the first "
-             "--control-image")
+        fail(f"--denoise {args.denoise}: give a value in (0, 1], and the first --control-image to start from")
     for flag, values in (("--strength", args.strength), ("--start", args.start), ("--end", args.end)):
         if len(values) not in (0, 1, n):
             fail(f"{flag} was given {len(values)} times for {n} ControlNets; give it once or once per ControlNet")

@@ -45,8 +45,7 @@ def parser():
                      "1.0 full file gives its own, as the official tutorial's resume_path does)")
     a("--config", choices=PRESETS, help="preset for a model built from scratch (e.g. tiny) when there is no --base, "
       "or for a --base whose prediction type its file does not tell (sd21-v: the 768 SD 2.x models predict v)")
-    a("--controlnet", help="existing ControlNet (1.0 or 1.1 file, or diffusers folder) to fine-tune instead of a "
-                           "fresh copy")
+    a("--controlnet", help="a ControlNet (1.0 or 1.1 file, or diffusers folder) to fine-tune instead of a fresh copy")
     a("--data", required=True, help="folder with prompt.json (fill50k layout: source, target, prompt per line)")
     a("--out", required=True, help="run folder: checkpoints, samples, loss.csv, loss.png, state.pt")
     a("--steps", type=int, default=10000, help="optimizer steps")
@@ -199,14 +198,13 @@ def train_step(args, model, ddp, run, parts, moments, world):
 def sample_grid(args, model, net, items, path):
     """Rows of control, target and sample (DDIM, guidance 9, control kept in the unconditional pass)."""
     hint, target, prompts = collate([load_item(it, args.resolution, n) for n, it in enumerate(items[:4], 1)])
-    device = next(model.parameters()).device
     model.eval()
     if args.stage in ("vae", "decoder"):
         with torch.no_grad():
-            out = decode(model, model.vae.encode(target.to(device), sample=False))
+            out = decode(model, model.vae.encode(target.to(next(model.parameters()).device), sample=False))
     else:
         controls = [Control(net, hint)] if args.stage == "controlnet" else []
-        steps = sample(model, prompts, [""] * len(prompts), controls, args.sample_steps, 9.0, 0.0,
+        steps = sample(model, prompts, "", controls, args.sample_steps, 9.0, 0.0,
                        only_mid_control=args.only_mid_control, height=hint.shape[2], width=hint.shape[3],
                        generator=torch.Generator().manual_seed(0))
         for _, z, _ in steps:
@@ -270,8 +268,7 @@ def train(args):
         fit = max(need, args.resolution // need * need)
         raise SystemExit(f"error: training images of {args.resolution} pixels (--resolution, else the data's own "
                          f"size): this model needs a multiple of {need}; pass --resolution {fit}, for example")
-    trained.train()
-    trained.requires_grad_(False)
+    trained.train().requires_grad_(False)
     for p in params:                                 # DDP expects a gradient for every parameter that requires one
         p.requires_grad_(True)
     if args.grad_checkpointing:

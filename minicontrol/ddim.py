@@ -20,16 +20,14 @@ def schedule_buffers() -> dict:
     ac = alphas_cumprod()
     ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
     post_var = betas_ * (1 - ac_prev) / (1 - ac)
-    bufs = {
-        "betas": betas_, "alphas_cumprod": ac, "alphas_cumprod_prev": ac_prev,
-        "sqrt_alphas_cumprod": ac.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(),
-        "log_one_minus_alphas_cumprod": (1 - ac).log(), "sqrt_recip_alphas_cumprod": (1 / ac).sqrt(),
-        "sqrt_recipm1_alphas_cumprod": (1 / ac - 1).sqrt(), "posterior_variance": post_var,
-        "posterior_log_variance_clipped": post_var.clamp(min=1e-20).log(),
-        "posterior_mean_coef1": betas_ * ac_prev.sqrt() / (1 - ac),
-        "posterior_mean_coef2": (1 - ac_prev) * (1 - betas_).sqrt() / (1 - ac),
-        "logvar": torch.zeros(T, dtype=torch.float64),
-    }
+    bufs = {"betas": betas_, "alphas_cumprod": ac, "alphas_cumprod_prev": ac_prev,
+            "sqrt_alphas_cumprod": ac.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(),
+            "log_one_minus_alphas_cumprod": (1 - ac).log(), "sqrt_recip_alphas_cumprod": (1 / ac).sqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1 / ac - 1).sqrt(), "posterior_variance": post_var,
+            "posterior_log_variance_clipped": post_var.clamp(min=1e-20).log(),
+            "posterior_mean_coef1": betas_ * ac_prev.sqrt() / (1 - ac),
+            "posterior_mean_coef2": (1 - ac_prev) * (1 - betas_).sqrt() / (1 - ac),
+            "logvar": torch.zeros(T, dtype=torch.float64)}
     return {k: v.float() for k, v in bufs.items()}
 
 

@@ -88,8 +88,7 @@ def check(name, folder):
         return
     for module in ["controlnet_aux"] + (["transformers"] if name == "seg" else []):
         if importlib.util.find_spec(module) is None:
-            raise DetectorError(f"--detector {name} needs {module}, which is not installed: "
-                                "pip install -e \".[detectors]\"")
+            raise DetectorError(f"--detector {name} needs {module}, not installed: pip install -e \".[detectors]\"")
     if folder is None:
         raise DetectorError(f"--detector {name} needs its weights: --annotators DIR (or MINICONTROL_ANNOTATORS) "
                             f"with {', '.join(detector.files)}, from {published(detector.files[0])}")
@@ -186,6 +185,5 @@ def detect(image: np.ndarray, resolution: int, name="none", net=None, detect_res
     control = cv2.resize(hwc3(np.ascontiguousarray(found)), img.shape[1::-1], interpolation=cv2.INTER_LINEAR)
     if name == "fake_scribble":
         # the 1.0 fake-scribble demo's strokes: non-maximum suppression at 127, a blur of sigma 3, all over 4 white
-        blurred = cv2.GaussianBlur(nms(control, 127, 3.0), (0, 0), 3.0)
-        control = np.where(blurred > 4, 255, 0).astype(np.uint8)
+        control = np.where(cv2.GaussianBlur(nms(control, 127, 3.0), (0, 0), 3.0) > 4, 255, 0).astype(np.uint8)
     return control, img

@@ -33,8 +33,7 @@ WHAT = {"sd": "a Stable Diffusion base checkpoint", "controlnet-1.0": "a Control
         "controlnet-diffusers": "a ControlNet saved by diffusers",
         "diffusers": "a file from a diffusers model folder (down_blocks.* keys); of those only ControlNets are read: "
                      "use the original single-file checkpoint instead (weights/README.md lists them)",
-        "sdxl": "an SDXL checkpoint (conditioner.* or add_embedding.* keys); minicontrol runs Stable Diffusion 1.x "
-                "and 2.x",
+        "sdxl": "an SDXL checkpoint (conditioner.* or add_embedding.* keys); minicontrol runs SD 1.x and 2.x",
         "vae": "a VAE on its own (encoder.* and decoder.* keys); pass it as --vae",
         "unknown": "no model.diffusion_model.* or control_model.* keys"}
 

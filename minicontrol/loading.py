@@ -127,8 +127,7 @@ def load_controlnet(path, base: ModelConfig = None, config: ModelConfig = None) 
             raise CheckpointError(f"{path}: this ControlNet was made for another UNet ({versions[0]}, {diff} "
                                   f"{own[diff]}) than the base model's ({versions[1]}, {diff} {other[diff]}); "
                                   "use a ControlNet made for this base")
-    pooled = str(yaml_beside(path, "global_average_pooling")).lower() == "true"
-    if pooled or settings.get("global_pool_conditions"):
+    if str(yaml_beside(path, "global_average_pooling")).lower() == "true" or settings.get("global_pool_conditions"):
         config = replace(config, unet=replace(config.unet, global_average_pooling=True))
     with torch.device("meta"):
         net = ControlNet(config.unet)

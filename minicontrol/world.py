@@ -6,13 +6,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-COLORS = {
-    "red": (230, 25, 35), "green": (30, 170, 60), "blue": (30, 70, 220), "yellow": (250, 225, 30),
-    "orange": (245, 130, 40), "purple": (130, 40, 170), "cyan": (60, 210, 230), "magenta": (235, 50, 215),
-    "lime": (180, 240, 60), "pink": (250, 180, 200), "teal": (0, 128, 128), "brown": (140, 80, 30),
-    "navy": (10, 20, 110), "maroon": (120, 10, 20), "olive": (120, 120, 10), "white": (250, 250, 250),
-    "black": (10, 10, 10), "grey": (128, 128, 128),
-}
+COLORS = {"red": (230, 25, 35), "green": (30, 170, 60), "blue": (30, 70, 220), "yellow": (250, 225, 30),
+          "orange": (245, 130, 40), "purple": (130, 40, 170), "cyan": (60, 210, 230), "magenta": (235, 50, 215),
+          "lime": (180, 240, 60), "pink": (250, 180, 200), "teal": (0, 128, 128), "brown": (140, 80, 30),
+          "navy": (10, 20, 110), "maroon": (120, 10, 20), "olive": (120, 120, 10), "white": (250, 250, 250),
+          "black": (10, 10, 10), "grey": (128, 128, 128)}
 SIZE = 64                                   # pixels; the 8x VAE makes 8x8 latents
 # the tiny model's guidance scale and control strength (sample.py and eval), chosen on the held-out items of eval's
 # --seed 2 (the README reports --seed 1): the official demos' guidance 9 pulls this small model off the outline
