@@ -102,11 +102,11 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=["train", "eval"], default="train", help="eval: only held-out pairs/positions")
     a = p.parse_args()
-    from .cli import check_numbers
+    from .cli import UsageError, check_numbers
     from .export import check_out_folder
     try:
         check_numbers(a, [("--n", 1, None)])
         check_out_folder(a.out)
-    except ValueError as e:                 # CheckpointError too: the flag named in one line
+    except UsageError as e:                 # the flag or folder named in one line
         raise SystemExit(f"error: {e}")
     make_dataset(a.out, a.n, a.seed, a.split)
